@@ -1,0 +1,144 @@
+"""Stateless operations: the sliced-Wasserstein distance of SNAP.md §2 for one tensor pair.
+
+The fast paths all share one shape of computation, written once in :func:`swd_from_projections`:
+project (a GEMM, done by PyTorch so autograd gives ``∂/∂W = G Θᵀ``), then — without autograd —
+match every projected value to its sorted initial counterpart (a backend's sort), then reduce
+``Σ |P − T|^p / L``. With the matched targets ``T`` held fixed, autograd of that sum is the exact
+SWD (sub)gradient, because the sorting permutation is locally constant.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import match_sorted, resolve_backend, sort_segments
+from .layout import SegmentLayout
+from .reference import as_matrix, random_projections, sliced_wasserstein_reference
+
+__all__ = ["sliced_wasserstein", "swd_from_projections", "check_swd_args"]
+
+
+def check_swd_args(n_projections: int, p: float) -> None:
+    """Validate the two scalar hyper-parameters shared by every entry point."""
+    if isinstance(n_projections, bool) or not isinstance(n_projections, int):
+        raise TypeError(f"n_projections must be an int, got {type(n_projections).__name__}")
+    if n_projections < 1:
+        raise ValueError(f"n_projections must be >= 1, got {n_projections}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"p must be a number, got {type(p).__name__}")
+    if not p > 0:
+        raise ValueError(f"p must be > 0, got {p}")
+
+
+def _check_float_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    return t
+
+
+def swd_from_projections(
+    proj: torch.Tensor,
+    sorted_ref: torch.Tensor,
+    layout: SegmentLayout,
+    *,
+    n_projections: int,
+    p: float,
+    backend: str,
+    state: dict | None = None,
+) -> torch.Tensor:
+    """Σ over segments of Σ_k |sort(proj)_k − sorted_ref_k|^p, divided by L.
+
+    Args:
+        proj: flat (layout.total,) projections of the current weights, carrying autograd.
+        sorted_ref: flat (layout.total,) sorted initial projections (no gradient).
+        layout: the segment layout of both buffers.
+        n_projections: L, the divisor.
+        p: exponent > 0.
+        backend: a resolved backend name (see :mod:`snap_fast.dispatch`).
+        state: optional cache dict for backends that reuse permutations.
+
+    Returns a float32 0-dim tensor. Non-finite projections give a non-finite value (NaN
+    propagates; it is never silently dropped).
+    """
+    with torch.no_grad():
+        targets = match_sorted(proj.detach(), sorted_ref, layout, backend, state)
+    diff = proj.float() - targets
+    powered = diff.square() if p == 2 else diff.abs().pow(p)
+    return powered.sum() / n_projections
+
+
+def sliced_wasserstein(
+    w0: torch.Tensor,
+    w: torch.Tensor,
+    n_projections: int = 100,
+    p: float = 2,
+    projections: torch.Tensor | None = None,
+    seed: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Sliced-Wasserstein regularizer SWD(W0, W) of SNAP.md §2, with autograd.
+
+    ``SWD = (1/L) Σ_l Σ_k |sort(W0 θ_l)_k − sort(W θ_l)_k|^p`` where rows are samples (summed,
+    no 1/n, no p-th root); equals ``n · SW_p^p`` between the empirical row distributions, i.e.
+    ``n * ot.sliced_wasserstein_distance(W0, W, projections=Θ, p=p) ** p``.
+
+    Args:
+        w0: initial weights, float, shape (n, d), (d,) (one row) or higher rank (rows = dim 0).
+        w: current weights, same shape as ``w0`` (may differ in float dtype).
+        n_projections: L, number of directions when ``projections`` is not given.
+        p: exponent, > 0.
+        projections: optional (d, L) directions with unit columns (POT's layout); when given,
+            ``n_projections`` and ``seed`` are ignored.
+        seed: seed for drawing the directions (``None``: from the global torch RNG).
+        backend: force ``"torch"``, ``"triton"`` or ``"cpp"`` (default: auto, see dispatch).
+
+    Returns:
+        float32 0-dim tensor (float64 if an input is float64 and the reference path is used).
+        Differentiable in ``w``; if ``w0`` requires grad the reference path (autograd through
+        ``torch.sort``) runs so both get gradients.
+
+    Raises:
+        TypeError / ValueError naming the argument on non-tensor, integer, empty or mismatched
+        inputs, ``n_projections < 1`` or ``p <= 0``.
+    """
+    _check_float_tensor("w0", w0)
+    _check_float_tensor("w", w)
+    if w0.shape != w.shape:
+        raise ValueError(f"w0 and w must have the same shape, got {tuple(w0.shape)} and {tuple(w.shape)}")
+    if w0.device != w.device:
+        raise ValueError(f"w0 and w must be on the same device, got {w0.device} and {w.device}")
+    check_swd_args(n_projections, p)
+    a0, a = as_matrix(w0), as_matrix(w)
+    n, d = a.shape
+    if projections is None:
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=w.device).manual_seed(seed)
+        projections = random_projections(d, n_projections, generator=generator, device=w.device)
+    else:
+        _check_float_tensor("projections", projections)
+        if projections.dim() != 2 or projections.shape[0] != d:
+            raise ValueError(
+                f"projections must have shape (d, L) = ({d}, L) for inputs of shape "
+                f"{tuple(w.shape)}, got {tuple(projections.shape)}"
+            )
+        projections = projections.to(w.device)
+    n_dirs = projections.shape[1]
+
+    if w0.requires_grad or torch.float64 in (w0.dtype, w.dtype, projections.dtype):
+        return sliced_wasserstein_reference(w0, w, projections, p)
+
+    resolved = resolve_backend(w.device, backend)
+    layout = SegmentLayout.from_blocks([(n_dirs, n)])
+    theta = projections.to(a.dtype)
+    proj = (a @ theta).t().reshape(-1)
+    with torch.no_grad():
+        proj0 = (a0.to(a.dtype) @ theta).t().reshape(-1).float()
+        sorted_ref = sort_segments(proj0, layout, resolved)
+    return swd_from_projections(
+        proj, sorted_ref, layout, n_projections=n_dirs, p=float(p), backend=resolved
+    )

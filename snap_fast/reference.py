@@ -1,0 +1,85 @@
+"""Plain-PyTorch reference of the sliced-Wasserstein regularizer (SNAP.md §2).
+
+This module is the oracle every kernel is tested against and the CPU fallback. It favours
+clarity over speed: one tensor at a time, ``torch.sort`` with autograd.
+
+For a tensor with current value ``W`` (n×d) and initial value ``W0`` (n×d), directions
+``Θ`` (d×L, unit columns) and exponent ``p``::
+
+    SWD(W0, W) = (1/L) · Σ_l Σ_k | sort(W0 θ_l)_k − sort(W θ_l)_k |^p
+
+Rows are the samples, summed (no 1/n, no p-th root). A 1-D tensor is a 1×d matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["random_projections", "as_matrix", "sliced_wasserstein_reference", "matched_targets"]
+
+
+def random_projections(
+    d: int,
+    n_projections: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Draw ``n_projections`` directions uniformly on the unit sphere of R^d.
+
+    Returns a (d, L) tensor whose columns are standard normal vectors normalised to unit length
+    (the layout POT's ``projections`` argument uses). Drawn in float32 and then cast, so the same
+    generator state gives the same directions for every dtype.
+    """
+    theta = torch.randn(d, n_projections, generator=generator, device=device, dtype=torch.float32)
+    theta = theta / theta.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return theta.to(dtype)
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """View a parameter as the (n, d) matrix whose rows are the samples.
+
+    A 1-D tensor is one sample (1×d); a tensor of rank > 2 keeps its first dimension as rows
+    (n = shape[0]) and flattens the rest, as the authors' code does for conv kernels.
+    """
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    if t.dim() == 1:
+        return t.reshape(1, -1)
+    return t.reshape(t.shape[0], -1)
+
+
+def sliced_wasserstein_reference(
+    w0: torch.Tensor, w: torch.Tensor, projections: torch.Tensor, p: float = 2.0
+) -> torch.Tensor:
+    """SWD(W0, W) for one tensor, differentiable in both arguments through ``torch.sort``.
+
+    Args:
+        w0: initial value, any shape; viewed with :func:`as_matrix` as (n, d).
+        w: current value, same shape as ``w0``.
+        projections: (d, L) directions, unit columns.
+        p: exponent, > 0.
+
+    Returns a 0-dim tensor in the promoted dtype of the inputs (use float64 for an oracle).
+    """
+    a0, a = as_matrix(w0), as_matrix(w)
+    dtype = torch.promote_types(torch.promote_types(a0.dtype, a.dtype), projections.dtype)
+    proj0 = a0.to(dtype) @ projections.to(dtype)
+    proj = a.to(dtype) @ projections.to(dtype)
+    sorted0 = torch.sort(proj0, dim=0).values
+    sorted1 = torch.sort(proj, dim=0).values
+    return (sorted1 - sorted0).abs().pow(p).sum() / projections.shape[1]
+
+
+def matched_targets(proj: torch.Tensor, sorted_ref: torch.Tensor) -> torch.Tensor:
+    """The optimal 1-D coupling, expressed as a target per projected sample.
+
+    ``proj`` and ``sorted_ref`` are (..., n) with ``sorted_ref`` ascending along the last
+    dimension. Returns ``T`` with ``T[..., perm[k]] = sorted_ref[..., k]`` where ``perm`` sorts
+    ``proj``; then ``Σ |proj − T|^p`` equals ``Σ |sort(proj) − sorted_ref|^p``, and because the
+    permutation is locally constant, its gradient with ``T`` held fixed is the SWD gradient
+    (SNAP.md §2). Every backend computes exactly this map.
+    """
+    order = torch.argsort(proj, dim=-1)
+    return torch.empty_like(sorted_ref).scatter_(-1, order, sorted_ref)

@@ -1,0 +1,292 @@
+"""The object a training loop holds: SNAP's sliced-Wasserstein regularizer over a whole model.
+
+Build it once from the model before training; call it every step and add ``λ ·`` its value to
+the loss::
+
+    reg = SlicedWassersteinRegularizer(model, mode="resample")
+    loss = task_loss + 0.1 * reg()
+
+It selects the trainable parameters (or those a filter keeps), snapshots what the chosen
+direction mode needs, and on each call projects the current weights of *all* selected tensors
+into one flat buffer, sorts every segment with one backend call (see :mod:`snap_fast.dispatch`)
+and returns the summed SWD of SNAP.md §2 as a differentiable scalar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .dispatch import resolve_backend, sort_segments
+from .functional import check_swd_args, swd_from_projections
+from .layout import SegmentLayout
+from .reference import as_matrix, random_projections
+
+__all__ = ["SlicedWassersteinRegularizer", "RegularizedTerm", "MODES"]
+
+MODES = ("resample", "refresh", "fixed")
+
+ParamFilter = Callable[[str, torch.nn.Parameter], bool]
+
+
+class RegularizedTerm:
+    """One regularized weight matrix W (n×d) and how to project it.
+
+    The base class regularizes a parameter directly. Subclasses (the LoRA term in
+    :mod:`snap_fast.lora`) express W through other tensors; the regularizer only needs
+    :meth:`project` and :meth:`initial_projection`.
+    """
+
+    def __init__(self, name: str, param: torch.Tensor, keep_initial: torch.dtype | None):
+        self.name = name
+        self.param = param
+        self.n, self.d = as_matrix(param).shape
+        # A copy of W0 is kept only when a mode must re-project the initial weights later.
+        self.initial = None
+        if keep_initial is not None:
+            self.initial = as_matrix(param.detach()).to(keep_initial, copy=True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+    def project(self, theta: torch.Tensor) -> torch.Tensor:
+        """Current projections W Θ, (n, L), carrying autograd to the parameter."""
+        w = as_matrix(self.param)
+        return w @ theta.to(w.dtype)
+
+    @torch.no_grad()
+    def initial_projection(self, theta: torch.Tensor) -> torch.Tensor:
+        """Initial projections W0 Θ, (n, L) float32, without autograd."""
+        w0 = self.initial if self.initial is not None else as_matrix(self.param)
+        compute = self.param.dtype if self.param.is_floating_point() else torch.float32
+        return (w0.to(compute) @ theta.to(compute)).float()
+
+    def nbytes_kept(self) -> int:
+        return 0 if self.initial is None else self.initial.numel() * self.initial.element_size()
+
+
+@dataclass
+class _WidthGroup:
+    """All terms sharing a width d: their directions are drawn in one call."""
+
+    d: int
+    indices: list[int]
+
+
+class SlicedWassersteinRegularizer:
+    """Summed sliced-Wasserstein distance between a model's weights and their initial values.
+
+    Args:
+        model: the model; its parameters are read at construction (the snapshot) and at every
+            call (the current weights).
+        n_projections: L, directions per tensor (the authors use 100).
+        p: exponent, > 0 (the authors use 2).
+        mode: how directions are chosen:
+
+            * ``"resample"`` (default, the authors' semantics): fresh directions for every tensor
+              at every call. Keeps a copy of the initial weights in ``reference_dtype``.
+            * ``"refresh"``: directions redrawn every ``refresh_every`` calls; in between the
+              sorted initial projections are cached, amortising the cost while every direction
+              is still visited over a run. Keeps the copy of the initial weights too.
+            * ``"fixed"``: directions drawn once per tensor from ``seed``; only the sorted initial
+              projections are cached (n×L per tensor), no copy of the initial weights. A fixed
+              set of L directions leaves any weight change orthogonal to all of them unpenalised:
+              each row has d − L free dimensions. Use it when memory or speed matter and the
+              evaluation shows it unlearns as well.
+        refresh_every: K for ``mode="refresh"``.
+        seed: seed of the direction generator (reproducible runs, resumable with
+            :meth:`state_dict`).
+        param_filter: ``f(name, param) -> bool`` choosing among trainable parameters
+            (default: all with ``requires_grad``). Tied parameters are counted once.
+        reference_dtype: dtype of the kept initial weights and of the cached sorted projections
+            (bf16 by default, as the authors' code; float32 for exactness).
+        backend: force a sorting backend (``"torch"``, ``"triton"``, ``"cpp"``), else auto.
+        cache_directions: keep fixed-mode directions in memory (d×L per tensor) instead of
+            regenerating them from their seeds at each call; default: True on CPU, False on CUDA.
+
+    Calling the object returns a float32 0-dim tensor: Σ over tensors of SWD(W0, W).
+
+    Raises:
+        TypeError / ValueError, before any heavy work, for a non-module ``model``, bad
+        ``n_projections``/``p``/``mode``/``refresh_every``, a model with no trainable parameters
+        or a filter that selects nothing.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        n_projections: int = 100,
+        p: float = 2.0,
+        mode: str = "resample",
+        refresh_every: int = 10,
+        seed: int = 0,
+        param_filter: ParamFilter | None = None,
+        reference_dtype: torch.dtype = torch.bfloat16,
+        backend: str | None = None,
+        cache_directions: bool | None = None,
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_swd_args(n_projections, p)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
+        if not (isinstance(reference_dtype, torch.dtype) and reference_dtype.is_floating_point):
+            raise TypeError(f"reference_dtype must be a floating torch.dtype, got {reference_dtype!r}")
+
+        self.n_projections = n_projections
+        self.p = float(p)
+        self.mode = mode
+        self.refresh_every = refresh_every
+        self.seed = seed
+        self.reference_dtype = reference_dtype
+        keep_initial = None if mode == "fixed" else reference_dtype
+        self.terms: list[RegularizedTerm] = self._build_terms(model, param_filter, keep_initial)
+        self.device = self.terms[0].device
+        if any(t.device != self.device for t in self.terms):
+            raise ValueError("all regularized parameters must be on one device")
+        self.backend = resolve_backend(self.device, backend)
+        self.cache_directions = (self.device.type == "cpu") if cache_directions is None else cache_directions
+        self.layout = SegmentLayout.from_blocks([(n_projections, t.n) for t in self.terms])
+        widths: dict[int, list[int]] = {}
+        for i, t in enumerate(self.terms):
+            widths.setdefault(t.d, []).append(i)
+        self._groups = [_WidthGroup(d, idx) for d, idx in widths.items()]
+
+        self.calls = 0
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._theta: list[torch.Tensor] | None = None
+        self._sorted_ref: torch.Tensor | None = None
+        self._sort_state: dict = {}
+        if mode == "fixed":
+            self._rebuild_cache()
+
+    # ------------------------------------------------------------------ selection
+    def _build_terms(
+        self, model: torch.nn.Module, param_filter: ParamFilter | None, keep_initial: torch.dtype | None
+    ) -> list[RegularizedTerm]:
+        from .lora import build_lora_terms  # the one module that knows PEFT
+
+        terms, covered = build_lora_terms(model, keep_initial, param_filter)
+        seen = set(covered)
+        trainable = False
+        for name, param in model.named_parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            trainable = True
+            seen.add(id(param))
+            if not param.is_floating_point():
+                continue
+            if param_filter is not None and not param_filter(name, param):
+                continue
+            terms.append(RegularizedTerm(name, param, keep_initial))
+        if not terms:
+            if not trainable and not covered:
+                raise ValueError("model has no trainable parameters (requires_grad=True) to regularize")
+            raise ValueError("param_filter selected no parameter: nothing to regularize")
+        for t in terms:
+            if t.n * t.d == 0:
+                raise ValueError(f"parameter {t.name!r} is empty (shape {t.n}×{t.d})")
+        return terms
+
+    # ------------------------------------------------------------------ directions
+    def _draw(self, generator: torch.Generator) -> list[torch.Tensor]:
+        """(d, L) directions for every term, one RNG call per distinct width."""
+        theta: list[torch.Tensor | None] = [None] * len(self.terms)
+        for g in self._groups:
+            block = torch.randn(
+                len(g.indices), g.d, self.n_projections, generator=generator, device=self.device
+            )
+            block = block / block.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            for j, i in enumerate(g.indices):
+                theta[i] = block[j]
+        return theta  # type: ignore[return-value]
+
+    def _fixed_directions(self) -> list[torch.Tensor]:
+        if self._theta is not None:
+            return self._theta
+        theta = self._draw(torch.Generator(device=self.device).manual_seed(self.seed))
+        if self.cache_directions:
+            self._theta = theta
+        return theta
+
+    @torch.no_grad()
+    def _sorted_initial(self, theta: list[torch.Tensor]) -> torch.Tensor:
+        proj0 = torch.cat([t.initial_projection(th).t().reshape(-1) for t, th in zip(self.terms, theta)])
+        return sort_segments(proj0, self.layout, self.backend)
+
+    def _rebuild_cache(self) -> None:
+        if self.mode == "fixed":
+            theta = self._fixed_directions()
+        else:
+            theta = self._draw(self._generator)
+            self._theta = theta
+        self._sorted_ref = self._sorted_initial(theta).to(self.reference_dtype)
+        self._sort_state = {}
+
+    def _directions_and_reference(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self.mode == "resample":
+            theta = self._draw(self._generator)
+            return theta, self._sorted_initial(theta)
+        if self.mode == "refresh" and self.calls % self.refresh_every == 0:
+            self._rebuild_cache()
+        theta = self._fixed_directions() if self.mode == "fixed" else self._theta
+        return theta, self._sorted_ref.float()
+
+    # ------------------------------------------------------------------ call
+    def __call__(self) -> torch.Tensor:
+        """Σ over regularized tensors of SWD(W0, W) for the current weights (float32, 0-dim)."""
+        theta, sorted_ref = self._directions_and_reference()
+        self.calls += 1
+        proj = torch.cat([t.project(th).t().reshape(-1) for t, th in zip(self.terms, theta)])
+        state = None if self.mode == "resample" else self._sort_state
+        return swd_from_projections(
+            proj, sorted_ref, self.layout, n_projections=self.n_projections, p=self.p,
+            backend=self.backend, state=state,
+        )
+
+    # ------------------------------------------------------------------ introspection / resume
+    @property
+    def parameter_names(self) -> list[str]:
+        return [t.name for t in self.terms]
+
+    def cache_nbytes(self) -> int:
+        """Bytes this object keeps besides the model: initial-weight copies and caches."""
+        total = sum(t.nbytes_kept() for t in self.terms)
+        if self._sorted_ref is not None:
+            total += self._sorted_ref.numel() * self._sorted_ref.element_size()
+        if self._theta is not None and (self.mode != "fixed" or self.cache_directions):
+            total += sum(th.numel() * th.element_size() for th in self._theta)
+        return total
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue the exact same direction sequence."""
+        state = {"calls": self.calls, "generator": self._generator.get_state(), "mode": self.mode}
+        if self.mode == "refresh":
+            state["theta"] = self._theta
+            state["sorted_ref"] = self._sorted_ref
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode") != self.mode:
+            raise ValueError(f"state is for mode {state.get('mode')!r}, this regularizer is {self.mode!r}")
+        self.calls = int(state["calls"])
+        self._generator.set_state(state["generator"])
+        if self.mode == "refresh":
+            self._theta = state["theta"]
+            self._sorted_ref = state["sorted_ref"]
+            self._sort_state = {}
+
+    def __iter__(self) -> Iterator[RegularizedTerm]:
+        return iter(self.terms)
+
+    def __repr__(self) -> str:
+        return (
+            f"SlicedWassersteinRegularizer(tensors={len(self.terms)}, L={self.n_projections}, "
+            f"p={self.p}, mode={self.mode!r}, backend={self.backend!r})"
+        )
