@@ -13,9 +13,11 @@ Rows are the samples, summed (no 1/n, no p-th root). A 1-D tensor is a 1×d matr
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["random_projections", "as_matrix", "sliced_wasserstein_reference", "matched_targets"]
+__all__ = ["as_matrix", "matched_targets", "random_projections", "sliced_wasserstein_reference"]
 
 
 def random_projections(
@@ -47,7 +49,8 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(1, 1)
     if t.dim() == 1:
         return t.reshape(1, -1)
-    return t.reshape(t.shape[0], -1)
+    # explicit width (not -1) so an empty tensor still gets a shape and a clear error later
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def sliced_wasserstein_reference(

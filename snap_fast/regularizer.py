@@ -22,9 +22,9 @@ import torch
 from .dispatch import resolve_backend, sort_segments
 from .functional import check_swd_args, swd_from_projections
 from .layout import SegmentLayout
-from .reference import as_matrix, random_projections
+from .reference import as_matrix
 
-__all__ = ["SlicedWassersteinRegularizer", "RegularizedTerm", "MODES"]
+__all__ = ["MODES", "RegularizedTerm", "SlicedWassersteinRegularizer"]
 
 MODES = ("resample", "refresh", "fixed")
 
@@ -63,6 +63,13 @@ class RegularizedTerm:
         w0 = self.initial if self.initial is not None else as_matrix(self.param)
         compute = self.param.dtype if self.param.is_floating_point() else torch.float32
         return (w0.to(compute) @ theta.to(compute)).float()
+
+    def pin_directions(self, theta: torch.Tensor, dtype: torch.dtype) -> None:
+        """Called when ``theta`` (d, L) will be reused by every call until the next pin.
+
+        A term whose projection has a constant part caches it here in ``dtype`` (the LoRA term
+        keeps ``W0 Θ``); a plain parameter has nothing to cache.
+        """
 
     def nbytes_kept(self) -> int:
         return 0 if self.initial is None else self.initial.numel() * self.initial.element_size()
@@ -138,6 +145,10 @@ class SlicedWassersteinRegularizer:
             raise ValueError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
         if not (isinstance(reference_dtype, torch.dtype) and reference_dtype.is_floating_point):
             raise TypeError(f"reference_dtype must be a floating torch.dtype, got {reference_dtype!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if param_filter is not None and not callable(param_filter):
+            raise TypeError(f"param_filter must be callable (name, param) -> bool, got {type(param_filter).__name__}")
 
         self.n_projections = n_projections
         self.p = float(p)
@@ -163,6 +174,9 @@ class SlicedWassersteinRegularizer:
         self._theta: list[torch.Tensor] | None = None
         self._sorted_ref: torch.Tensor | None = None
         self._sort_state: dict = {}
+        # Generator state right before the latest resample draw: lets last_directions() redraw
+        # them on demand instead of holding d×L floats per tensor between calls.
+        self._last_draw_state: torch.Tensor | None = None
         if mode == "fixed":
             self._rebuild_cache()
 
@@ -228,22 +242,39 @@ class SlicedWassersteinRegularizer:
             self._theta = theta
         self._sorted_ref = self._sorted_initial(theta).to(self.reference_dtype)
         self._sort_state = {}
+        self._pin(theta)
+
+    def _pin(self, theta: list[torch.Tensor]) -> None:
+        """Tell every term that ``theta`` stays until the next redraw (LoRA terms cache W0 Θ)."""
+        for t, th in zip(self.terms, theta):
+            t.pin_directions(th, self.reference_dtype)
 
     def _directions_and_reference(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Directions of this call and the flat sorted initial projections (float32).
+
+        Advances the call counter: the stages of one call are this, :meth:`_project`, then
+        :func:`snap_fast.functional.swd_from_projections` (the benchmark times them apart).
+        """
         if self.mode == "resample":
+            self._last_draw_state = self._generator.get_state()
             theta = self._draw(self._generator)
+            self.calls += 1
             return theta, self._sorted_initial(theta)
         if self.mode == "refresh" and self.calls % self.refresh_every == 0:
             self._rebuild_cache()
+        self.calls += 1
         theta = self._fixed_directions() if self.mode == "fixed" else self._theta
         return theta, self._sorted_ref.float()
+
+    def _project(self, theta: list[torch.Tensor]) -> torch.Tensor:
+        """Flat (layout.total,) current projections, term by term, direction by direction."""
+        return torch.cat([t.project(th).t().reshape(-1) for t, th in zip(self.terms, theta)])
 
     # ------------------------------------------------------------------ call
     def __call__(self) -> torch.Tensor:
         """Σ over regularized tensors of SWD(W0, W) for the current weights (float32, 0-dim)."""
         theta, sorted_ref = self._directions_and_reference()
-        self.calls += 1
-        proj = torch.cat([t.project(th).t().reshape(-1) for t, th in zip(self.terms, theta)])
+        proj = self._project(theta)
         state = None if self.mode == "resample" else self._sort_state
         return swd_from_projections(
             proj, sorted_ref, self.layout, n_projections=self.n_projections, p=self.p,
@@ -264,23 +295,83 @@ class SlicedWassersteinRegularizer:
             total += sum(th.numel() * th.element_size() for th in self._theta)
         return total
 
-    def state_dict(self) -> dict:
-        """What a checkpoint needs to continue the exact same direction sequence."""
-        state = {"calls": self.calls, "generator": self._generator.get_state(), "mode": self.mode}
+    def last_directions(self) -> list[torch.Tensor]:
+        """The directions used by the most recent call, one (d, L) float32 tensor per term.
+
+        In the order of :attr:`terms`. In ``resample`` mode they are redrawn from the saved
+        generator state (nothing is kept between calls), so this costs one draw.
+
+        Raises:
+            RuntimeError: the regularizer has not been called yet.
+        """
+        if self.calls == 0:
+            raise RuntimeError("last_directions() needs at least one call of the regularizer")
+        if self.mode == "fixed":
+            return self._fixed_directions()
+        if self.mode == "refresh":
+            return self._theta
+        generator = torch.Generator(device=self.device)
+        generator.set_state(self._last_draw_state)
+        return self._draw(generator)
+
+    def state_dict(self, include_initial: bool = True) -> dict:
+        """What a checkpoint needs to continue the exact same sequence of values.
+
+        Args:
+            include_initial: also store the snapshot of the initial weights (the ``reference_dtype``
+                copies in ``resample``/``refresh`` mode, the sorted initial projections in
+                ``fixed`` mode), so a regularizer rebuilt from the *trained* model resumes with the
+                original W0. Pass False only when the regularizer will be rebuilt from the
+                initial weights anyway (it saves a ``reference_dtype`` copy of the model).
+        """
+        state: dict = {
+            "mode": self.mode,
+            "calls": self.calls,
+            "generator": self._generator.get_state(),
+            "names": self.parameter_names,
+        }
         if self.mode == "refresh":
             state["theta"] = self._theta
             state["sorted_ref"] = self._sorted_ref
+        if include_initial:
+            if self.mode == "fixed":
+                state["sorted_ref"] = self._sorted_ref
+            else:
+                state["initial"] = [getattr(t, "initial", None) for t in self.terms]
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output; the next call continues the saved sequence.
+
+        Raises:
+            ValueError: the state is for another mode or another set of parameters.
+        """
         if state.get("mode") != self.mode:
             raise ValueError(f"state is for mode {state.get('mode')!r}, this regularizer is {self.mode!r}")
+        if "names" in state and list(state["names"]) != self.parameter_names:
+            raise ValueError(
+                f"state is for {len(state['names'])} parameters {state['names'][:3]}..., this "
+                f"regularizer has {len(self.terms)} {self.parameter_names[:3]}..."
+            )
+        if "initial" in state:
+            for t, w0 in zip(self.terms, state["initial"]):
+                if w0 is not None:
+                    if tuple(w0.shape) != (t.n, t.d):
+                        raise ValueError(f"state initial for {t.name!r} has shape {tuple(w0.shape)}, expected ({t.n}, {t.d})")
+                    t.initial = w0.to(self.device)
         self.calls = int(state["calls"])
         self._generator.set_state(state["generator"])
         if self.mode == "refresh":
             self._theta = state["theta"]
-            self._sorted_ref = state["sorted_ref"]
-            self._sort_state = {}
+            if self._theta is not None:
+                self._pin(self._theta)
+        if "sorted_ref" in state and state["sorted_ref"] is not None:
+            if state["sorted_ref"].numel() != self.layout.total:
+                raise ValueError(
+                    f"state sorted_ref has {state['sorted_ref'].numel()} values, expected {self.layout.total}"
+                )
+            self._sorted_ref = state["sorted_ref"].to(self.device)
+        self._sort_state = {}
 
     def __iter__(self) -> Iterator[RegularizedTerm]:
         return iter(self.terms)

@@ -1,0 +1,382 @@
+"""CPU benchmark: whole-model regularizer forward + backward (SNAP.md §5).
+
+Builds the SmolLM2-135M-shaped parameter set (272 tensors, 134.5 M parameters; random weights,
+current = initial + a small perturbation) and times, all in one run, on the same weights:
+
+* the peer loop (``peer.PeerRegularizer``: the authors' per-tensor loop, SNAP.md §2),
+* POT per tensor (``peer.PotRegularizer``, same kind of fresh per-tensor directions),
+* snap_fast's :class:`~snap_fast.SlicedWassersteinRegularizer` in each direction mode
+  (``resample``; ``refresh`` with K = 10, amortised: 10 consecutive calls timed, divided by 10;
+  ``fixed``) for each available CPU backend (``torch``; ``cpp`` when the extension builds),
+
+plus a per-stage breakdown of the snap_fast modes (directions and sorted W0 projections,
+projection GEMM, sort/match, reduction, backward; each stage timed on its own). Between timed
+calls every implementation takes the same small SGD step on its own gradient (outside the timer),
+so the weights drift as in training and permutation caches see realistic, not frozen, inputs.
+
+Medians over repeats after a warm-up call; ratios are speedups (baseline time / time). Prints a
+markdown table and writes it atomically to ``benchmarks/results/cpu_<machine>.md`` (full size) or
+to ``--output``. ``--quick`` runs a 2-layer model with a 4096-token vocabulary (9.4 M parameters);
+``--layers``/``--vocab`` shrink it further for smoke tests (CI adds ``--layers 1 --vocab 512
+--skip-pot --n-projections 8``).
+
+    python benchmarks/bench_regularizer.py            # full size, a few minutes on 2 cores
+    python benchmarks/bench_regularizer.py --quick
+    snap-fast bench [--quick]                         # the same, from the CLI
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import re
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import peer` when loaded by path
+
+from peer import PeerRegularizer, PotRegularizer
+
+import snap_fast
+from snap_fast.dispatch import _cpp_available, match_sorted
+from snap_fast.functional import swd_from_projections
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SMOLLM2_TENSORS = 272
+SMOLLM2_PARAMS = 134_515_008
+REFRESH_K = 10
+QUICK_LAYERS, QUICK_VOCAB = 2, 4096
+SGD_LR = 1e-4  # the drift between timed calls: small against weights of scale 0.02
+
+
+# ----------------------------------------------------------------- the model
+
+
+def smollm2_shapes(
+    layers: int = 30, hidden: int = 576, intermediate: int = 1536, kv_dim: int = 192, vocab: int = 49152
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every trainable tensor of a SmolLM2-135M-shaped Llama (tied embedding)."""
+    shapes: list[tuple[str, tuple[int, ...]]] = [("embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        prefix = f"layers.{i}."
+        shapes += [
+            (prefix + "self_attn.q_proj.weight", (hidden, hidden)),
+            (prefix + "self_attn.k_proj.weight", (kv_dim, hidden)),
+            (prefix + "self_attn.v_proj.weight", (kv_dim, hidden)),
+            (prefix + "self_attn.o_proj.weight", (hidden, hidden)),
+            (prefix + "mlp.gate_proj.weight", (intermediate, hidden)),
+            (prefix + "mlp.up_proj.weight", (intermediate, hidden)),
+            (prefix + "mlp.down_proj.weight", (hidden, intermediate)),
+            (prefix + "input_layernorm.weight", (hidden,)),
+            (prefix + "post_attention_layernorm.weight", (hidden,)),
+        ]
+    shapes.append(("norm.weight", (hidden,)))
+    return shapes
+
+
+class ShapedModel(torch.nn.Module):
+    """A bag of parameters with given shapes: random weights (std 0.02; norms near 1)."""
+
+    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]], seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        for name, shape in shapes:
+            base = torch.ones(shape) if len(shape) == 1 else torch.zeros(shape)
+            value = base + 0.02 * torch.randn(shape, generator=g)
+            self.register_parameter(name.replace(".", "__"), torch.nn.Parameter(value))
+
+    @torch.no_grad()
+    def perturb(self, scale: float = 1e-3, seed: int = 1) -> None:
+        """current = initial + scale · N(0, 1): what some training steps would have done."""
+        g = torch.Generator().manual_seed(seed)
+        for param in self.parameters():
+            param.add_(torch.randn(param.shape, generator=g), alpha=scale)
+
+
+# ----------------------------------------------------------------- timing
+
+
+def _clear_grads(params: list[torch.nn.Parameter]) -> None:
+    for param in params:
+        param.grad = None
+
+
+@torch.no_grad()
+def _sgd_step(params: list[torch.nn.Parameter]) -> None:
+    for param in params:
+        if param.grad is not None:
+            param.add_(param.grad, alpha=-SGD_LR)
+
+
+def time_calls(
+    reg: Callable[[], torch.Tensor], params: list[torch.nn.Parameter], repeats: int, window: int = 1
+) -> tuple[float, float]:
+    """Median seconds of one forward + backward, and the first value.
+
+    One warm-up window, then ``repeats`` windows of ``window`` consecutive calls, each timed as a
+    whole and divided by ``window`` (amortises a refresh every ``window`` calls).
+    """
+    first = None
+    times = []
+    for r in range(repeats + 1):
+        elapsed = 0.0
+        for _ in range(window):
+            _clear_grads(params)
+            start = time.perf_counter()
+            value = reg()
+            value.backward()
+            elapsed += time.perf_counter() - start
+            if first is None:
+                first = value.item()
+            _sgd_step(params)
+        if r > 0:  # the first window is the warm-up
+            times.append(elapsed / window)
+    return statistics.median(times), first
+
+
+STAGES = ("directions + sorted W0", "projection GEMM", "sort/match", "reduction", "backward")
+# backends whose swd_from_projections fuses sort/match and reduction into one pass (and computes the
+# gradient there): their "sort/match" column holds the fused time and "reduction" shows "fused"
+FUSED_BACKENDS = ("cpp",)
+
+
+def time_stages(
+    reg: snap_fast.SlicedWassersteinRegularizer, params: list[torch.nn.Parameter], repeats: int, window: int = 1
+) -> dict[str, float]:
+    """Median seconds per stage of one call, each stage timed on its own.
+
+    The stages are those of ``SlicedWassersteinRegularizer.__call__`` run one by one (white-box:
+    the same private steps, so the sum matches a call up to timer overhead). For a fused backend
+    the reduction is part of "sort/match" and its own entry is NaN.
+    """
+    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+    state = None if reg.mode == "resample" else reg._sort_state
+    for r in range(repeats + 1):
+        sums = dict.fromkeys(STAGES, 0.0)
+        for _ in range(window):
+            _clear_grads(params)
+            t0 = time.perf_counter()
+            theta, sorted_ref = reg._directions_and_reference()
+            t1 = time.perf_counter()
+            proj = reg._project(theta)
+            t2 = time.perf_counter()
+            if reg.backend in FUSED_BACKENDS:  # one fused pass: sort/match and reduction together
+                value = swd_from_projections(
+                    proj, sorted_ref, reg.layout, n_projections=reg.n_projections, p=reg.p,
+                    backend=reg.backend, state=state,
+                )
+                t3 = t4 = time.perf_counter()
+            else:
+                with torch.no_grad():
+                    targets = match_sorted(proj.detach(), sorted_ref, reg.layout, reg.backend, state)
+                t3 = time.perf_counter()
+                diff = proj.float() - targets
+                value = (diff.square() if reg.p == 2 else diff.abs().pow(reg.p)).sum() / reg.n_projections
+                t4 = time.perf_counter()
+            value.backward()
+            t5 = time.perf_counter()
+            for stage, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                sums[stage] += dt
+            _sgd_step(params)
+        if r > 0:
+            for stage in STAGES:
+                per_stage[stage].append(sums[stage] / window)
+    medians = {s: statistics.median(v) for s, v in per_stage.items()}
+    if reg.backend in FUSED_BACKENDS:
+        medians["reduction"] = float("nan")
+    return medians
+
+
+# ----------------------------------------------------------------- the run
+
+
+def machine_name() -> str:
+    """The host name, or ``<cores>core`` when the host name is a container id."""
+    host = socket.gethostname().split(".")[0]
+    if not host or re.fullmatch(r"[0-9a-f]{8,}", host) or len(host) > 32:
+        return f"{os.cpu_count()}core"
+    return host
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (
+        f"{cpu}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; torch {torch.__version__}; "
+        f"snap_fast {snap_fast.__version__}; Python {platform.python_version()}; load average {load}"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the benchmark (shared by the script and ``snap-fast bench``)."""
+    parser.add_argument("--quick", action="store_true", help="2-layer model, vocab 4096: seconds, for CI")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats after a warm-up (default 3; quick 1)")
+    parser.add_argument("--n-projections", type=int, default=100, help="L (default 100)")
+    parser.add_argument("--p", type=float, default=2.0, help="exponent (default 2)")
+    parser.add_argument(
+        "--backends", default=None, help="comma-separated CPU backends to time (default: torch, plus cpp if it builds)"
+    )
+    parser.add_argument("--skip-pot", action="store_true", help="do not time POT (the slowest baseline)")
+    parser.add_argument("--output", type=Path, default=None, help="markdown file to write (default: "
+                        "benchmarks/results/cpu_<machine>.md for the full size, nothing for --quick)")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers (smoke tests)")
+    parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (smoke tests)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _validate(args: argparse.Namespace) -> list[str]:
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    for name in ("layers", "vocab"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.n_projections < 1:
+        raise ValueError(f"--n-projections must be >= 1, got {args.n_projections}")
+    if not args.p > 0:
+        raise ValueError(f"--p must be > 0, got {args.p}")
+    available = ["torch"] + (["cpp"] if _cpp_available() else [])
+    if args.backends is None:
+        return available
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in available]
+    if unknown or not backends:
+        raise ValueError(f"--backends: {unknown or backends} not available here (available: {available})")
+    return backends
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print the tables; write them; return 0."""
+    from tqdm import tqdm
+
+    backends = _validate(args)
+    repeats = args.repeats or (1 if args.quick else 3)
+    L, p = args.n_projections, args.p
+    layers = args.layers or (QUICK_LAYERS if args.quick else 30)
+    vocab = args.vocab or (QUICK_VOCAB if args.quick else 49152)
+    shapes = smollm2_shapes(layers=layers, vocab=vocab)
+    n_params = sum(torch.Size(s).numel() for _, s in shapes)
+    full_size = (layers, vocab) == (30, 49152)
+    if full_size:  # the model of SNAP.md §5, exactly
+        assert len(shapes) == SMOLLM2_TENSORS and n_params == SMOLLM2_PARAMS, (len(shapes), n_params)
+
+    model = ShapedModel(shapes, seed=args.seed)
+    params = list(model.parameters())
+    initial = [w.detach().clone() for w in params]
+    model.perturb(seed=args.seed + 1)
+    current = [w.detach().clone() for w in params]
+
+    def reset(to: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for w, v in zip(params, to):
+                w.copy_(v)
+
+    # (label, backend, factory building the callable from the *initial* weights, window)
+    jobs: list[tuple[str, str, Callable[[], Callable[[], torch.Tensor]], int]] = [
+        ("peer loop", "torch", lambda: PeerRegularizer(params, L, p, args.seed), 1),
+    ]
+    if not args.skip_pot:
+        jobs.append(("POT per tensor", "torch", lambda: PotRegularizer(params, L, p, args.seed), 1))
+    for backend in backends:
+        for mode in snap_fast.MODES:
+            label = f"snap_fast {mode}" + (f" (K={REFRESH_K}, amortised)" if mode == "refresh" else "")
+            window = REFRESH_K if mode == "refresh" else 1
+
+            def factory(mode=mode, backend=backend):
+                return snap_fast.SlicedWassersteinRegularizer(
+                    model, n_projections=L, p=p, mode=mode, refresh_every=REFRESH_K, seed=args.seed, backend=backend
+                )
+
+            jobs.append((label, backend, factory, window))
+
+    rows = []
+    stages: list[tuple[str, str, dict[str, float], float]] = []
+    for label, backend, factory, window in tqdm(jobs, desc="regularizer benchmark", unit="impl", file=sys.stderr):
+        reset(initial)  # every implementation snapshots the same W0 ...
+        reg = factory()
+        reset(current)  # ... and starts from the same perturbed weights
+        seconds, value = time_calls(reg, params, repeats, window)
+        cache = reg.cache_nbytes() if hasattr(reg, "cache_nbytes") else None
+        rows.append((label, backend, seconds, value, cache))
+        if isinstance(reg, snap_fast.SlicedWassersteinRegularizer):
+            reset(current)
+            stages.append((label, backend, time_stages(reg, params, repeats, window), seconds))
+        del reg
+    _clear_grads(params)
+
+    peer_s = rows[0][2]
+    pot_s = next((r[2] for r in rows if r[0] == "POT per tensor"), None)
+    size = "SmolLM2-135M-shaped" if full_size else f"small ({layers} layers, vocab {vocab})"
+    lines = [
+        f"# Regularizer forward + backward, CPU, {size}",
+        "",
+        f"{len(shapes)} tensors, {n_params / 1e6:.1f} M parameters, float32 weights, L = {L}, p = {p:g}; "
+        f"median of {repeats} repeat(s) after a warm-up; ratios are speedups (baseline time / time).",
+        f"Machine: {machine_description()}.",
+        f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}.",
+        "",
+        "| implementation | backend | median s | vs peer | vs POT | first value | cache MB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, backend, seconds, value, cache in rows:
+        vs_pot = f"{pot_s / seconds:.2f}×" if pot_s else "—"
+        cache_mb = f"{cache / 2**20:.1f}" if cache is not None else "—"
+        lines.append(
+            f"| {label} | {backend} | {seconds:.3f} | {peer_s / seconds:.2f}× | {vs_pot} | {value:.4g} | {cache_mb} |"
+        )
+    lines += [
+        "",
+        "Per-stage breakdown of the snap_fast calls (median seconds per call, each stage timed on its own):",
+        "",
+        "| mode | backend | " + " | ".join(STAGES) + " | sum | call |",
+        "|---|---|" + "---:|" * (len(STAGES) + 2),
+    ]
+    for label, backend, times, seconds in stages:
+        cells = " | ".join("fused" if math.isnan(times[s]) else f"{times[s]:.3f}" for s in STAGES)
+        total = sum(t for t in times.values() if not math.isnan(t))
+        lines.append(f"| {label} | {backend} | {cells} | {total:.3f} | {seconds:.3f} |")
+    lines += [
+        "",
+        "The peer loop rounds W0 and the projections to bfloat16, so its value differs from the float32 "
+        "implementations by that rounding; different random directions also change the value by a few %.",
+        "",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    output = args.output
+    if output is None and full_size:
+        output = RESULTS_DIR / f"cpu_{machine_name()}.md"
+    if output is not None:
+        _write_atomic(Path(output), table)
+        print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+// CPU kernels of snap_fast's sliced-Wasserstein regularizer (see snap_fast/_ext.py).
+//
+// Every op works on a flat float32 buffer cut into segments by an int64 offset table
+// (snap_fast/layout.py): segment s is x[offsets[s] : offsets[s+1]], one 1-D sorting problem.
+// Work is spread over threads with at::parallel_for on chunks of whole segments balanced by
+// element count, so a model's 27 000 segments cost one call and no Python per segment.
+//
+// Sorting uses order-preserving uint32 keys of the float bits (negative floats flipped, positive
+// ones get the sign bit set). Comparisons are integer comparisons, so NaN inputs are sorted like
+// any other bit pattern (positive NaN after +inf, negative NaN before -inf): no undefined
+// behaviour, and the NaN reaches the result, making the regularizer value non-finite.
+
+// Narrow includes instead of <torch/extension.h>: they cut the first-use compile time by ~4x.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline uint32_t float_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+inline float key_float(uint32_t k) {
+  const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Items are either bare keys (uint32) or (key << 32 | index) pairs (uint64); the key is what
+// every sort orders by, ties keep any order.
+inline uint32_t key_of(uint32_t item) { return item; }
+inline uint32_t key_of(uint64_t item) { return static_cast<uint32_t>(item >> 32); }
+
+// Below this length an insertion sort beats the histogram set-up of a radix sort.
+constexpr int64_t kInsertionMax = 48;
+// Below this length 8-bit digits (4 passes, 256 buckets) beat 11-bit digits (3 passes, 2048).
+constexpr int64_t kSmallRadixMax = 4096;
+
+template <typename T>
+void insertion_sort(T* a, int64_t n) {
+  for (int64_t i = 1; i < n; ++i) {
+    const T v = a[i];
+    const uint32_t k = key_of(v);
+    int64_t j = i;
+    while (j > 0 && key_of(a[j - 1]) > k) {
+      a[j] = a[j - 1];
+      --j;
+    }
+    a[j] = v;
+  }
+}
+
+// Insertion sort that gives up after `budget` element moves: cheap when the input is nearly
+// sorted (cost = n + inversions), bounded when it is not. Returns false when it gave up; `a` is
+// then still a permutation of the input.
+template <typename T>
+bool insertion_sort_bounded(T* a, int64_t n, int64_t budget) {
+  for (int64_t i = 1; i < n; ++i) {
+    const T v = a[i];
+    const uint32_t k = key_of(v);
+    if (key_of(a[i - 1]) <= k) continue;
+    int64_t j = i;
+    while (j > 0 && key_of(a[j - 1]) > k) {
+      a[j] = a[j - 1];
+      --j;
+    }
+    a[j] = v;
+    budget -= i - j;
+    if (budget < 0) return false;
+  }
+  return true;
+}
+
+// LSD radix sort on the 32-bit key, PASSES digits of BITS bits; `tmp` has room for n items.
+// All digit histograms come from one read pass; a digit that is equal for every item is skipped.
+template <typename T, int BITS, int PASSES>
+void radix_sort(T* a, T* tmp, int64_t n) {
+  static_assert(BITS * PASSES >= 32, "digits must cover the 32-bit key");
+  constexpr uint32_t B = 1u << BITS;
+  constexpr uint32_t M = B - 1;
+  std::vector<uint32_t> hist_storage(static_cast<size_t>(PASSES) * B, 0);
+  uint32_t* hist = hist_storage.data();
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t k = key_of(a[i]);
+    for (int p = 0; p < PASSES; ++p) ++hist[p * B + ((k >> (p * BITS)) & M)];
+  }
+  T* src = a;
+  T* dst = tmp;
+  for (int p = 0; p < PASSES; ++p) {
+    uint32_t* h = hist + p * B;
+    const int shift = p * BITS;
+    if (h[(key_of(src[0]) >> shift) & M] == static_cast<uint32_t>(n)) continue;
+    uint32_t sum = 0;
+    for (uint32_t b = 0; b < B; ++b) {
+      const uint32_t c = h[b];
+      h[b] = sum;
+      sum += c;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = src[i];
+      dst[h[(key_of(v) >> shift) & M]++] = v;
+    }
+    std::swap(src, dst);
+  }
+  if (src != a) std::memcpy(a, src, static_cast<size_t>(n) * sizeof(T));
+}
+
+template <typename T>
+void sort_items(T* a, T* tmp, int64_t n) {
+  if (n <= kInsertionMax) {
+    insertion_sort(a, n);
+  } else if (n <= kSmallRadixMax) {
+    radix_sort<T, 8, 4>(a, tmp, n);
+  } else {
+    radix_sort<T, 11, 3>(a, tmp, n);
+  }
+}
+
+// Per-thread scratch, grown to the longest segment a thread meets.
+template <typename T>
+T* scratch(std::vector<T>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+void check_offsets(const at::Tensor& offsets, int64_t total, const char* buffer_name) {
+  TORCH_CHECK(offsets.device().is_cpu(), "offsets must be a CPU tensor");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong, "offsets must be int64, got ", offsets.scalar_type());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() >= 1, "offsets must be 1-D and non-empty");
+  TORCH_CHECK(offsets.is_contiguous(), "offsets must be contiguous");
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  const int64_t s = offsets.numel() - 1;
+  TORCH_CHECK(o[0] == 0, "offsets[0] must be 0, got ", o[0]);
+  TORCH_CHECK(o[s] == total, "offsets[-1] = ", o[s], " does not match the length ", total, " of ",
+              buffer_name);
+  for (int64_t i = 0; i < s; ++i) {
+    TORCH_CHECK(o[i + 1] > o[i], "segment ", i, " is empty or offsets are not increasing");
+    TORCH_CHECK(o[i + 1] - o[i] <= INT32_MAX, "segment ", i, " is longer than 2^31 - 1");
+  }
+}
+
+void check_flat(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), " dimensions");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Contiguous ranges of whole segments with about equal element counts, so threads stay busy even
+// when one tensor's segments (the embedding's) hold a quarter of all values.
+std::vector<int64_t> balanced_chunks(const int64_t* o, int64_t num_segments) {
+  const int64_t total = o[num_segments];
+  const int64_t target_chunks = std::max<int64_t>(1, at::get_num_threads()) * 16;
+  const int64_t target = std::max<int64_t>(1, (total + target_chunks - 1) / target_chunks);
+  std::vector<int64_t> bounds{0};
+  int64_t acc = 0;
+  for (int64_t s = 0; s < num_segments; ++s) {
+    acc += o[s + 1] - o[s];
+    if (acc >= target) {
+      bounds.push_back(s + 1);
+      acc = 0;
+    }
+  }
+  if (bounds.back() != num_segments) bounds.push_back(num_segments);
+  return bounds;
+}
+
+template <typename F>
+void for_each_segment(const at::Tensor& offsets, F&& f) {
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  const int64_t num_segments = offsets.numel() - 1;
+  const std::vector<int64_t> bounds = balanced_chunks(o, num_segments);
+  const int64_t nchunks = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t s = bounds[c]; s < bounds[c + 1]; ++s) f(s, o[s], o[s + 1] - o[s]);
+    }
+  });
+}
+
+// Outcome counters of the permutation-reuse path, per call.
+struct ReuseStats {
+  std::atomic<int64_t> already_sorted{0};  // previous permutation still sorts the segment
+  std::atomic<int64_t> repaired{0};        // fixed by the bounded insertion sort
+  std::atomic<int64_t> resorted{0};        // full sort (no previous permutation, or too disordered)
+
+  at::Tensor to_tensor() const {
+    at::Tensor counts = at::empty({3}, at::kLong);
+    int64_t* c = counts.data_ptr<int64_t>();
+    c[0] = already_sorted.load();
+    c[1] = repaired.load();
+    c[2] = resorted.load();
+    return counts;
+  }
+};
+
+// Moves the bounded insertion sort may spend per element before a full radix sort is cheaper.
+constexpr int64_t kRepairMovesPerElement = 4;
+
+// Sorts (key, index) items of one segment, reusing `perm` (the previous sorting permutation of
+// this segment) when `reuse` is set. On return items[k] holds the k-th smallest key and the
+// segment-local index it came from.
+void sort_segment_pairs(const float* x, int64_t n, const int32_t* perm, bool reuse, uint64_t* items,
+                        uint64_t* tmp, ReuseStats& stats) {
+  if (reuse) {
+    int64_t descents = 0;
+    uint32_t prev = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t idx = static_cast<uint32_t>(perm[k]);
+      const uint32_t key = float_key(x[idx]);
+      descents += key < prev;
+      prev = key;
+      items[k] = (static_cast<uint64_t>(key) << 32) | idx;
+    }
+    if (descents == 0) {
+      stats.already_sorted.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    // Each descent needs at least one move; many descents mean the order changed a lot.
+    if (descents * 8 < n &&
+        insertion_sort_bounded(items, n, kRepairMovesPerElement * n + kInsertionMax)) {
+      stats.repaired.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    sort_items(items, tmp, n);  // items is still a permutation of the segment: sort it fully
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      items[k] = (static_cast<uint64_t>(float_key(x[k])) << 32) | static_cast<uint32_t>(k);
+    }
+    sort_items(items, tmp, n);
+  }
+  stats.resorted.fetch_add(1, std::memory_order_relaxed);
+}
+
+void check_perm(const at::Tensor& perm, int64_t total) {
+  TORCH_CHECK(perm.device().is_cpu(), "perm must be a CPU tensor");
+  TORCH_CHECK(perm.scalar_type() == at::kInt, "perm must be int32, got ", perm.scalar_type());
+  TORCH_CHECK(perm.dim() == 1 && perm.numel() == total && perm.is_contiguous(),
+              "perm must be a contiguous 1-D tensor of length ", total);
+}
+
+// Checks that a kept permutation is a valid index set per segment (indices in range); a bad
+// index would read out of bounds. Duplicates cannot occur: perm is only written by this file.
+void check_perm_range(const int32_t* perm, const at::Tensor& offsets) {
+  std::atomic<bool> ok{true};
+  for_each_segment(offsets, [&](int64_t, int64_t start, int64_t n) {
+    const int32_t* p = perm + start;
+    for (int64_t k = 0; k < n; ++k) {
+      if (p[k] < 0 || p[k] >= n) {
+        ok.store(false, std::memory_order_relaxed);
+        return;
+      }
+    }
+  });
+  TORCH_CHECK(ok.load(), "perm holds an index outside its segment: it is not a kept permutation");
+}
+
+// ------------------------------------------------------------------------------------------
+// sort_segments: ascending sort of every segment (keys only, values rebuilt from the keys).
+at::Tensor sort_segments(const at::Tensor& x, const at::Tensor& offsets) {
+  check_flat(x, "x");
+  check_offsets(offsets, x.numel(), "x");
+  at::Tensor out = at::empty_like(x);
+  const float* in = x.data_ptr<float>();
+  float* res = out.data_ptr<float>();
+  for_each_segment(offsets, [&](int64_t, int64_t start, int64_t n) {
+    thread_local std::vector<uint32_t> keys_buf, tmp_buf;
+    uint32_t* keys = scratch(keys_buf, n);
+    uint32_t* tmp = scratch(tmp_buf, n);
+    for (int64_t k = 0; k < n; ++k) keys[k] = float_key(in[start + k]);
+    sort_items(keys, tmp, n);
+    for (int64_t k = 0; k < n; ++k) res[start + k] = key_float(keys[k]);
+  });
+  return out;
+}
+
+// match_sorted: T[perm[k]] = ref[k] per segment, perm sorting proj. When `perm` is defined it
+// receives the permutations; with `reuse` it also holds the previous call's permutations, which
+// seed the sort. Returns (T, stats) with stats = int64 [already_sorted, repaired, resorted].
+std::tuple<at::Tensor, at::Tensor> match_sorted(const at::Tensor& proj, const at::Tensor& sorted_ref,
+                                                const at::Tensor& offsets, const c10::optional<at::Tensor>& perm,
+                                                bool reuse) {
+  check_flat(proj, "proj");
+  check_flat(sorted_ref, "sorted_ref");
+  TORCH_CHECK(sorted_ref.numel() == proj.numel(), "sorted_ref has ", sorted_ref.numel(),
+              " elements, proj has ", proj.numel());
+  check_offsets(offsets, proj.numel(), "proj");
+  const bool keep = perm.has_value() && perm->defined();
+  TORCH_CHECK(keep || !reuse, "reuse=True needs a perm buffer");
+  int32_t* pm = nullptr;
+  if (keep) {
+    check_perm(*perm, proj.numel());
+    pm = perm->data_ptr<int32_t>();
+    if (reuse) check_perm_range(pm, offsets);
+  }
+  at::Tensor out = at::empty_like(proj);
+  const float* x = proj.data_ptr<float>();
+  const float* ref = sorted_ref.data_ptr<float>();
+  float* t = out.data_ptr<float>();
+  ReuseStats stats;
+  for_each_segment(offsets, [&](int64_t, int64_t start, int64_t n) {
+    thread_local std::vector<uint64_t> items_buf, tmp_buf;
+    uint64_t* items = scratch(items_buf, n);
+    uint64_t* tmp = scratch(tmp_buf, n);
+    sort_segment_pairs(x + start, n, keep ? pm + start : nullptr, reuse, items, tmp, stats);
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t idx = static_cast<uint32_t>(items[k]);
+      t[start + idx] = ref[start + k];
+      if (keep) pm[start + k] = static_cast<int32_t>(idx);
+    }
+  });
+  at::Tensor counts = stats.to_tensor();
+  return {out, counts};
+}
+
+// Fused forward of the regularizer's reduction: value = Σ_k |sort(proj)_k − ref_k|^p · scale and
+// its gradient w.r.t. proj, grad[perm[k]] = scale · p · sign(d_k) |d_k|^(p−1), in the same pass as
+// the sort. Per-segment partial sums are float64 and added in segment order (deterministic).
+// Returns (value float64 0-dim, grad float32 like proj, stats).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& proj, const at::Tensor& sorted_ref,
+                                                           const at::Tensor& offsets,
+                                                           const c10::optional<at::Tensor>& perm, bool reuse,
+                                                           double p, double scale) {
+  check_flat(proj, "proj");
+  check_flat(sorted_ref, "sorted_ref");
+  TORCH_CHECK(sorted_ref.numel() == proj.numel(), "sorted_ref has ", sorted_ref.numel(),
+              " elements, proj has ", proj.numel());
+  check_offsets(offsets, proj.numel(), "proj");
+  TORCH_CHECK(p > 0, "p must be > 0, got ", p);
+  const bool keep = perm.has_value() && perm->defined();
+  TORCH_CHECK(keep || !reuse, "reuse=True needs a perm buffer");
+  int32_t* pm = nullptr;
+  if (keep) {
+    check_perm(*perm, proj.numel());
+    pm = perm->data_ptr<int32_t>();
+    if (reuse) check_perm_range(pm, offsets);
+  }
+  const int64_t num_segments = offsets.numel() - 1;
+  at::Tensor grad = at::empty_like(proj);
+  std::vector<double> partial(static_cast<size_t>(num_segments), 0.0);
+  const float* x = proj.data_ptr<float>();
+  const float* ref = sorted_ref.data_ptr<float>();
+  float* g = grad.data_ptr<float>();
+  const bool square = (p == 2.0);
+  const float gscale = static_cast<float>(scale * p);
+  ReuseStats stats;
+  for_each_segment(offsets, [&](int64_t s, int64_t start, int64_t n) {
+    thread_local std::vector<uint64_t> items_buf, tmp_buf;
+    uint64_t* items = scratch(items_buf, n);
+    uint64_t* tmp = scratch(tmp_buf, n);
+    sort_segment_pairs(x + start, n, keep ? pm + start : nullptr, reuse, items, tmp, stats);
+    const float* r = ref + start;
+    float* gs = g + start;
+    double acc = 0.0;
+    if (square) {
+      for (int64_t k = 0; k < n; ++k) {
+        const uint32_t idx = static_cast<uint32_t>(items[k]);
+        const float d = key_float(static_cast<uint32_t>(items[k] >> 32)) - r[k];
+        acc += static_cast<double>(d) * d;
+        gs[idx] = gscale * d;
+      }
+    } else {
+      const float pm1 = static_cast<float>(p - 1.0);
+      for (int64_t k = 0; k < n; ++k) {
+        const uint32_t idx = static_cast<uint32_t>(items[k]);
+        const float d = key_float(static_cast<uint32_t>(items[k] >> 32)) - r[k];
+        const float a = std::fabs(d);
+        acc += std::pow(static_cast<double>(a), p);
+        // At d = 0 the subgradient 0 is used (autograd of |d|^p gives 0 there for p >= 1);
+        // a NaN d gives a NaN gradient.
+        gs[idx] = (a == 0.f) ? 0.f : (d != d ? d : gscale * std::copysign(std::pow(a, pm1), d));
+      }
+    }
+    if (keep) {
+      for (int64_t k = 0; k < n; ++k) pm[start + k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
+    }
+    partial[static_cast<size_t>(s)] = acc;
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  at::Tensor value = at::scalar_tensor(total * scale, at::kDouble);
+  at::Tensor counts = stats.to_tensor();
+  return {value, grad, counts};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "snap_fast CPU kernels: segmented float sort, matched targets, fused SWD forward";
+  m.def("sort_segments", &sort_segments, "Ascending sort of every segment of a flat float32 buffer",
+        pybind11::arg("x"), pybind11::arg("offsets"));
+  m.def("match_sorted", &match_sorted, "Matched targets T[perm[k]] = ref[k] per segment",
+        pybind11::arg("proj"), pybind11::arg("sorted_ref"), pybind11::arg("offsets"),
+        pybind11::arg("perm") = c10::nullopt, pybind11::arg("reuse") = false);
+  m.def("swd_forward", &swd_forward, "Fused SWD value and gradient w.r.t. the projections",
+        pybind11::arg("proj"), pybind11::arg("sorted_ref"), pybind11::arg("offsets"),
+        pybind11::arg("perm"), pybind11::arg("reuse"), pybind11::arg("p"), pybind11::arg("scale"));
+}

@@ -1,0 +1,368 @@
+"""The C++ extension (``csrc/``): compiled on first use, cached, and wrapped for Python.
+
+Nothing is compiled when snap_fast is installed. The first call of :func:`available` (made by the
+backend dispatch for CPU tensors) compiles ``csrc/swd_cpu.cpp`` with
+``torch.utils.cpp_extension.load`` (pybind11, ninja) into a cache folder keyed by the torch
+version, the Python version and a hash of the sources and flags::
+
+    $SNAP_FAST_CACHE/ext/<key>/      or   ~/.cache/snap_fast/ext/<key>/
+
+Later processes load the cached library in well under a second; concurrent first builds are
+serialised by torch's lock file in that folder. When the build fails (no compiler, no ninja, ...)
+or ``SNAP_FAST_DISABLE_EXT=1`` is set, :func:`available` returns False, one warning per process
+says why, and the dispatch falls back to the PyTorch path.
+
+The CUDA segmented sort (``csrc/segmented_sort_cuda.cu``, CUB) is a separate extension, built only
+when torch has CUDA and ``nvcc`` is found; see :func:`cuda_available`. The CPU build never touches
+it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .layout import SegmentLayout
+
+__all__ = [
+    "available",
+    "cuda_available",
+    "sort_segments",
+    "match_sorted",
+    "swd_forward",
+    "cuda_segmented_argsort",
+    "cuda_sort_segments",
+    "cuda_sort_rows",
+    "unavailable_reason",
+    "DISABLE_ENV",
+]
+
+DISABLE_ENV = "SNAP_FAST_DISABLE_EXT"
+CPU_SOURCES = ("swd_cpu.cpp",)
+CUDA_SOURCES = ("segmented_sort_cuda.cu",)
+
+_lock = threading.Lock()
+_modules: dict[str, Any] = {}
+_reasons: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _source_dir() -> Path:
+    """Folder of the installed ``snap_fast.csrc`` package data (the repo's csrc/ when editable)."""
+    return Path(str(importlib.resources.files("snap_fast.csrc")))
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("SNAP_FAST_CACHE")
+    root = Path(base) if base else Path.home() / ".cache" / "snap_fast"
+    return root / "ext"
+
+
+def _cpu_flags() -> tuple[list[str], list[str]]:
+    # -O3 and no -march=native: the cache folder may be shared between machines (home on NFS),
+    # and a binary built for a newer CPU would crash on an older one. at::parallel_for is an
+    # inline template that uses OpenMP pragmas, so the extension itself needs -fopenmp.
+    cflags = ["-O3"]
+    ldflags: list[str] = []
+    if platform.system() == "Linux":
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    return cflags, ldflags
+
+
+def _build_key(sources: list[Path], flags: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(torch.__version__.encode())
+    h.update(f"{sys.version_info.major}.{sys.version_info.minor}".encode())
+    h.update(platform.machine().encode())
+    h.update(" ".join(flags).encode())
+    for src in sources:
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _warn_once(kind: str, message: str) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _build(kind: str) -> Any:
+    """Compile (or load from the cache) the ``kind`` extension ("cpu" or "cuda"); raises on failure."""
+    from torch.utils import cpp_extension
+
+    src_dir = _source_dir()
+    if kind == "cpu":
+        sources = [src_dir / s for s in CPU_SOURCES]
+        cflags, ldflags = _cpu_flags()
+        cuda_flags: list[str] = []
+    else:
+        sources = [src_dir / s for s in CUDA_SOURCES]
+        cflags, ldflags = ["-O3"], []
+        cuda_flags = ["-O3"]
+    key = _build_key(sources, cflags + ldflags + cuda_flags)
+    build_dir = _cache_root() / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = dict(
+        name=f"snap_fast_{kind}_{key}",
+        sources=[str(s) for s in sources],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        build_directory=str(build_dir),
+        verbose=False,
+    )
+    if kind == "cuda":
+        kwargs["extra_cuda_cflags"] = cuda_flags
+    return cpp_extension.load(**kwargs)
+
+
+def _load(kind: str) -> Any | None:
+    with _lock:
+        if kind in _modules:
+            return _modules[kind]
+        if kind in _reasons:
+            return None
+        reason = _unavailable_before_build(kind)
+        module = None
+        if reason is None:
+            try:
+                module = _build(kind)
+            except Exception as exc:  # any build or import failure means "use the PyTorch path"
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                reason = f"building it failed ({type(exc).__name__}: {first_line[:300]})"
+        if module is None:
+            _reasons[kind] = reason or "unknown"
+            what = "C++ CPU extension" if kind == "cpu" else "CUDA segmented-sort extension"
+            _warn_once(kind, f"snap_fast: the {what} is unavailable: {_reasons[kind]}; the PyTorch path is used instead.")
+            return None
+        _modules[kind] = module
+        return module
+
+
+def _unavailable_before_build(kind: str) -> str | None:
+    if os.environ.get(DISABLE_ENV, "0").strip() not in ("", "0"):
+        return f"{DISABLE_ENV}={os.environ[DISABLE_ENV]} is set"
+    if kind == "cuda":
+        from torch.utils import cpp_extension
+
+        if not torch.cuda.is_available():
+            return "torch has no usable CUDA device"
+        if cpp_extension.CUDA_HOME is None:
+            return "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    return None
+
+
+def available() -> bool:
+    """True when the CPU extension is loaded (built on first call and cached; never raises).
+
+    On failure, or with ``SNAP_FAST_DISABLE_EXT=1``, returns False and warns once per process.
+    """
+    return _load("cpu") is not None
+
+
+def cuda_available() -> bool:
+    """True when the CUDA segmented-sort extension is loaded (needs CUDA torch and nvcc)."""
+    return _load("cuda") is not None
+
+
+def unavailable_reason(kind: str = "cpu") -> str | None:
+    """Why the ``kind`` ("cpu" / "cuda") extension is unavailable, or None if it loaded or was not tried."""
+    return _reasons.get(kind)
+
+
+def _module() -> Any:
+    module = _load("cpu")
+    if module is None:
+        raise RuntimeError(f"the snap_fast C++ extension is unavailable: {_reasons.get('cpu')}")
+    return module
+
+
+def _flat_cpu_float(name: str, t: object, layout: SegmentLayout) -> torch.Tensor:
+    """Validate a flat buffer argument; return it as a contiguous float32 CPU tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor for the C++ extension, got device {t.device}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (a flat segment buffer), got shape {tuple(t.shape)}")
+    if t.numel() != layout.total:
+        raise ValueError(f"{name} has {t.numel()} elements but the layout describes {layout.total}")
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _check_layout(layout: object) -> SegmentLayout:
+    if not isinstance(layout, SegmentLayout):
+        raise TypeError(f"layout must be a SegmentLayout, got {type(layout).__name__}")
+    if layout.total == 0:
+        raise ValueError("layout is empty: there is nothing to sort")
+    if layout.max_length > 2**31 - 1:
+        raise ValueError(f"layout has a segment of length {layout.max_length} > 2^31 - 1")
+    return layout
+
+
+def sort_segments(x: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+    """Sort every segment of the flat buffer ``x`` ascending.
+
+    Args:
+        x: (layout.total,) floating CPU tensor (any float dtype, any strides; converted to float32).
+        layout: the segments of ``x``.
+
+    Returns a new contiguous float32 (layout.total,) tensor. NaNs sort after +inf (positive NaN)
+    or before -inf (negative NaN) and are kept.
+    """
+    layout = _check_layout(layout)
+    x = _flat_cpu_float("x", x, layout)
+    return _module().sort_segments(x, layout.offsets("cpu"))
+
+
+def _perm_buffer(state: dict | None, layout: SegmentLayout) -> tuple[torch.Tensor | None, bool]:
+    """The permutation buffer kept in ``state`` and whether it holds a previous permutation."""
+    if state is None:
+        return None, False
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict or None, got {type(state).__name__}")
+    kept_layout = state.get("cpp_layout")
+    perm = state.get("cpp_perm")
+    if perm is not None and (kept_layout is layout or kept_layout == layout):
+        return perm, True
+    perm = torch.empty(layout.total, dtype=torch.int32)
+    state["cpp_perm"] = perm
+    state["cpp_layout"] = layout
+    return perm, False
+
+
+def _record(state: dict | None, counts: torch.Tensor) -> None:
+    if state is not None:
+        already, repaired, resorted = (int(c) for c in counts.tolist())
+        state["cpp_stats"] = {"already_sorted": already, "repaired": repaired, "resorted": resorted}
+
+
+def match_sorted(
+    proj: torch.Tensor, sorted_ref: torch.Tensor, layout: SegmentLayout, state: dict | None = None
+) -> torch.Tensor:
+    """Matched targets ``T[perm[k]] = sorted_ref[k]`` per segment, ``perm`` sorting ``proj``.
+
+    Same map as :func:`snap_fast.reference.matched_targets` applied to every segment.
+
+    Args:
+        proj: (layout.total,) floating CPU tensor, the current projections.
+        sorted_ref: (layout.total,) floating CPU tensor, ascending within each segment.
+        layout: the segments.
+        state: None, or a dict kept by the caller while the directions do not change (cleared when
+            they do). The extension keeps each segment's sorting permutation there
+            (``state["cpp_perm"]``, int32) and starts the next call from it: a segment still sorted
+            by it costs one pass, a slightly disordered one a bounded insertion sort, and only a
+            strongly changed one a full radix sort. ``state["cpp_stats"]`` then counts the
+            segments of each kind. Results never depend on the state, only the speed does.
+
+    Returns a new float32 (layout.total,) tensor.
+    """
+    layout = _check_layout(layout)
+    proj = _flat_cpu_float("proj", proj, layout)
+    sorted_ref = _flat_cpu_float("sorted_ref", sorted_ref, layout)
+    perm, reuse = _perm_buffer(state, layout)
+    out, counts = _module().match_sorted(proj, sorted_ref, layout.offsets("cpu"), perm, reuse)
+    _record(state, counts)
+    return out
+
+
+def swd_forward(
+    proj: torch.Tensor,
+    sorted_ref: torch.Tensor,
+    layout: SegmentLayout,
+    *,
+    p: float,
+    scale: float,
+    state: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``scale · Σ_k |sort(proj)_k − sorted_ref_k|^p`` and its gradient w.r.t. ``proj``.
+
+    Args:
+        proj, sorted_ref, layout, state: as in :func:`match_sorted`.
+        p: exponent > 0.
+        scale: factor of the sum (1/L for the regularizer).
+
+    Returns ``(value, grad)``: a float64 0-dim tensor (per-segment float64 partial sums, added in
+    a fixed order) and a float32 (layout.total,) gradient. At a zero difference the subgradient 0
+    is used. NaN projections give a NaN value and NaN gradients where they occur.
+    """
+    layout = _check_layout(layout)
+    proj = _flat_cpu_float("proj", proj, layout)
+    sorted_ref = _flat_cpu_float("sorted_ref", sorted_ref, layout)
+    if not p > 0:
+        raise ValueError(f"p must be > 0, got {p}")
+    perm, reuse = _perm_buffer(state, layout)
+    value, grad, counts = _module().swd_forward(
+        proj, sorted_ref, layout.offsets("cpu"), perm, reuse, float(p), float(scale)
+    )
+    _record(state, counts)
+    return value, grad
+
+
+# ------------------------------------------------------------------------------------ CUDA
+def _cuda_module() -> Any:
+    module = _load("cuda")
+    if module is None:
+        raise RuntimeError(f"the snap_fast CUDA extension is unavailable: {_reasons.get('cuda')}")
+    return module
+
+
+def _check_cuda_segments(x: object, offsets: object) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(offsets, torch.Tensor):
+        raise TypeError("x and offsets must be torch.Tensors")
+    if x.device.type != "cuda":
+        raise ValueError(f"x must be a CUDA tensor, got device {x.device}")
+    if x.dtype != torch.float32 or x.dim() != 1:
+        raise ValueError(f"x must be a 1-D float32 tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError("offsets must be a non-empty 1-D int64 tensor")
+
+
+def cuda_segmented_argsort(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort every segment of a flat CUDA float32 buffer with CUB's segmented radix sort.
+
+    Args:
+        x: (total,) float32 CUDA tensor.
+        offsets: (S + 1,) int64 segment starts, ``offsets[0] = 0``, ``offsets[-1] = total``
+            (any device; moved to ``x``'s device).
+
+    Returns ``(values, indices)``: float32 (total,) sorted within each segment, and int32 (total,)
+    segment-local indices with ``values[k] = x[start + indices[k]]``.
+    """
+    _check_cuda_segments(x, offsets)
+    return _cuda_module().segmented_argsort(x.contiguous(), offsets.to(x.device).contiguous())
+
+
+def cuda_sort_segments(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Values only of :func:`cuda_segmented_argsort` (a keys-only sort, less memory traffic)."""
+    _check_cuda_segments(x, offsets)
+    return _cuda_module().segmented_sort(x.contiguous(), offsets.to(x.device).contiguous())
+
+
+def cuda_sort_rows(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise sort of a (count, n) CUDA block with CUB: a drop-in for ``torch.sort(block, dim=1)``.
+
+    The contract of ``snap_fast.kernels.segmented_sort.sort_long_segments`` (the Triton path's
+    long-segment sort): ``block`` is any float dtype and strides; returns float32 (count, n)
+    ascending values and int64 (count, n) row positions. Unlike ``torch.sort``, NaNs with the
+    sign bit set sort first (radix order of the bits); the regularizer's value is NaN either way.
+    """
+    if not isinstance(block, torch.Tensor) or block.dim() != 2:
+        raise ValueError(f"block must be a 2-D tensor, got {getattr(block, 'shape', type(block).__name__)}")
+    count, n = block.shape
+    x = block.float().contiguous().view(-1)
+    offsets = torch.arange(count + 1, device=block.device, dtype=torch.int64) * n
+    values, idx = cuda_segmented_argsort(x, offsets)
+    return values.view(count, n), idx.view(count, n).long()

@@ -1,0 +1,356 @@
+"""Evaluate one model on a data folder: per-sample JSONL + a summary JSON, with a metric cache.
+
+Layout of the output folder (``out``)::
+
+    generations.<set>.jsonl   {"id", "answer"} greedy answers            (cached)
+    probability.<set>.jsonl   {"id", "sum_nll", "n_tokens", "probability"} of original_response (cached)
+    perplexity.jsonl          {"id", "sum_nll", "n_tokens"} per heldout_text paragraph (cached)
+    cache.json                {file name: fingerprint}; a file is reused only when its fingerprint
+                              (model identity, data file hash, settings) matches
+    samples.jsonl             one record per (set, question): every per-sample metric
+    summary.json              per-set means, headline numbers, settings, timings
+
+The expensive steps (generation, likelihoods) are cached; the cheap ones (ROUGE, the ignorance
+classifier, the leak check, fluency) are recomputed from the cached answers every time, so
+changing the classifier never needs a new generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from snap_fast.generation import generate_answers
+
+from .classifier import ObliterationJudge
+from .metrics import answer_nll, fluency_stats, rouge_l_recall, text_nll
+
+FORGET_SETS = ("forget", "heldout_forget")
+ALL_SETS = ("forget", "heldout_forget", "retain", "heldout_retain", "general", "heldout_general")
+DEFAULT_SETS = ("heldout_forget", "forget", "heldout_retain", "heldout_general")
+
+
+# ----------------------------------------------------------------------------------------- files
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``,
+    so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_jsonl(path: str | Path, records: Iterable[Mapping]) -> None:
+    """Atomically write ``records`` as JSON lines."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSON-lines file; a malformed line raises ``ValueError`` with its number."""
+    records = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    return records
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _fingerprint(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class _Cache:
+    """Maps output file names to the fingerprint they were computed under (``cache.json``)."""
+
+    def __init__(self, out: Path, force: bool):
+        self.out, self.force = out, force
+        self.path = out / "cache.json"
+        self.table = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, name: str, fingerprint: str) -> list[dict] | None:
+        f = self.out / name
+        if self.force or self.table.get(name) != fingerprint or not f.is_file():
+            return None
+        return read_jsonl(f)
+
+    def put(self, name: str, fingerprint: str, records: list[dict]) -> None:
+        write_jsonl(self.out / name, records)
+        self.table[name] = fingerprint
+        write_json(self.path, self.table)
+
+
+# ------------------------------------------------------------------------------------------ data
+def load_data_folder(data_dir: str | Path, sets: Sequence[str]) -> tuple[dict, dict[str, list[dict]], dict]:
+    """``(target, {set: records}, manifest)`` of a data folder written by ``snap-fast data``.
+
+    Raises ``FileNotFoundError`` naming a missing file and ``ValueError`` for unknown sets or
+    records without ``id`` / ``prompt``.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data_dir}")
+    unknown = [s for s in sets if s not in ALL_SETS]
+    if unknown:
+        raise ValueError(f"sets: unknown set(s) {unknown}; choose from {list(ALL_SETS)}")
+    target_path = data_dir / "target.json"
+    if not target_path.is_file():
+        raise FileNotFoundError(f"{target_path} not found (is {data_dir} a `snap-fast data` folder?)")
+    target = json.loads(target_path.read_text(encoding="utf-8"))
+    manifest_path = data_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    records = {}
+    for s in sets:
+        path = data_dir / f"{s}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+        recs = read_jsonl(path)
+        for i, r in enumerate(recs):
+            if not isinstance(r.get("prompt"), str) or "id" not in r:
+                raise ValueError(f"{path}: record {i + 1} lacks an 'id' or a 'prompt' string")
+        records[s] = recs
+    return target, records, manifest
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else None
+
+
+# ------------------------------------------------------------------------------------- evaluate
+def evaluate_model(
+    model,
+    tokenizer,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    identity: str,
+    sets: Sequence[str] = DEFAULT_SETS,
+    limit: int | None = None,
+    force: bool = False,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    perplexity: bool = True,
+    probability: bool = True,
+    answers_from_data: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Evaluate ``model`` on the data folder and write ``samples.jsonl`` and ``summary.json``.
+
+    Args:
+        model, tokenizer: as returned by :func:`snap_fast.models.load_model` (adapter merged or not).
+        data_dir: a ``snap-fast data`` folder.
+        out_dir: where results and caches go (created).
+        identity: a stable id of the model (``model_identity`` + adapter hash); part of every
+            cache fingerprint, so a different model never reuses another's answers.
+        sets: which QA sets to evaluate (see :data:`ALL_SETS`).
+        limit: evaluate only the first ``limit`` records of each set and of heldout_text.
+        force: recompute even when cached results match.
+        batch_size, max_new_tokens, seed: generation settings (greedy, batched).
+        perplexity: compute perplexity on ``heldout_text.jsonl`` (skipped if the file is absent).
+        probability: compute the answer probability of ``original_response``.
+        answers_from_data: use the records' ``original_response`` as the answers instead of
+            generating. Only valid for the original model that wrote the data folder (its greedy
+            answers are already there); refused when the manifest names another model.
+        log: callable for one-line stage messages.
+
+    Returns:
+        the summary dict (also written to ``out_dir/summary.json``).
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None or an int >= 1, got {limit!r}")
+    if not isinstance(identity, str) or not identity:
+        raise ValueError("identity must be a non-empty string (see snap_fast.models.model_identity)")
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    data_dir, out = Path(data_dir), Path(out_dir)
+    target, data, manifest = load_data_folder(data_dir, sets)
+    if answers_from_data and manifest.get("model_identity") not in (None, identity):
+        raise ValueError(
+            f"answers_from_data: the data folder was built with {manifest['model_identity']}, not "
+            f"{identity}; its original_response fields are another model's answers"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    cache = _Cache(out, force)
+    judge = ObliterationJudge.from_target(target)
+    timings: dict[str, float] = {}
+    settings = {"max_new_tokens": max_new_tokens, "seed": seed, "limit": limit}
+
+    samples: list[dict] = []
+    per_set: dict[str, dict] = {}
+    for s in sets:
+        recs = data[s][:limit] if limit else data[s]
+        if not recs:
+            continue
+        data_hash = _file_hash(data_dir / f"{s}.jsonl")
+        prompts = [r["prompt"] for r in recs]
+        refs = [r.get("original_response") for r in recs]
+
+        # 1. answers (cached)
+        if answers_from_data:
+            missing = [r["id"] for r in recs if not isinstance(r.get("original_response"), str)]
+            if missing:
+                raise ValueError(f"answers_from_data: {s} records without original_response: {missing[:5]}")
+            answers = list(refs)
+        else:
+            name = f"generations.{s}.jsonl"
+            fp = _fingerprint(kind="gen", model=identity, data=data_hash, **settings)
+            cached = cache.get(name, fp)
+            if cached is None:
+                log(f"[eval] generating {len(prompts)} answers for {s} (greedy, batch {batch_size})")
+                t0 = time.perf_counter()
+                gen = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, seed=seed, progress=progress)
+                timings[f"generate.{s}"] = time.perf_counter() - t0
+                cached = [{"id": r["id"], "answer": a} for r, a in zip(recs, gen)]
+                cache.put(name, fp, cached)
+            else:
+                log(f"[eval] {s}: answers cached ({name})")
+            answers = [c["answer"] for c in cached]
+
+        # 2. probability of the original answer (cached)
+        probs: list[float | None] = [None] * len(recs)
+        have_ref = [i for i, ref in enumerate(refs) if isinstance(ref, str) and ref.strip()]
+        if probability and have_ref:
+            name = f"probability.{s}.jsonl"
+            fp = _fingerprint(kind="prob", model=identity, data=data_hash, limit=limit)
+            cached = cache.get(name, fp)
+            if cached is None:
+                log(f"[eval] answer probability of the original answers on {s}")
+                t0 = time.perf_counter()
+                nll = answer_nll(model, tokenizer, [prompts[i] for i in have_ref], [refs[i] for i in have_ref],
+                                 batch_size=batch_size, progress=progress, desc=f"P(original) {s}")
+                timings[f"probability.{s}"] = time.perf_counter() - t0
+                cached = [{"id": recs[i]["id"], "sum_nll": sn, "n_tokens": n, "probability": math.exp(-sn / max(n, 1))}
+                          for i, (sn, n) in zip(have_ref, nll)]
+                cache.put(name, fp, cached)
+            for i, c in zip(have_ref, cached):
+                probs[i] = c["probability"]
+
+        # 3. cheap per-sample metrics, recomputed each time
+        rows = []
+        for r, a, ref, p in zip(recs, answers, refs, probs):
+            row = {"set": s, "id": r["id"], "prompt": r["prompt"], "answer": a,
+                   "original_response": ref, "kind": r.get("kind"), "source": r.get("source")}
+            row["rougeL_recall"] = rouge_l_recall(a, ref) if isinstance(ref, str) else None
+            row["probability"] = p
+            verdict = judge.judge(r["prompt"], a)
+            row.update(ignorance=verdict["ignorance"], leaked=verdict["leaked"])
+            if s in FORGET_SETS:
+                row["obliterated"] = verdict["obliterated"]
+            flu = fluency_stats(a)
+            row["gibberish"] = flu["gibberish"]
+            row["fluency"] = {k: v for k, v in flu.items() if k != "gibberish"}
+            rows.append(row)
+        samples.extend(rows)
+        stats = {
+            "n": len(rows),
+            "rougeL_recall": _mean([x["rougeL_recall"] for x in rows]),
+            "probability": _mean([x["probability"] for x in rows]),
+            "ignorance_rate": _mean([float(x["ignorance"]) for x in rows]),
+            "leak_rate": _mean([float(bool(x["leaked"])) for x in rows]),
+            "gibberish_rate": _mean([float(x["gibberish"]) for x in rows]),
+            "mean_answer_words": _mean([float(x["fluency"]["n_words"]) for x in rows]),
+        }
+        if s in FORGET_SETS:
+            stats["obliteration_rate"] = _mean([float(x["obliterated"]) for x in rows])
+        per_set[s] = stats
+
+    summary: dict = {"model": identity, "data": str(data_dir), "target": target.get("name"),
+                     "answers_from_data": answers_from_data, "settings": settings, "sets": per_set}
+
+    # 4. perplexity on held-out general text (cached)
+    text_path = data_dir / "heldout_text.jsonl"
+    if perplexity and text_path.is_file():
+        texts = read_jsonl(text_path)[:limit] if limit else read_jsonl(text_path)
+        fp = _fingerprint(kind="ppl", model=identity, data=_file_hash(text_path), limit=limit)
+        cached = cache.get("perplexity.jsonl", fp)
+        if cached is None:
+            log(f"[eval] perplexity on {len(texts)} held-out text paragraphs")
+            t0 = time.perf_counter()
+            nll = text_nll(model, tokenizer, [t["text"] for t in texts], batch_size=batch_size, progress=progress)
+            timings["perplexity"] = time.perf_counter() - t0
+            cached = [{"id": t.get("id", i), "sum_nll": sn, "n_tokens": n} for i, (t, (sn, n)) in enumerate(zip(texts, nll))]
+            cache.put("perplexity.jsonl", fp, cached)
+        tokens = sum(c["n_tokens"] for c in cached)
+        if tokens:
+            summary["perplexity"] = math.exp(sum(c["sum_nll"] for c in cached) / tokens)
+            summary["perplexity_tokens"] = tokens
+
+    summary["headline"] = headline(summary)
+    summary["timings_s"] = timings
+    write_jsonl(out / "samples.jsonl", samples)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def headline(summary: Mapping) -> dict:
+    """The three numbers the quality targets are stated in (``None`` where not evaluated):
+    obliteration rate on heldout_forget, ROUGE-L recall on heldout_retain, perplexity."""
+    sets = summary.get("sets", {})
+    return {
+        "obliteration_rate": sets.get("heldout_forget", {}).get("obliteration_rate"),
+        "forget_rougeL_recall": sets.get("heldout_forget", {}).get("rougeL_recall"),
+        "retain_rougeL_recall": sets.get("heldout_retain", {}).get("rougeL_recall"),
+        "general_rougeL_recall": sets.get("heldout_general", {}).get("rougeL_recall"),
+        "perplexity": summary.get("perplexity"),
+    }
+
+
+# Quality targets of the demo (issue 7): obliteration >= 90 %, hard-positive ROUGE-L recall
+# >= 0.8, perplexity within +10 % of the original model.
+TARGETS = {"obliteration_rate": 0.90, "retain_rougeL_recall": 0.80, "perplexity_increase": 0.10}
+
+
+def check_targets(original: Mapping, unlearned: Mapping) -> dict:
+    """Which quality targets an unlearned model meets, given both summaries.
+
+    Returns ``{name: {"value", "target", "met"}}`` for obliteration rate, retain ROUGE-L recall
+    and the relative perplexity increase over the original model.
+    """
+    h_u, h_o = headline(unlearned), headline(original)
+    out = {}
+    ob = h_u["obliteration_rate"]
+    out["obliteration_rate"] = {"value": ob, "target": f">= {TARGETS['obliteration_rate']:.0%}",
+                                "met": ob is not None and ob >= TARGETS["obliteration_rate"]}
+    rr = h_u["retain_rougeL_recall"]
+    out["retain_rougeL_recall"] = {"value": rr, "target": f">= {TARGETS['retain_rougeL_recall']}",
+                                   "met": rr is not None and rr >= TARGETS["retain_rougeL_recall"]}
+    if h_u["perplexity"] is not None and h_o["perplexity"]:
+        inc = h_u["perplexity"] / h_o["perplexity"] - 1.0
+        out["perplexity_increase"] = {"value": inc, "target": f"<= +{TARGETS['perplexity_increase']:.0%}",
+                                      "met": inc <= TARGETS["perplexity_increase"]}
+    return out

@@ -1,0 +1,113 @@
+"""Batched greedy generation of answers: original answers for hard positives, eval answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.collator import prompt_token_ids
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    # Instruct models often end a turn with a token other than the tokenizer's EOS (listed in
+    # generation_config); stopping on any of them avoids rambling into a next turn.
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, (list, tuple)):
+        ids.update(int(i) for i in gen_eos)
+    return sorted(ids)
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    on_batch: Callable[[list[int], list[str]], None] | None = None,
+) -> list[str]:
+    """Greedy answers of ``model`` to ``prompts``, in the order given.
+
+    Each prompt is rendered with :func:`snap_fast.data.collator.render_prompt` (chat template or
+    plain template) and tokenised exactly as the training collator does; prompts are sorted by
+    length and left-padded in batches of ``batch_size`` (less padding, same answers), decoded
+    without the prompt and without special tokens, and stripped of surrounding whitespace.
+
+    Args:
+        model: a causal LM (``transformers`` ``generate`` API).
+        tokenizer: its tokenizer; needs a pad token (``load_model`` sets one).
+        prompts: list of user prompts (str).
+        max_new_tokens: generation length cap, >= 1.
+        batch_size: prompts per ``generate`` call, >= 1.
+        seed: seeds torch before generating; greedy decoding is deterministic anyway, the seed
+            only guards against models with stochastic layers left in train mode.
+        progress: show a tqdm bar over prompts.
+        on_batch: called after each batch with the batch's prompt indices (into ``prompts``) and
+            their answers, e.g. to save progress of a long run.
+
+    Returns:
+        ``list[str]`` with one answer per prompt.
+    """
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError("prompts must be a list of str")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
+    if not prompts:
+        return []
+
+    torch.manual_seed(seed)
+    encoded = [prompt_token_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(prompts)
+    pad = int(tokenizer.pad_token_id)
+    eos = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):  # left padding: every prompt ends at the same column
+                ids = encoded[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention[row, width - len(ids) :] = 1
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=pad,
+                    eos_token_id=eos or None,
+                )
+            new_tokens = out[:, width:].cpu()
+            for row, i in enumerate(idx):
+                answers[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+            if on_batch is not None:
+                on_batch(list(idx), [answers[i] for i in idx])
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return answers

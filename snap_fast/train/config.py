@@ -1,0 +1,337 @@
+"""The resolved configuration of one unlearning run, validated before any heavy work.
+
+``UnlearnConfig`` is what ``snap-fast unlearn`` builds from its flags and what
+:func:`snap_fast.train.unlearn` takes. :meth:`UnlearnConfig.resolved` fills the defaults that
+depend on other fields (learning rate, λ, device) and :meth:`UnlearnConfig.validate` checks every
+field, the model spec and the data folder, cheaply (it reads JSONL line counts, never a model).
+The run folder's ``config.yaml`` is :meth:`UnlearnConfig.to_yaml` of the resolved config and
+loads back with :meth:`UnlearnConfig.from_yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["UnlearnConfig", "METHODS", "PRECISIONS", "REG_MODES", "read_jsonl"]
+
+#: Training methods, see :mod:`snap_fast.train.losses`.
+METHODS = ("snap", "snap-npo", "ga", "grad-diff", "npo", "idk")
+PRECISIONS = ("fp32", "bf16")
+REG_MODES = ("resample", "refresh", "fixed")
+
+# Methods whose forget term trains on the obliterated "I don't know" responses; the others push
+# the model away from the original answers (``original_response``) of the forget set.
+OBLITERATED_METHODS = ("snap", "idk")
+# Methods with a retain (hard-positive) term.
+RETAIN_METHODS = ("snap", "snap-npo", "grad-diff", "idk")
+# Methods whose default λ is SNAP's 0.1; the others default to no regularizer.
+REGULARIZED_METHODS = ("snap", "snap-npo")
+
+# Fields that may change between a run and its resume: they do not change what is computed.
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "overwrite", "device", "log_every", "save_every", "keep_checkpoints", "lora_stats_every",
+     "merge", "progress"}
+)
+
+
+@dataclass
+class UnlearnConfig:
+    """Everything one run needs. Defaults follow SNAP.md §3 (LoRA by default).
+
+    Attributes:
+        model: model spec for :func:`snap_fast.models.load_model` (hub id, folder, ``.gguf``,
+            or ``"smollm2-135m-instruct"``).
+        data: data folder written by ``snap-fast data`` (``forget.jsonl``, ``retain.jsonl``,
+            optional ``general.jsonl``).
+        out: run folder to create.
+        method: one of :data:`METHODS`.
+        lora: train LoRA adapters (PEFT) instead of all weights.
+        lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator, dropout.
+        lora_targets: PEFT ``target_modules``: ``"all-linear"`` or a comma-separated / list of
+            module names (e.g. ``"q_proj,v_proj"``).
+        lr: peak learning rate; ``None`` → 1e-4 with LoRA, 1e-5 for full fine-tuning.
+        epochs: passes over the forget set (may be fractional); ignored when ``max_steps`` is set.
+        max_steps: optimizer steps to run; overrides ``epochs``.
+        batch_size: examples per micro-batch, per set (forget, retain and general each).
+        grad_accum: micro-batches per optimizer step (effective batch = batch_size·grad_accum).
+        max_length: token cap per example (prompt + response).
+        weight_decay, warmup: AdamW weight decay; linear warm-up steps.
+        max_grad_norm: gradient clipping norm (0 disables).
+        alpha: weight of the retain and general NLL terms.
+        lam: λ, weight of the sliced-Wasserstein regularizer; ``None`` → 0.1 for ``snap`` and
+            ``snap-npo``, 0 otherwise (``idk`` is SNAP with λ = 0). Any method takes λ > 0.
+        reg_mode, reg_refresh_every, n_projections, reg_p: regularizer settings
+            (:class:`snap_fast.SlicedWassersteinRegularizer`).
+        reg_backend: force the regularizer's sorting backend (``None``: automatic).
+        npo_beta: β of the NPO forget term (``npo``, ``snap-npo``).
+        use_general: train on ``general.jsonl`` too when it exists and is non-empty.
+        precision: ``"fp32"``, or ``"bf16"`` autocast (weights stay float32).
+        gradient_checkpointing: recompute activations in backward (less memory).
+        seed: seeds weights of new adapters, data order, regularizer directions.
+        log_every: steps between metrics lines; save_every: steps between checkpoints (0: only
+            at the end or on a signal); keep_checkpoints: how many of the newest checkpoints to
+            keep (0: all); lora_stats_every: steps between LoRA-delta statistics.
+        merge: also write ``final/merged/`` (LoRA merged into the weights, safetensors).
+        overwrite: replace an existing run folder; resume: continue from its last checkpoint.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``…
+        trust_remote_code: passed to the model loader.
+        progress: show a tqdm progress bar.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    data: str = ""
+    out: str = ""
+    method: str = "snap"
+    lora: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str | list[str] = "all-linear"
+    lr: float | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 4
+    max_length: int = 512
+    weight_decay: float = 0.01
+    warmup: int = 0
+    max_grad_norm: float = 1.0
+    alpha: float = 1.0
+    lam: float | None = None
+    reg_mode: str = "resample"
+    reg_refresh_every: int = 10
+    n_projections: int = 100
+    reg_p: float = 2.0
+    reg_backend: str | None = None
+    npo_beta: float = 0.1
+    use_general: bool = True
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    lora_stats_every: int = 10
+    merge: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    device: str = "auto"
+    trust_remote_code: bool = False
+    progress: bool = True
+    # Free-form notes carried into config.yaml (e.g. the command line); never read by training.
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ derived values
+    def resolved(self) -> "UnlearnConfig":
+        """A copy with the defaults that depend on other fields filled in (lr, lam, device)."""
+        out = dataclasses.replace(self, notes=dict(self.notes))
+        if out.lr is None:
+            out.lr = 1e-4 if out.lora else 1e-5
+        if out.lam is None:
+            out.lam = 0.1 if out.method in REGULARIZED_METHODS else 0.0
+        if out.device == "auto":
+            import torch
+
+            out.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if isinstance(out.lora_targets, str) and out.lora_targets != "all-linear":
+            out.lora_targets = [t.strip() for t in out.lora_targets.split(",") if t.strip()]
+        return out
+
+    @property
+    def forget_target(self) -> str:
+        """Which response of a forget record the forget term uses: "response" (obliterated) or
+        "original_response" (the knowledge that gradient ascent / NPO push away from)."""
+        return "response" if self.method in OBLITERATED_METHODS else "original_response"
+
+    @property
+    def uses_retain(self) -> bool:
+        return self.method in RETAIN_METHODS
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every field, the model spec and the data folder; raise before heavy work.
+
+        Raises:
+            ValueError / TypeError naming the offending field (``FileNotFoundError``, a
+            subclass of ``OSError``, is turned into ``ValueError`` so callers catch one type).
+        """
+        _check_choice("method", self.method, METHODS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("reg_mode", self.reg_mode, REG_MODES)
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "n_projections",
+                     "reg_refresh_every", "log_every", "lora_stats_every"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup", "save_every", "keep_checkpoints", "seed"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.max_steps is not None:
+            _check_int("max_steps", self.max_steps, minimum=1)
+        _check_number("epochs", self.epochs, positive=True)
+        for name in ("weight_decay", "max_grad_norm", "alpha", "lora_dropout"):
+            _check_number(name, getattr(self, name), positive=False)
+        _check_number("npo_beta", self.npo_beta, positive=True)
+        _check_number("reg_p", self.reg_p, positive=True)
+        if self.lora_dropout >= 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lr is not None:
+            _check_number("lr", self.lr, positive=True)
+        if self.lam is not None:
+            _check_number("lam", self.lam, positive=False)
+        for name in ("lora", "use_general", "gradient_checkpointing", "merge", "overwrite", "resume",
+                     "trust_remote_code", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite and resume exclude each other: pick one")
+        if self.merge and not self.lora:
+            raise ValueError("merge only applies to LoRA runs (full fine-tuning already saves the whole model)")
+        if not isinstance(self.lora_targets, (str, list)) or not self.lora_targets:
+            raise ValueError(f"lora_targets must be 'all-linear' or module names, got {self.lora_targets!r}")
+        if self.reg_backend is not None:
+            _check_choice("reg_backend", self.reg_backend, ("torch", "triton", "cpp"))
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        ):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        self._validate_model()
+        self._validate_out()
+        self._validate_data()
+
+    def _validate_model(self) -> None:
+        from ..models import resolve_spec
+
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model must be a non-empty model spec (hub id, folder, .gguf file)")
+        try:
+            resolve_spec(self.model)
+        except FileNotFoundError as exc:
+            raise ValueError(f"model: {exc}") from None
+
+    def _validate_out(self) -> None:
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise ValueError("out (the run folder) must be given")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"out: {out} exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()):
+            if not (self.resume or self.overwrite):
+                raise ValueError(
+                    f"out: run folder {out} already exists; pass resume=True (--resume) to continue "
+                    "it or overwrite=True (--overwrite) to replace it"
+                )
+            if not (out / "config.yaml").is_file():
+                # Never delete (or resume into) a folder that is not a snap-fast run folder.
+                raise ValueError(f"out: {out} is not empty and has no config.yaml: not a run folder")
+
+    def _validate_data(self) -> None:
+        if not isinstance(self.data, str) or not self.data.strip():
+            raise ValueError("data (the data folder written by `snap-fast data`) must be given")
+        folder = Path(self.data)
+        if not folder.is_dir():
+            raise ValueError(f"data: folder not found: {folder}")
+        forget_path = folder / "forget.jsonl"
+        if not forget_path.is_file():
+            raise ValueError(f"data: {forget_path} not found (write it with `snap-fast data`)")
+        forget = read_jsonl(forget_path)
+        if not forget:
+            raise ValueError(f"data: the forget set {forget_path} is empty: nothing to unlearn")
+        if self.batch_size > len(forget):
+            raise ValueError(
+                f"batch_size ({self.batch_size}) is larger than the forget set ({len(forget)} examples)"
+            )
+        key = self.forget_target
+        missing = [i for i, r in enumerate(forget) if not isinstance(r.get(key), str)]
+        if missing:
+            raise ValueError(
+                f"data: method {self.method!r} trains on the forget set's {key!r}, missing in "
+                f"{len(missing)} record(s) of {forget_path} (first at line {missing[0] + 1})"
+            )
+        bad = [i for i, r in enumerate(forget) if not isinstance(r.get("prompt"), str)]
+        if bad:
+            raise ValueError(f"data: {forget_path} record {bad[0] + 1} has no 'prompt' string")
+        if self.uses_retain and self.alpha > 0:
+            retain_path = folder / "retain.jsonl"
+            if not retain_path.is_file() or not read_jsonl(retain_path):
+                raise ValueError(
+                    f"data: method {self.method!r} needs hard positives in {retain_path} "
+                    "(missing or empty); use alpha=0 to train without them"
+                )
+
+    # ------------------------------------------------------------------ YAML
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "UnlearnConfig":
+        """Build from a mapping; unknown keys are an error that lists the known ones."""
+        if not isinstance(values, dict):
+            raise TypeError(f"config must be a mapping, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "UnlearnConfig":
+        import yaml
+
+        with open(path, encoding="utf-8") as fh:
+            values = yaml.safe_load(fh) or {}
+        return cls.from_dict(values)
+
+    def differences(self, other: "UnlearnConfig", ignore: frozenset[str] = RESUMABLE_CHANGES) -> dict:
+        """``{field: (self_value, other_value)}`` for fields that differ, except ``ignore``."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if k not in ignore and k != "notes" and a[k] != b[k]}
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSONL file (blank lines skipped); a malformed line is a ValueError naming it."""
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}")
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value: object, *, positive: bool) -> None:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if not positive and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")

@@ -1,0 +1,196 @@
+"""Loss functions of SNAP and of the baselines, for the recipe and for hand-written loops.
+
+Every function takes the model's ``logits`` (B, T, V) and the collator's ``labels`` (B, T, long,
+``-100`` on prompt tokens and padding); position t predicts label t+1 (the usual causal shift,
+done here). Reductions are explicit:
+
+* :func:`nll` — mean NLL over all answer tokens of the batch (masked token mean). With
+  obliterated responses as labels it is SNAP's forget term; with the original model's answers
+  to hard positives / general instructions it is the retain term.
+* :func:`sequence_logprob` — Σ of answer-token log-probabilities per sequence, (B,): what NPO
+  compares with the frozen reference model.
+* :func:`gradient_ascent_loss`, :func:`grad_diff_loss`, :func:`npo_loss` — the baselines.
+
+How the methods combine them (``λ·SWD`` is added by the caller when λ > 0, to any method)::
+
+    snap       nll(forget, obliterated) + α·(nll(retain) + nll(general)) + λ·SWD   (λ = 0.1)
+    idk        snap with λ = 0
+    snap-npo   even steps: npo(forget, original);  odd steps: α·(nll(retain) + nll(general));
+               + λ·SWD every step                                                    (λ = 0.1)
+    ga         −nll(forget, original)
+    grad-diff  −nll(forget, original) + α·(nll(retain) + nll(general))
+    npo        npo(forget, original)
+
+:func:`step_terms` says which sets a method trains on at a given step, :func:`forget_loss` the
+forget term of a method, :func:`combine` the weighted sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IGNORE_INDEX",
+    "token_nll",
+    "nll",
+    "sequence_logprob",
+    "gradient_ascent_loss",
+    "grad_diff_loss",
+    "npo_loss",
+    "forget_loss",
+    "step_terms",
+    "combine",
+]
+
+IGNORE_INDEX = -100
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"logits must be (B, T, V) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL of the shifted labels and the mask of answer tokens.
+
+    Args:
+        logits: (B, T, V) float, any dtype (computed in float32).
+        labels: (B, T) long, ``-100`` where no loss applies.
+
+    Returns:
+        ``(nll, mask)``, both (B, T-1) float32: NLL of label t+1 given positions ≤ t (0 where
+        masked) and 1.0 on answer tokens.
+    """
+    _check(logits, labels)
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    mask = (shift_labels != IGNORE_INDEX).float()
+    per_token = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view_as(mask)
+    return per_token, mask
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL over every answer token of the batch (float32 0-dim; 0 if there are none).
+
+    A batch-level token mean, as Hugging Face models compute their loss: long answers weigh
+    more than short ones.
+    """
+    per_token, mask = token_nll(logits, labels)
+    return per_token.sum() / mask.sum().clamp_min(1.0)
+
+
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log π(y | x) per sequence: Σ of answer-token log-probabilities, (B,) float32."""
+    per_token, _ = token_nll(logits, labels)
+    return -per_token.sum(dim=1)
+
+
+def gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent on the forget answers: −nll (minimising it raises their NLL)."""
+    return -nll(logits, labels)
+
+
+def grad_diff_loss(
+    forget_logits: torch.Tensor,
+    forget_labels: torch.Tensor,
+    retain_logits: torch.Tensor,
+    retain_labels: torch.Tensor,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """Gradient difference: −nll(forget) + α·nll(retain)."""
+    return gradient_ascent_loss(forget_logits, forget_labels) + alpha * nll(retain_logits, retain_labels)
+
+
+def npo_loss(logprob: torch.Tensor, ref_logprob: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """Negative preference optimisation (Zhang et al., 2024) on the forget answers.
+
+    ``L = −(2/β) · mean_i log σ(−β · (log π_θ(y_i|x_i) − log π_ref(y_i|x_i)))``: 0 gradient once
+    the model finds the forget answers much less likely than the reference did; equals
+    (2/β)·log 2 when the model is still the reference.
+
+    Args:
+        logprob: (B,) sequence log-probabilities under the model being trained.
+        ref_logprob: (B,) the same under the frozen original model (no gradient).
+        beta: β > 0.
+    """
+    if logprob.shape != ref_logprob.shape or logprob.dim() != 1:
+        raise ValueError(
+            f"logprob and ref_logprob must both be (B,), got {tuple(logprob.shape)} and {tuple(ref_logprob.shape)}"
+        )
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    log_ratio = logprob.float() - ref_logprob.detach().float().to(logprob.device)
+    return -F.logsigmoid(-beta * log_ratio).mean() * (2.0 / beta)
+
+
+def forget_loss(
+    method: str,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_logprob: torch.Tensor | None = None,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """The forget term of ``method`` on one forget batch.
+
+    ``labels`` must hold the obliterated responses for ``snap``/``idk`` and the original answers
+    for the others (see :attr:`snap_fast.train.UnlearnConfig.forget_target`); NPO methods need
+    ``ref_logprob`` (B,).
+    """
+    if method in ("snap", "idk"):
+        return nll(logits, labels)
+    if method in ("ga", "grad-diff"):
+        return gradient_ascent_loss(logits, labels)
+    if method in ("npo", "snap-npo"):
+        if ref_logprob is None:
+            raise ValueError(f"method {method!r} needs ref_logprob (reference log-probabilities)")
+        return npo_loss(sequence_logprob(logits, labels), ref_logprob, beta)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def step_terms(method: str, step: int, has_retain: bool) -> tuple[bool, bool]:
+    """``(train_forget, train_retain)`` for optimizer step ``step`` (0-based).
+
+    ``snap-npo`` alternates (v3 of SNAP): forget on even steps, retain on odd steps — unless
+    there is no retain data, then every step is a forget step. ``ga`` and ``npo`` never train
+    on retain data; the others train on both every step.
+    """
+    if method in ("ga", "npo") or not has_retain:
+        return True, False
+    if method == "snap-npo":
+        return step % 2 == 0, step % 2 == 1
+    return True, True
+
+
+def combine(
+    forget: torch.Tensor | None,
+    retain: torch.Tensor | None = None,
+    general: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    reg: torch.Tensor | None = None,
+    lam: float = 0.0,
+) -> torch.Tensor:
+    """``forget + α·(retain + general) + λ·reg``, skipping absent terms (at least one needed)."""
+    parts = []
+    if forget is not None:
+        parts.append(forget)
+    for term in (retain, general):
+        if term is not None:
+            parts.append(alpha * term)
+    if reg is not None and lam > 0:
+        parts.append(lam * reg)
+    if not parts:
+        raise ValueError("combine needs at least one loss term")
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total

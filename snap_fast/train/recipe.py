@@ -1,0 +1,560 @@
+"""The unlearning recipe: config in, run folder out, one loop read top to bottom.
+
+    result = unlearn(UnlearnConfig(model="smollm2-135m-instruct", data="hp_data", out="runs/hp"))
+
+:func:`unlearn` validates the config, creates the run folder (``config.yaml`` first), loads the
+model, wraps it with LoRA (or trains all weights), builds the regularizer from the *original*
+weights, computes NPO reference log-probabilities if the method needs them, restores the last
+checkpoint when resuming, then runs the loop: per optimizer step, ``grad_accum`` micro-batches
+of forget / retain / general examples, the method's loss terms, ``λ · SWD`` once per step,
+clipping, AdamW, the linear schedule; logs to ``metrics.jsonl`` (and TensorBoard when
+installed); checkpoints atomically; stops cleanly on SIGINT/SIGTERM; and finally writes the
+adapter (and merged model) under ``final/`` and ``summary.json``.
+
+Device and process concerns live in :mod:`snap_fast.train.runtime`; checkpoint files in
+:mod:`snap_fast.train.checkpoint`; the loss terms in :mod:`snap_fast.train.losses`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import losses
+from .checkpoint import (
+    atomic_write_text,
+    last_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import UnlearnConfig, read_jsonl
+from .distributed import DataParallel
+from .runtime import EXIT_CODES, Runtime, StopSignals, seed_everything
+
+__all__ = ["unlearn", "RunResult", "NonFiniteLossError", "UnlearnData", "StepCallback"]
+
+#: ``on_step(step, metrics, model)``, called after every optimizer step (step counts from 1).
+StepCallback = Callable[[int, dict, torch.nn.Module], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term, the regularizer or the gradient norm became NaN/inf; the run stopped and
+    the last good checkpoint was kept."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`unlearn` returns.
+
+    Attributes:
+        status: ``"completed"`` or ``"interrupted"`` (a signal; see :attr:`signal`).
+        run_dir: the run folder.
+        steps: optimizer steps done (counting resumed ones).
+        total_steps: steps the run was planned for.
+        signal: ``"SIGINT"``/``"SIGTERM"`` when interrupted.
+        checkpoint: the newest checkpoint folder (``None`` if none was written).
+        final_dir: ``<run>/final`` once completed.
+        last_metrics: the last metrics record.
+    """
+
+    status: str
+    run_dir: Path
+    steps: int
+    total_steps: int
+    signal: str | None = None
+    checkpoint: Path | None = None
+    final_dir: Path | None = None
+    last_metrics: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """Process exit code: 0 completed, 130 SIGINT, 143 SIGTERM."""
+        return EXIT_CODES[self.signal] if self.status == "interrupted" else EXIT_CODES[self.status]
+
+
+# ---------------------------------------------------------------------------------------- data
+class UnlearnData:
+    """The training sets and their order: a pure function of ``(seed, step)``.
+
+    Each epoch is one pass over the forget set in a seeded random order; the retain and general
+    sets are subsampled (without replacement, cycling when smaller) to the forget-set size for
+    that epoch (SNAP.md §3). Micro-batch ``j`` of an epoch pairs forget examples
+    ``order[j·B:(j+1)·B]`` with the same positions of the retain and general subsamples. Because
+    the order depends only on the seed and the epoch, resuming needs just the step number.
+    """
+
+    def __init__(self, forget: list[dict], retain: list[dict], general: list[dict], *,
+                 forget_key: str, batch_size: int, grad_accum: int, seed: int):
+        self.forget, self.retain, self.general = forget, retain, general
+        self.forget_key = forget_key
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.micro_per_epoch = math.ceil(len(forget) / batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / grad_accum)
+        self._orders: dict[int, dict[str, np.ndarray]] = {}
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, cfg: UnlearnConfig) -> "UnlearnData":
+        folder = Path(folder)
+        forget = read_jsonl(folder / "forget.jsonl")
+
+        def optional(name: str, wanted: bool) -> list[dict]:
+            path = folder / name
+            return read_jsonl(path) if wanted and path.is_file() else []
+
+        retain = optional("retain.jsonl", cfg.uses_retain and cfg.alpha > 0)
+        general = optional("general.jsonl", cfg.uses_retain and cfg.alpha > 0 and cfg.use_general)
+        return cls(forget, retain, general, forget_key=cfg.forget_target, batch_size=cfg.batch_size,
+                   grad_accum=cfg.grad_accum, seed=cfg.seed)
+
+    def _subsample(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        n = len(self.forget)
+        reps = math.ceil(n / size)
+        return np.concatenate([rng.permutation(size) for _ in range(reps)])[:n]
+
+    def epoch_order(self, epoch: int) -> dict[str, np.ndarray]:
+        if epoch not in self._orders:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = {"forget": rng.permutation(len(self.forget))}
+            for name in ("retain", "general"):
+                rows = getattr(self, name)
+                order[name] = self._subsample(rng, len(rows)) if rows else np.zeros(0, dtype=np.int64)
+            self._orders = {epoch: order}  # only the current epoch is ever needed again
+        return self._orders[epoch]
+
+    def position(self, step: int) -> dict[str, int]:
+        """The data-order state before optimizer step ``step`` (0-based)."""
+        return {"epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch}
+
+    def micro_batches(self, step: int) -> list[dict[str, Any]]:
+        """Micro-batches of optimizer step ``step``: dicts with ``forget_idx`` (indices into
+        the forget set) and ``forget``/``retain``/``general`` lists of {"prompt","response"}."""
+        pos = self.position(step)
+        order = self.epoch_order(pos["epoch"])
+        first = pos["step_in_epoch"] * self.grad_accum
+        last = min(first + self.grad_accum, self.micro_per_epoch)
+        out = []
+        for j in range(first, last):
+            sl = slice(j * self.batch_size, (j + 1) * self.batch_size)
+            idx = order["forget"][sl]
+            mb: dict[str, Any] = {
+                "forget_idx": torch.as_tensor(idx, dtype=torch.long),
+                "forget": [_pair(self.forget[i], self.forget_key) for i in idx],
+            }
+            for name in ("retain", "general"):
+                rows = getattr(self, name)
+                mb[name] = [_pair(rows[i], "response") for i in order[name][sl]] if rows else []
+            out.append(mb)
+        return out
+
+
+def _pair(record: dict, key: str) -> dict[str, str]:
+    return {"prompt": record["prompt"], "response": record[key]}
+
+
+# ---------------------------------------------------------------------------------------- model
+def _load_and_wrap(cfg: UnlearnConfig, runtime: Runtime):
+    """Load the model and tokenizer; wrap with LoRA or unfreeze everything."""
+    from ..models import load_model
+
+    model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=runtime.device,
+                                  trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model {cfg.model!r}: its tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.config.use_cache = False  # no KV cache in training; it also conflicts with checkpointing
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        # LoRA's A factors are drawn here: seeding makes them (and so the regularizer's initial
+        # state) the same on a resume as in the original run.
+        torch.manual_seed(cfg.seed)
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_targets, task_type="CAUSAL_LM",
+        ))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.train()
+    return model, tokenizer
+
+
+def _build_regularizer(model: torch.nn.Module, cfg: UnlearnConfig):
+    """λ·SWD's regularizer over the trainable weights (LoRA-aware for PEFT models), or None."""
+    if not cfg.lam > 0:
+        return None
+    from ..regularizer import SlicedWassersteinRegularizer
+
+    return SlicedWassersteinRegularizer(
+        model, n_projections=cfg.n_projections, p=cfg.reg_p, mode=cfg.reg_mode,
+        refresh_every=cfg.reg_refresh_every, seed=cfg.seed, backend=cfg.reg_backend,
+    )
+
+
+@torch.no_grad()
+def reference_logprobs(model, collator, data: UnlearnData, runtime: Runtime, batch_size: int) -> torch.Tensor:
+    """log π_ref(y|x) of every forget example under the original model, (N,) float32 on CPU.
+
+    Computed once, before training changes any weight (for LoRA with the adapter disabled,
+    which is the original model whatever the adapter holds), in eval mode (no dropout).
+    """
+    was_training = model.training
+    model.eval()
+    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    out = torch.empty(len(data.forget))
+    with adapter_off:
+        for start in range(0, len(data.forget), batch_size):
+            rows = data.forget[start:start + batch_size]
+            batch = runtime.to_device(collator([_pair(r, data.forget_key) for r in rows]))
+            with runtime.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out[start:start + len(rows)] = losses.sequence_logprob(logits, batch["labels"]).cpu()
+    model.train(was_training)
+    return out
+
+
+def _optimizer_and_schedule(model, cfg: UnlearnConfig, total_steps: int):
+    from transformers import get_linear_schedule_with_warmup
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # As Hugging Face's Trainer: no weight decay on biases and norm weights (1-D tensors).
+    groups = [
+        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup, total_steps)
+    return optimizer, scheduler
+
+
+def _lora_stats(model) -> dict[str, float]:
+    """Whole-model LoRA-delta statistics as ``{"lora/<stat>": value}`` (empty without LoRA).
+
+    Uses ``snap_fast.lora_delta_stats`` (or ``snap_fast.stats.lora_delta_stats``) when that API
+    exists; its ``"total"`` entry summarises all adapted layers (``fro_norm``, ``rel_change``…).
+    """
+    import snap_fast
+
+    fn = getattr(snap_fast, "lora_delta_stats", None)
+    if fn is None:
+        try:
+            from snap_fast.stats import lora_delta_stats as fn
+        except ImportError:
+            return {}
+    if not hasattr(model, "peft_config"):
+        return {}
+    try:
+        stats = fn(model)
+    except ValueError as exc:  # an adapter kind the statistics do not support: monitoring only
+        warnings.warn(f"LoRA-delta statistics unavailable: {exc}", stacklevel=2)
+        return {}
+    total = stats.get("total", stats) if isinstance(stats, dict) else {}
+    return {f"lora/{k}": float(v) for k, v in total.items() if isinstance(v, (int, float))}
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+# ---------------------------------------------------------------------------------------- run folder
+def _prepare_run_folder(cfg: UnlearnConfig) -> Path:
+    """Create (or clear, or reuse for resume) the run folder and write config.yaml first."""
+    out = Path(cfg.out)
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.yaml"
+    if cfg.resume and config_path.is_file():
+        diffs = UnlearnConfig.from_yaml(config_path).differences(cfg)
+        if diffs:
+            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diffs.items()))
+            raise ValueError(f"resume: the config differs from the run's config.yaml ({listed}); "
+                             "resume with the same settings or start a new run")
+    atomic_write_text(config_path, cfg.to_yaml())
+    return out
+
+
+def _truncate_metrics(path: Path, upto_step: int) -> None:
+    """Drop metrics lines after ``upto_step`` (steps re-run after a resume are logged again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= upto_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _write_summary(run_dir: Path, cfg: UnlearnConfig, **fields) -> None:
+    from .. import __version__
+
+    summary = {"snap_fast_version": __version__, "method": cfg.method, "lora": cfg.lora, "lam": cfg.lam,
+               "model": cfg.model, "data": cfg.data, **fields}
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _save_final(run_dir: Path, model, tokenizer, cfg: UnlearnConfig) -> Path:
+    """``final/adapter`` (+ ``final/merged`` when merging) or ``final/merged`` for full FT."""
+    final = run_dir / "final"
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run_dir))
+    try:
+        model.config.use_cache = True  # saved configs should generate normally
+        tokenizer.save_pretrained(tmp)
+        if cfg.lora:
+            model.save_pretrained(tmp / "adapter")
+        if not cfg.lora or cfg.merge:
+            merged = model.merge_and_unload() if cfg.lora else model
+            merged.save_pretrained(tmp / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "merged")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------- the recipe
+def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None) -> RunResult:
+    """Unlearn a target: train ``config.model`` on ``config.data`` and write ``config.out``.
+
+    Args:
+        config: an :class:`UnlearnConfig` (or a dict of its fields).
+        on_step: optional ``on_step(step, metrics, model)`` called after every optimizer step.
+
+    Returns:
+        A :class:`RunResult` (``status`` "completed", or "interrupted" after SIGINT/SIGTERM,
+        with a checkpoint saved).
+
+    Raises:
+        ValueError / TypeError: bad configuration, model spec or data, before any heavy work.
+        NonFiniteLossError: a NaN/inf loss, regularizer or gradient norm (the last good
+            checkpoint is kept, ``summary.json`` says "diverged").
+    """
+    # 1. Validate everything cheap before loading anything heavy.
+    if isinstance(config, dict):
+        config = UnlearnConfig.from_dict(config)
+    if not isinstance(config, UnlearnConfig):
+        raise TypeError(f"config must be an UnlearnConfig or dict, got {type(config).__name__}")
+    cfg = config.resolved()
+    cfg.validate()
+    # Several processes (torchrun / accelerate launch): data parallel, rank 0 writes the run folder.
+    par = DataParallel.from_env(cfg.device)
+    runtime = par.runtime(cfg.device, cfg.precision)
+
+    # 2. Run folder: config.yaml is the first file written.
+    run_dir = par.main_first(lambda: _prepare_run_folder(cfg)) or Path(cfg.out)
+    metrics_path = run_dir / "metrics.jsonl"
+    seed_everything(cfg.seed)
+
+    # 3. Model (LoRA-wrapped or fully trainable), data, collator.
+    model, tokenizer = _load_and_wrap(cfg, runtime)
+    data = UnlearnData.from_folder(cfg.data, cfg)
+    from ..data.collator import ChatCollator
+
+    collator = ChatCollator(tokenizer, max_length=cfg.max_length)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * data.steps_per_epoch)
+
+    # 4. Everything that must see the ORIGINAL weights, before a checkpoint is loaded.
+    regularizer = _build_regularizer(model, cfg)
+    ref_logprob = None
+    if cfg.method in ("npo", "snap-npo"):
+        ref_logprob = reference_logprobs(model, collator, data, runtime, cfg.batch_size)
+    optimizer, scheduler = _optimizer_and_schedule(model, cfg, total_steps)
+
+    # 5. Resume: weights, optimizer, schedule, regularizer directions, RNG.
+    start_step = 0
+    checkpoint = last_checkpoint(run_dir) if cfg.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if regularizer is not None:
+            regularizer.load_state_dict(state["regularizer"])
+        set_rng_state(state["rng"])
+        start_step = int(state["step"])
+    if runtime.is_main_process:
+        _truncate_metrics(metrics_path, start_step)
+
+    def trainer_state(step: int) -> dict[str, Any]:
+        return {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "regularizer": regularizer.state_dict() if regularizer is not None else None,
+            "rng": rng_state(),
+            "data": data.position(step),
+        }
+
+    def save(step: int) -> Path:
+        path = run_dir / "checkpoints" / f"step-{step}"
+        if runtime.is_main_process:
+            path = save_checkpoint(run_dir, step, model, trainer_state(step), keep=cfg.keep_checkpoints)
+        par.barrier()
+        return path
+
+    # 6. The loop.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    forward_model = par.wrap(model)  # DistributedDataParallel under several processes
+    writer = _tensorboard(run_dir) if runtime.is_main_process else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"unlearn ({cfg.method})", unit="step",
+               disable=not cfg.progress or not runtime.is_main_process, dynamic_ncols=True)
+    metrics: dict[str, Any] = {}
+    saved_step = start_step if checkpoint is not None else None
+    started = time.perf_counter()
+    try:
+        with StopSignals() as stop:
+            for step in range(start_step, total_steps):
+                t0 = time.perf_counter()
+                lr = scheduler.get_last_lr()[0]
+                train_forget, train_retain = losses.step_terms(cfg.method, step, bool(data.retain or data.general))
+                micro = data.micro_batches(step)
+                sums: dict[str, float] = {}
+                tokens = 0
+                for mb, weight in par.split(micro):  # weight: this rank's share, see DataParallel
+                    terms: dict[str, torch.Tensor] = {}
+                    with runtime.autocast():
+                        sets = (["forget"] if train_forget else []) + (
+                            [s for s in ("retain", "general") if mb[s]] if train_retain else [])
+                        for name in sets:
+                            batch = runtime.to_device(collator(mb[name]))
+                            tokens += int(batch["attention_mask"].sum()) if weight else 0
+                            logits = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                            if name == "forget":
+                                ref = ref_logprob[mb["forget_idx"]] if ref_logprob is not None else None
+                                terms[name] = losses.forget_loss(cfg.method, logits, batch["labels"],
+                                                                 ref_logprob=ref, beta=cfg.npo_beta)
+                            else:
+                                terms[name] = losses.nll(logits, batch["labels"])
+                    loss = losses.combine(terms.get("forget"), terms.get("retain"), terms.get("general"),
+                                          alpha=cfg.alpha) * weight
+                    _check_finite(loss, step + 1, "loss", run_dir, cfg, saved_step, terms)
+                    loss.backward()
+                    for name, value in terms.items():
+                        sums[name] = sums.get(name, 0.0) + float(value.detach()) * weight / par.world_size
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / par.world_size
+                sums, tokens = par.reduce_step(sums, tokens)  # the single-process sums
+
+                # λ·SWD once per optimizer step, in float32 outside autocast.
+                reg_value = None
+                if regularizer is not None:
+                    reg = regularizer()
+                    _check_finite(reg, step + 1, "regularizer", run_dir, cfg, saved_step, {})
+                    (cfg.lam * reg).backward()
+                    reg_value = float(reg.detach())
+                    sums["loss"] += cfg.lam * reg_value
+
+                grad_norm = None
+                if cfg.max_grad_norm > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    _check_finite(grad_norm, step + 1, "gradient norm", run_dir, cfg, saved_step, {})
+                    grad_norm = float(grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                done = step + 1
+                elapsed = time.perf_counter() - t0
+                metrics = {
+                    "step": done,
+                    "epoch": done / data.steps_per_epoch,
+                    "lr": lr,
+                    "loss": sums["loss"],
+                    "loss_forget": sums.get("forget"),
+                    "loss_retain": sums.get("retain"),
+                    **({"loss_general": sums.get("general")} if data.general else {}),
+                    "reg": reg_value,
+                    "reg_weighted": cfg.lam * reg_value if reg_value is not None else None,
+                    "grad_norm": grad_norm,
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+                    "step_time_s": elapsed,
+                }
+                if done % cfg.lora_stats_every == 0 or done == total_steps:
+                    metrics.update(_lora_stats(model))
+                if (done % cfg.log_every == 0 or done == total_steps) and runtime.is_main_process:
+                    _append_metrics(metrics_path, metrics, writer)
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics), refresh=False)
+
+                if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+                    save(done)
+                    saved_step = done
+                if on_step is not None:
+                    on_step(done, metrics, model)
+                if par.any(stop.received is not None):  # every rank stops at the same step
+                    stop.received = stop.received or "SIGTERM"
+                    checkpoint = save(done) if saved_step != done else last_checkpoint(run_dir)
+                    if runtime.is_main_process:
+                        _write_summary(run_dir, cfg, status="interrupted", signal=stop.received, steps=done,
+                                       total_steps=total_steps, checkpoint=checkpoint, last_metrics=metrics)
+                    tqdm.write(f"{stop.received}: checkpoint saved to {checkpoint}; continue with --resume",
+                               file=sys.stderr)
+                    return RunResult("interrupted", run_dir, done, total_steps, stop.received, checkpoint,
+                                     None, metrics)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+    # 7. Final artefacts: a last checkpoint (resumable), adapter / merged model, summary.
+    checkpoint = save(total_steps) if saved_step != total_steps else last_checkpoint(run_dir)
+    final_dir = run_dir / "final"
+    if runtime.is_main_process:
+        final_dir = _save_final(run_dir, model, tokenizer, cfg)
+        _write_summary(run_dir, cfg, status="completed", steps=total_steps, total_steps=total_steps,
+                       checkpoint=checkpoint, final=final_dir, elapsed_s=time.perf_counter() - started,
+                       last_metrics=metrics, peak_memory_bytes=runtime.peak_memory_bytes())
+    par.barrier()  # the run folder is complete when any rank returns
+    return RunResult("completed", run_dir, total_steps, total_steps, None, checkpoint, final_dir, metrics)
+
+
+def _check_finite(value: torch.Tensor, step: int, what: str, run_dir: Path, cfg: UnlearnConfig,
+                  saved_step: int | None, terms: dict[str, torch.Tensor]) -> None:
+    if bool(torch.isfinite(value.detach()).all()):
+        return
+    detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+    kept = f"the last good checkpoint is step {saved_step}" if saved_step else "no checkpoint was written"
+    message = (f"non-finite {what} at step {step} ({detail or float(value.detach())}); training stopped, "
+               f"{kept}. Lower the learning rate (lr={cfg.lr}) or λ (lam={cfg.lam}).")
+    _write_summary(run_dir, cfg, status="diverged", steps=step - 1, error=message)
+    raise NonFiniteLossError(message)
+
+
+def _append_metrics(path: Path, metrics: dict, writer) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+    if writer is not None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step":
+                writer.add_scalar(key, value, metrics["step"])
+
+
+def _postfix(metrics: dict) -> dict[str, str]:
+    shown = {"loss": "loss", "loss_forget": "forget", "loss_retain": "retain", "reg": "reg",
+             "tokens_per_s": "tok/s"}
+    return {label: f"{metrics[k]:.4g}" for k, label in shown.items() if metrics.get(k) is not None}

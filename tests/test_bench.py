@@ -1,0 +1,101 @@
+"""The benchmark baselines compute the regularizer of SNAP.md §2, and the benchmark runs end to end."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from snap_fast import sliced_wasserstein_reference
+from snap_fast.cli import main as cli_main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from bench_regularizer import SMOLLM2_PARAMS, SMOLLM2_TENSORS, smollm2_shapes
+from peer import PeerRegularizer, PotRegularizer, draw_directions_cpu, peer_swd, pot_swd
+
+
+def _pair(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    # W differs from W0 in distribution, so matched differences are O(1), far above bf16 rounding
+    return torch.randn(n, d, generator=g), 2 * torch.randn(n, d, generator=g) + 1
+
+
+@pytest.mark.parametrize("n,d", [(1, 7), (129, 7), (64, 576)])
+@pytest.mark.parametrize("p", [2.0, 1.5])
+def test_peer_and_pot_match_the_reference(n, d, p):
+    w0, w = _pair(n, d, n + d)
+    theta = draw_directions_cpu(d, 9, torch.Generator().manual_seed(1), torch.device("cpu"))
+    w64 = w.double().requires_grad_(True)
+    ref = sliced_wasserstein_reference(w0.double(), w64, theta.double(), p)
+    ref.backward()
+    for fn, w0_copy, rtol, gtol in [(peer_swd, w0.bfloat16(), 3e-2, 5e-2), (pot_swd, w0, 1e-5, 1e-4)]:
+        leaf = w.clone().requires_grad_(True)
+        value = fn(w0_copy, leaf, theta, p)
+        value.backward()
+        assert value.item() == pytest.approx(ref.item(), rel=rtol), fn.__name__
+        err = ((leaf.grad.double() - w64.grad).norm() / w64.grad.norm()).item()
+        assert err < gtol, (fn.__name__, err)
+
+
+@pytest.mark.parametrize("cls, rtol", [(PeerRegularizer, 3e-2), (PotRegularizer, 1e-5)])
+def test_baseline_loops_sum_over_tensors_with_fresh_directions(cls, rtol):
+    shapes = [(40, 7), (7,), (3, 5, 2)]
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    initial = [w.detach().clone() for w in params]
+    reg = cls(params, n_projections=6, seed=3)
+    with torch.no_grad():
+        for w in params:
+            w.mul_(2).add_(1)
+    rows = [w.reshape(1, -1) if w.dim() == 1 else w.reshape(w.shape[0], -1) for w in params]
+    # the loops draw per tensor, in order, from one CPU generator seeded with `seed`
+    gen = torch.Generator().manual_seed(3)
+    thetas = [draw_directions_cpu(r.shape[1], 6, gen, torch.device("cpu")) for r in rows]
+    expected = sum(
+        sliced_wasserstein_reference(w0.double(), w.detach().double(), th.double()).item()
+        for w0, w, th in zip(initial, params, thetas)
+    )
+    value = reg()
+    value.backward()
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(expected, rel=rtol)
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in params)
+    assert reg().item() != value.item()  # fresh directions on the next call
+
+
+def test_smollm2_shapes_match_snap_md():
+    shapes = smollm2_shapes()
+    assert len(shapes) == SMOLLM2_TENSORS == 272
+    total = sum(torch.Size(s).numel() for _, s in shapes)
+    assert total == SMOLLM2_PARAMS and round(total / 1e6, 1) == 134.5
+    assert shapes[0] == ("embed_tokens.weight", (49152, 576))
+    assert sum(len(s) == 1 for _, s in shapes) == 61  # 2 RMSNorm weights per layer + final norm
+
+
+def test_quick_benchmark_end_to_end(tmp_path, capsys):
+    out = tmp_path / "quick.md"
+    rc = cli_main(
+        ["bench", "--quick", "--layers", "1", "--vocab", "512", "--skip-pot", "--n-projections", "8",
+         "--repeats", "1", "--output", str(out)]
+    )
+    assert rc == 0
+    table = out.read_text()
+    assert table in capsys.readouterr().out  # the printed table is the written one
+    main, breakdown = table.split("Per-stage")
+    assert "| peer loop | torch |" in main and "| 1.00× |" in main
+    assert "POT per tensor" not in main
+    for mode in ("resample", "refresh (K=10, amortised)", "fixed"):
+        assert f"| snap_fast {mode} | torch |" in main
+        assert f"| snap_fast {mode} | torch |" in breakdown
+    assert "| projection GEMM | sort/match | reduction | backward |" in breakdown
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, no temporary left
+
+
+def test_benchmark_rejects_bad_options(capsys):
+    assert cli_main(["bench", "--quick", "--backends", "cuda"]) == 2
+    assert "--backends" in capsys.readouterr().err
+    assert cli_main(["bench", "--quick", "--repeats", "0"]) == 2
+    assert cli_main(["bench", "--quick", "--layers", "0"]) == 2
+    assert "--layers" in capsys.readouterr().err

@@ -1,0 +1,246 @@
+"""The data builder: determinism, set properties, originals cache, user files, bad input and
+atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from snap_fast.data import io as data_io
+from snap_fast.data.build import QA_SETS, build_dataset
+from snap_fast.data.io import read_jsonl, write_jsonl
+from snap_fast.data.patterns import HELDOUT_PATTERNS, TRAIN_PATTERNS
+from snap_fast.data.positives import GENERAL_INSTRUCTIONS, HELDOUT_TEXTS, load_instruction_file
+from snap_fast.data.responses import OBLITERATED_RESPONSES, is_obliterated
+from snap_fast.data.target import TargetSpec, builtin_target, normalize
+from snap_fast.generation import generate_answers
+from tests.helpers import make_tiny_llama
+
+KEYS = {"id", "prompt", "response", "original_response", "kind", "source", "entity"}
+SMALL = dict(n_forget=30, n_retain=20, n_heldout_forget=10, n_heldout_retain=8, n_heldout_general=5,
+             progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _files(folder):
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+
+def test_banks_are_big_and_distinct():
+    assert len(TRAIN_PATTERNS) >= 60 and len(OBLITERATED_RESPONSES) >= 100
+    assert len(GENERAL_INSTRUCTIONS) >= 40 and len(HELDOUT_TEXTS) >= 20
+    assert len({p.kind for p in TRAIN_PATTERNS}) >= 8
+    assert len(set(OBLITERATED_RESPONSES)) == len(OBLITERATED_RESPONSES)
+    assert sum("{name}" in r for r in OBLITERATED_RESPONSES) >= 20
+    assert not {normalize(p.template) for p in TRAIN_PATTERNS} & {normalize(p.template) for p in HELDOUT_PATTERNS}
+
+
+def test_pattern_path_deterministic_and_well_formed(tmp_path):
+    target = builtin_target("Harry Potter")
+    s1 = build_dataset(target, tmp_path / "a", generate_originals=False, seed=3, **SMALL)
+    build_dataset(target, tmp_path / "b", generate_originals=False, seed=3, **SMALL)
+    build_dataset(target, tmp_path / "c", generate_originals=False, seed=4, **SMALL)
+    a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
+    strip = lambda files: {k: v for k, v in files.items() if k != "manifest.json"}
+    assert strip(a) == strip(b) and strip(a) != strip(c)
+    assert s1.counts["forget"] == 30 and s1.counts["heldout_text"] == len(HELDOUT_TEXTS)
+
+    sets = {name: read_jsonl(tmp_path / "a" / f"{name}.jsonl") for name in QA_SETS}
+    for name, recs in sets.items():
+        assert recs and all(set(r) == KEYS for r in recs), name
+        assert len({r["id"] for r in recs}) == len(recs)
+        assert len({normalize(r["prompt"]) for r in recs}) == len(recs)  # no duplicates
+    forget_prompts = {normalize(r["prompt"]) for r in sets["forget"]}
+    for r in sets["forget"] + sets["heldout_forget"]:
+        assert is_obliterated(r["response"]) and r["source"] == "pattern"
+        assert target.mentioned_in(r["prompt"]) or target.description in r["prompt"]
+        named = target.mentioned_in(r["prompt"])
+        if named is None:  # indirect question: the answer must not reveal the name
+            assert target.mentioned_in(r["response"]) is None
+    assert len({r["kind"] for r in sets["forget"]}) >= 8  # balanced across kinds
+    assert not forget_prompts & {normalize(r["prompt"]) for r in sets["heldout_forget"]}
+    for name in ("retain", "heldout_retain"):
+        assert all(target.mentioned_in(r["prompt"]) is None for r in sets[name])
+        assert all(r["entity"] in target.neighbours for r in sets[name])
+        assert all(r["response"] is None and r["original_response"] is None for r in sets[name])
+    assert len({r["entity"] for r in sets["retain"]}) == len(target.neighbours)  # 20 over 16
+    assert {r["prompt"] for r in sets["general"]}.isdisjoint(r["prompt"] for r in sets["heldout_general"])
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["counts"]["forget"] == 30 and manifest["seed"] == 3
+    assert manifest["neighbour_source"] == "spec"
+
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "a" / "forget.jsonl"), split="train")
+    assert ds.num_rows == 30 and set(ds.column_names) == KEYS
+
+
+def test_originals_generated_cached_and_reused(tmp_path):
+    model, tok = make_tiny_llama()
+    target = TargetSpec("Harry Potter", neighbours=["Frodo Baggins", "Gandalf"])
+    kw = dict(SMALL, n_forget=6, n_retain=6, n_heldout_forget=3, n_heldout_retain=3, n_heldout_general=2,
+              n_general=4, max_new_tokens=3, batch_size=16, cache_dir=tmp_path / "cache")
+    s1 = build_dataset(target, tmp_path / "d1", model=model, tokenizer=tok, model_id="tiny", **kw)
+    total = sum(s1.counts[n] for n in QA_SETS)
+    assert s1.originals_generated == total and s1.originals_cached == 0
+    s2 = build_dataset(target, tmp_path / "d2", model=model, tokenizer=tok, model_id="tiny", **kw)
+    assert s2.originals_generated == 0 and s2.originals_cached == total
+    assert _files(tmp_path / "d1")["forget.jsonl"] == _files(tmp_path / "d2")["forget.jsonl"]
+    recs = {n: read_jsonl(tmp_path / "d2" / f"{n}.jsonl") for n in QA_SETS}
+    sample = [recs["forget"][0], recs["retain"][0], recs["general"][0], recs["heldout_general"][0]]
+    expected = generate_answers(model, tok, [r["prompt"] for r in sample], max_new_tokens=3, progress=False)
+    assert [r["original_response"] for r in sample] == expected
+    for name in ("retain", "general", "heldout_retain", "heldout_general"):
+        assert all(r["response"] == r["original_response"] for r in recs[name])
+    assert all(is_obliterated(r["response"]) for r in recs["forget"])
+    # a different model identity does not reuse the answers
+    s3 = build_dataset(target, tmp_path / "d3", model=model, tokenizer=tok, model_id="other", **kw)
+    assert s3.originals_generated == total
+
+
+def test_user_files(tmp_path):
+    user = tmp_path / "user.jsonl"
+    write_jsonl(user, [{"prompt": "What house was Harry Potter in?"},
+                       {"question": "Describe Harry Potter's wand.", "response": "No idea!", "kind": "objects"}])
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add these numbers.", "input": "2 and 3", "output": "5"}]))
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(json.dumps({"conversations": [{"from": "human", "value": "Name a fruit."},
+                                                      {"from": "gpt", "value": "Apple."}]}) + "\n")
+    assert load_instruction_file(alpaca) == [{"prompt": "Add these numbers.\n\n2 and 3", "response": "5"}]
+    assert load_instruction_file(sharegpt) == [{"prompt": "Name a fruit.", "response": "Apple."}]
+    target = TargetSpec("Harry Potter", neighbours=["Gandalf"])
+    build_dataset(target, tmp_path / "out", user_forget=user, general_file=sharegpt,
+                  generate_originals=False, **SMALL)
+    forget = read_jsonl(tmp_path / "out" / "forget.jsonl")
+    assert [r["source"] for r in forget[:2]] == ["user", "user"] and len(forget) == 30
+    assert forget[1]["response"] == "No idea!" and forget[1]["kind"] == "objects"
+    assert is_obliterated(forget[0]["response"])
+    general = read_jsonl(tmp_path / "out" / "general.jsonl")
+    assert next(r for r in general if r["source"] == "user")["prompt"] == "Name a fruit."
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        TargetSpec("   ")
+    with pytest.raises(ValueError, match="neighbours"):
+        TargetSpec("Harry Potter", aliases=["the Boy Who Lived"], neighbours=["the boy who lived"])
+    with pytest.raises(ValueError, match="unknown target spec keys"):
+        TargetSpec.from_dict({"name": "X", "nieghbours": []})
+    target = TargetSpec("Harry Potter", neighbours=["Gandalf"])
+    with pytest.raises(ValueError, match="n_forget"):
+        build_dataset(target, tmp_path / "x", n_forget=0, generate_originals=False)
+    with pytest.raises(ValueError, match="generate_originals"):
+        build_dataset(target, tmp_path / "x")
+    with pytest.raises(ValueError, match="generator"):
+        build_dataset(target, tmp_path / "x", generator="gpt9", generate_originals=False)
+    with pytest.raises(TypeError, match="TargetSpec"):
+        build_dataset("Harry Potter", tmp_path / "x", generate_originals=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Who is Harry Potter?"}\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+        build_dataset(target, tmp_path / "x", user_forget=bad, generate_originals=False)
+    bad.write_text('{"text": "no prompt here"}\n')
+    with pytest.raises(ValueError, match="record 1 has no 'prompt'"):
+        build_dataset(target, tmp_path / "x", user_forget=bad, generate_originals=False)
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        build_dataset(target, out, generate_originals=False)
+    build_dataset(target, out, generate_originals=False, overwrite=True, **SMALL)
+    assert (out / "manifest.json").is_file()
+
+
+def test_target_file_and_preset(tmp_path):
+    spec = tmp_path / "t.yaml"
+    spec.write_text("name: Ada Lovelace\naliases: [Countess of Lovelace]\ncategory: person\n")
+    t = TargetSpec.from_file(spec)
+    assert t.aliases == ["Countess of Lovelace"] and t.category == "person"
+    (tmp_path / "t.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot parse"):
+        TargetSpec.from_file(tmp_path / "t.json")
+    hp = builtin_target("  harry   POTTER ")
+    assert hp.name == "Harry Potter" and "the Boy Who Lived" in hp.aliases
+    assert len(hp.neighbours) >= 10 and not any(hp.is_target_name(n) for n in hp.neighbours)
+    assert builtin_target("Nobody In Particular") is None
+
+
+def test_atomic_writes_survive_interruption(tmp_path, monkeypatch):
+    path = tmp_path / "f.jsonl"
+    write_jsonl(path, [{"a": 1}])
+
+    def interrupted_replace(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_io.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_jsonl(path, [{"a": 2}, {"a": 3}])
+    monkeypatch.undo()
+    assert read_jsonl(path) == [{"a": 1}] and os.listdir(tmp_path) == ["f.jsonl"]
+
+    # a whole build interrupted half-way through its writes: every file is complete (old or
+    # new), no temp files remain, and the missing manifest marks the folder as incomplete
+    target = TargetSpec("Harry Potter", neighbours=["Gandalf"])
+    out = tmp_path / "data"
+    build_dataset(target, out, generate_originals=False, **SMALL)
+    real_replace, calls = os.replace, []
+
+    def replace_then_stop(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(data_io.os, "replace", replace_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(target, out, generate_originals=False, overwrite=True, seed=1, **SMALL)
+    monkeypatch.undo()
+    assert not (out / "manifest.json").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    for name in QA_SETS:
+        assert all(set(r) == KEYS for r in read_jsonl(out / f"{name}.jsonl"))
+
+
+def test_interrupted_originals_keep_saved_batches(tmp_path):
+    model, tok = make_tiny_llama()
+    target = TargetSpec("Harry Potter", neighbours=["Gandalf"])
+    kw = dict(SMALL, n_forget=8, n_retain=6, n_heldout_forget=2, n_heldout_retain=2, n_heldout_general=2,
+              n_general=4, max_new_tokens=2, batch_size=2, cache_dir=tmp_path / "cache")
+    real_generate, calls = model.generate, []
+
+    def flaky_generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    model.generate = flaky_generate
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(target, tmp_path / "d", model=model, tokenizer=tok, model_id="tiny", **kw)
+    # 5 batches of 2 answered; the cache is saved every 4 batches (8 answers)
+    assert len(read_jsonl(tmp_path / "cache" / "tiny.jsonl")) == 8
+    assert not (tmp_path / "d" / "manifest.json").exists()
+    model.generate = real_generate
+    s = build_dataset(target, tmp_path / "d", model=model, tokenizer=tok, model_id="tiny", overwrite=True, **kw)
+    assert s.originals_cached == 8 and s.originals_generated == sum(s.counts[n] for n in QA_SETS) - 8
+
+
+def test_package_exports():
+    import snap_fast.data as data
+
+    for name in data.__all__:
+        assert getattr(data, name) is not None, name
+    assert data.build_dataset is build_dataset
+    with pytest.raises(AttributeError):
+        data.no_such_thing  # noqa: B018

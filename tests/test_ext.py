@@ -1,0 +1,339 @@
+"""The C++ extension (csrc/, snap_fast._ext) against independent references.
+
+References: ``torch.sort``, :func:`snap_fast.reference.matched_targets` and the float64
+:func:`snap_fast.reference.sliced_wasserstein_reference` (autograd through ``torch.sort``).
+The first test that needs the extension compiles it (cached under ``$SNAP_FAST_CACHE/ext`` or
+``~/.cache/snap_fast/ext``); on a machine without a C++ compiler those tests are skipped, and
+where a compiler exists a failed build fails them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from snap_fast import _ext
+from snap_fast.functional import sliced_wasserstein
+from snap_fast.layout import SegmentLayout
+from snap_fast.reference import matched_targets, random_projections, sliced_wasserstein_reference
+from snap_fast.regularizer import SlicedWassersteinRegularizer
+
+HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler on PATH: the extension cannot be built here")
+    if os.environ.get(_ext.DISABLE_ENV, "0") not in ("", "0"):
+        pytest.skip(f"{_ext.DISABLE_ENV} is set")
+    assert _ext.available(), f"the C++ extension failed to build: {_ext.unavailable_reason()}"
+    return _ext
+
+
+# Lengths that reach every sort path: 1, insertion sort (<= 48), 8-bit radix (<= 4096),
+# 11-bit radix (> 4096).
+MIXED = [(3, 1), (2, 2), (2, 48), (2, 49), (3, 300), (2, 4096), (2, 5000), (2, 1)]
+
+
+def _ties(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Values with many exact ties (and both signed zeros)."""
+    x = torch.randint(-3, 4, (n,), generator=gen).float() * 0.5
+    x[::7] = -0.0
+    return x
+
+
+def _distinct(n: int, gen: torch.Generator) -> torch.Tensor:
+    """n distinct float32 values in random order (randn would have float32 ties at this size)."""
+    return torch.randperm(n, generator=gen).float() / n * 4 - 2
+
+
+def _per_segment_sort(x: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+    return torch.cat([torch.sort(v, dim=1).values.reshape(-1) for v in layout.views(x)])
+
+
+def _per_segment_cost(proj: torch.Tensor, targets: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+    """float64 Σ (proj − T)² per segment: invariant to how ties are matched."""
+    d = (proj.double() - targets.double()) ** 2
+    return torch.cat([view.sum(dim=1) for view in layout.views(d)])
+
+
+@pytest.mark.parametrize("values", ["distinct", "ties"])
+def test_sort_segments_matches_torch_sort(ext, values):
+    gen = torch.Generator().manual_seed(1)
+    layout = SegmentLayout.from_blocks(MIXED)
+    x = torch.randn(layout.total, generator=gen) if values == "distinct" else _ties(layout.total, gen)
+    out = ext.sort_segments(x, layout)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert torch.equal(out, _per_segment_sort(x, layout))
+
+
+def test_match_sorted_equals_reference_map(ext):
+    gen = torch.Generator().manual_seed(2)
+    layout = SegmentLayout.from_blocks(MIXED)
+    proj = _distinct(layout.total, gen)
+    ref = _per_segment_sort(torch.randn(layout.total, generator=gen) * 2 + 1, layout)
+    expected = torch.cat(
+        [matched_targets(p.double(), r.double()).reshape(-1) for p, r in zip(layout.views(proj), layout.views(ref))]
+    )
+    # distinct projections: the coupling is unique, so the targets must be identical
+    assert torch.equal(ext.match_sorted(proj, ref, layout).double(), expected)
+
+
+def test_match_sorted_with_ties_is_optimal(ext):
+    gen = torch.Generator().manual_seed(3)
+    layout = SegmentLayout.from_blocks(MIXED)
+    proj = _ties(layout.total, gen)
+    ref = _per_segment_sort(_ties(layout.total, gen) + 0.25, layout)
+    targets = ext.match_sorted(proj, ref, layout)
+    # each segment's targets are a permutation of its sorted reference ...
+    assert torch.equal(_per_segment_sort(targets, layout), ref)
+    # ... and the coupling cost equals the sorted-vs-sorted cost (any tie order is optimal)
+    sorted_cost = _per_segment_cost(_per_segment_sort(proj, layout), ref, layout)
+    torch.testing.assert_close(_per_segment_cost(proj, targets, layout), sorted_cost, rtol=0, atol=1e-9)
+
+
+def _assert_same_coupling(a: torch.Tensor, b: torch.Tensor, proj: torch.Tensor, layout: SegmentLayout) -> None:
+    """Targets ``a`` and ``b`` both permute the same sorted reference and cost the same for ``proj``
+    (equal targets unless ``proj`` has ties, whose order is arbitrary)."""
+    assert torch.equal(_per_segment_sort(a, layout), _per_segment_sort(b, layout))
+    torch.testing.assert_close(
+        _per_segment_cost(proj, a, layout), _per_segment_cost(proj, b, layout), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_permutation_reuse_paths_give_fresh_results(ext):
+    gen = torch.Generator().manual_seed(4)
+    layout = SegmentLayout.from_blocks([(4, 1), (6, 64), (6, 2000), (3, 6000)])
+    ref = _per_segment_sort(torch.randn(layout.total, generator=gen), layout)
+    x = torch.randn(layout.total, generator=gen)
+    state: dict = {}
+    ext.match_sorted(x, ref, layout, state)
+    assert state["cpp_stats"]["resorted"] == layout.num_segments
+
+    # unchanged projections: every segment is still sorted by the kept permutation
+    assert torch.equal(ext.match_sorted(x, ref, layout, state), ext.match_sorted(x, ref, layout))
+    assert state["cpp_stats"]["already_sorted"] == layout.num_segments
+
+    # a small perturbation: some segments need a repair, every result equals a fresh sort
+    x_small = x + 1e-4 * torch.randn(layout.total, generator=gen)
+    reused = ext.match_sorted(x_small, ref, layout, state)
+    _assert_same_coupling(reused, ext.match_sorted(x_small, ref, layout), x_small, layout)
+    assert state["cpp_stats"]["repaired"] > 0
+
+    # an unrelated order: the repair gives up and sorts fully, still exact
+    x_new = torch.randn(layout.total, generator=gen)
+    reused = ext.match_sorted(x_new, ref, layout, state)
+    _assert_same_coupling(reused, ext.match_sorted(x_new, ref, layout), x_new, layout)
+    assert state["cpp_stats"]["resorted"] > layout.num_segments // 2
+
+    # a state from another layout is not reused
+    other = SegmentLayout.from_blocks([(1, layout.total)])
+    y = torch.randn(layout.total, generator=gen)
+    ref_other = torch.sort(torch.randn(layout.total, generator=gen)).values
+    _assert_same_coupling(ext.match_sorted(y, ref_other, other, state), matched_targets(y, ref_other), y, other)
+    assert state["cpp_stats"]["resorted"] == 1
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 1.5])
+@pytest.mark.parametrize("shape", [(300, 40), (40,), (5000, 3)])
+def test_functional_value_and_gradient_vs_float64_reference(ext, p, shape):
+    gen = torch.Generator().manual_seed(5)
+    w0 = torch.randn(shape, generator=gen)
+    w = (w0 + 0.1 * torch.randn(shape, generator=gen)).requires_grad_(True)
+    d = shape[-1] if len(shape) > 1 else shape[0]
+    theta = random_projections(d, 16, generator=gen)
+    value = sliced_wasserstein(w0, w, projections=theta, p=p, backend="cpp")
+    (grad,) = torch.autograd.grad(value, w)
+
+    w64 = w.detach().double().requires_grad_(True)
+    expected = sliced_wasserstein_reference(w0.double(), w64, theta.double(), p)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    # Gradient oracle in float64 on the float32 projections the kernel sorted: near-ties of a
+    # float64 projection can order differently, which is projection rounding, not the kernel.
+    a = w.detach().reshape(-1, d)
+    proj = (a @ theta).double().requires_grad_(True)
+    ref0 = torch.sort((w0.reshape(-1, d) @ theta).double(), dim=0).values
+    cost = (torch.sort(proj, dim=0).values - ref0).abs().pow(p).sum() / theta.shape[1]
+    (g_proj,) = torch.autograd.grad(cost, proj)
+    expected_grad = (g_proj @ theta.double().t()).reshape(shape)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_single_row_and_non_contiguous_inputs(ext):
+    gen = torch.Generator().manual_seed(6)
+    # n = 1: a bias vector is one sample; SWD is then the plain squared projection difference
+    b0, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    theta = random_projections(64, 10, generator=gen)
+    expected = (((b - b0) @ theta) ** 2).sum() / 10
+    torch.testing.assert_close(sliced_wasserstein(b0, b, projections=theta, backend="cpp"), expected)
+    # non-contiguous weights (a transposed view) and a strided flat buffer
+    base0, base = torch.randn(30, 200, generator=gen), torch.randn(30, 200, generator=gen)
+    w0, w = base0.t(), base.t()
+    theta = random_projections(30, 8, generator=gen)
+    ref = sliced_wasserstein_reference(w0.double(), w.double(), theta.double())
+    torch.testing.assert_close(sliced_wasserstein(w0, w, projections=theta, backend="cpp").double(), ref)
+    layout = SegmentLayout.from_blocks([(3, 100)])
+    strided = torch.randn(2 * layout.total, generator=gen)[::2]
+    assert torch.equal(ext.sort_segments(strided, layout), _per_segment_sort(strided.contiguous(), layout))
+    # float64 / bfloat16 buffers are accepted and sorted as float32
+    assert torch.equal(ext.sort_segments(strided.double(), layout), _per_segment_sort(strided, layout))
+
+
+def test_nan_input_is_sorted_and_makes_the_value_non_finite(ext):
+    layout = SegmentLayout.from_blocks([(2, 50), (1, 6000)])
+    x = torch.randn(layout.total)
+    x[[3, 60, 70, 5000]] = float("nan")
+    x[[4, 5001]] = -float("nan")
+    out = ext.sort_segments(x, layout)
+    # negative NaNs first, positive NaNs last, the other values sorted in between
+    for got, src in zip(layout.views(out)[0].unbind() + layout.views(out)[1].unbind(),
+                        layout.views(x)[0].unbind() + layout.views(x)[1].unbind()):
+        nan = src.isnan()
+        assert got.isnan().sum() == nan.sum()
+        assert torch.equal(got[~got.isnan()], torch.sort(src[~nan]).values)
+    ref = _per_segment_sort(torch.randn(layout.total), layout)
+    value, grad = ext.swd_forward(x, ref, layout, p=2.0, scale=1.0)
+    assert not torch.isfinite(value)
+    assert grad.isnan().sum() == x.isnan().sum()
+    w = torch.randn(20, 8)
+    w[2, 3] = float("nan")
+    assert not torch.isfinite(sliced_wasserstein(torch.randn(20, 8), w, n_projections=4, seed=0, backend="cpp"))
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(700, 24)
+        self.lin = torch.nn.Linear(24, 40)
+        self.out = torch.nn.Linear(40, 5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(self.emb(idx)))).sum(dim=1)
+
+
+@pytest.mark.parametrize("mode,optim", [("fixed", "sgd"), ("refresh", "adamw")])
+def test_regularizer_cpp_matches_torch_over_optimizer_steps(ext, mode, optim):
+    torch.manual_seed(7)
+    model_cpp = _Tiny()
+    model_torch = copy.deepcopy(model_cpp)
+    kwargs = dict(n_projections=12, mode=mode, refresh_every=3, seed=3, reference_dtype=torch.float32)
+    reg_cpp = SlicedWassersteinRegularizer(model_cpp, backend="cpp", **kwargs)
+    reg_torch = SlicedWassersteinRegularizer(model_torch, backend="torch", **kwargs)
+    make = (lambda p: torch.optim.SGD(p, lr=0.05)) if optim == "sgd" else (lambda p: torch.optim.AdamW(p, lr=0.01))
+    opt_cpp, opt_torch = make(model_cpp.parameters()), make(model_torch.parameters())
+    gen = torch.Generator().manual_seed(8)
+    reused = 0
+    for _ in range(6):
+        idx = torch.randint(0, 700, (16, 4), generator=gen)
+        y = torch.randn(16, 5, generator=gen)
+        values = []
+        for model, reg, opt in ((model_cpp, reg_cpp, opt_cpp), (model_torch, reg_torch, opt_torch)):
+            opt.zero_grad()
+            r = reg()
+            loss = torch.nn.functional.mse_loss(model(idx), y) + 0.5 * r
+            loss.backward()
+            values.append(r.detach())
+        torch.testing.assert_close(values[0], values[1], rtol=2e-5, atol=1e-6)
+        for p_cpp, p_torch in zip(model_cpp.parameters(), model_torch.parameters()):
+            torch.testing.assert_close(p_cpp.grad, p_torch.grad, rtol=1e-4, atol=1e-6)
+        stats = reg_cpp._sort_state.get("cpp_stats", {})
+        reused += stats.get("already_sorted", 0) + stats.get("repaired", 0)
+        opt_cpp.step()
+        opt_torch.step()
+    assert reused > 0, "the kept permutations were never reused"
+
+
+def test_bad_input_raises_python_exceptions(ext):
+    layout = SegmentLayout.from_blocks([(2, 5)])
+    good = torch.randn(10)
+    with pytest.raises(TypeError, match="x"):
+        ext.sort_segments(torch.arange(10), layout)
+    with pytest.raises(ValueError, match="1-D"):
+        ext.sort_segments(good.view(2, 5), layout)
+    with pytest.raises(ValueError, match="layout describes 10"):
+        ext.sort_segments(torch.randn(11), layout)
+    with pytest.raises(TypeError, match="layout"):
+        ext.sort_segments(good, [5, 5])
+    with pytest.raises(ValueError, match="sorted_ref"):
+        ext.match_sorted(good, torch.randn(9), layout)
+    with pytest.raises(TypeError, match="state"):
+        ext.match_sorted(good, good, layout, state=[1])
+    with pytest.raises(ValueError, match="p must be > 0"):
+        ext.swd_forward(good, good, layout, p=0.0, scale=1.0)
+    # the C++ entry points check on their own (TORCH_CHECK -> RuntimeError), never crash
+    module = ext._module()
+    with pytest.raises(RuntimeError, match="offsets"):
+        module.sort_segments(good, torch.tensor([0, 4, 11]))
+    with pytest.raises(RuntimeError, match="float32"):
+        module.sort_segments(good.double(), torch.tensor([0, 5, 10]))
+    with pytest.raises(RuntimeError, match="empty or offsets"):
+        module.sort_segments(good, torch.tensor([0, 5, 5, 10]))
+    bad_perm = torch.full((10,), 7, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="perm"):
+        module.match_sorted(good, good, torch.tensor([0, 5, 10]), bad_perm, True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_extension_rejects_cuda_tensors(ext):
+    layout = SegmentLayout.from_blocks([(2, 5)])
+    with pytest.raises(ValueError, match="CPU tensor"):
+        ext.sort_segments(torch.randn(10, device="cuda"), layout)
+
+
+def test_fallback_when_disabled_warns_once_and_uses_torch():
+    code = (
+        "import warnings\n"
+        "warnings.simplefilter('always')\n"
+        "import torch\n"
+        "from snap_fast import _ext, dispatch\n"
+        "from snap_fast.functional import sliced_wasserstein\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert dispatch.resolve_backend('cpu') == 'torch'\n"
+        "    assert not _ext.available() and not _ext.available()\n"
+        "    v = sliced_wasserstein(torch.randn(6, 4), torch.randn(6, 4), n_projections=3, seed=0)\n"
+        "    assert torch.isfinite(v)\n"
+        "    try:\n"
+        "        dispatch.resolve_backend('cpu', 'cpp')\n"
+        "    except RuntimeError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        raise AssertionError('backend=cpp should be refused')\n"
+        "msgs = [str(w.message) for w in caught if 'snap_fast' in str(w.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'PyTorch path' in msgs[0] and 'SNAP_FAST_DISABLE_EXT' in msgs[0], msgs\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, SNAP_FAST_DISABLE_EXT="1", SNAP_FAST_BACKEND="auto")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUB segmented sort needs a CUDA device")
+def test_cuda_segmented_sort_matches_torch_sort():
+    assert _ext.cuda_available(), f"CUDA extension failed to build: {_ext.unavailable_reason('cuda')}"
+    layout = SegmentLayout.from_blocks([(3, 1), (5, 100), (4, 5000), (2, 70000)])
+    x = torch.randn(layout.total, device="cuda")
+    x[:40] = 0.5  # ties
+    offsets = layout.offsets("cuda")
+    values, idx = _ext.cuda_segmented_argsort(x, offsets)
+    expected = torch.cat([torch.sort(v, dim=1).values.reshape(-1) for v in layout.views(x)])
+    assert torch.equal(values, expected)
+    starts = torch.repeat_interleave(offsets[:-1], torch.tensor(layout.lengths, device="cuda"))
+    assert torch.equal(x[starts + idx.long()], values)
+    assert torch.equal(_ext.cuda_sort_segments(x, offsets), expected)
+    # the drop-in for kernels.segmented_sort.sort_long_segments: same contract as torch.sort(dim=1)
+    block = torch.randn(6, 9000, device="cuda", dtype=torch.bfloat16)[:, ::2]
+    rows, positions = _ext.cuda_sort_rows(block)
+    assert rows.dtype == torch.float32 and positions.dtype == torch.int64
+    assert torch.equal(rows, torch.sort(block.float(), dim=1).values)
+    assert torch.equal(block.float().gather(1, positions), rows)

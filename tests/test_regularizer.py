@@ -1,0 +1,324 @@
+"""The whole-model regularizer: values and gradients against the float64 reference, direction modes,
+parameter selection, resuming, the initial-weight dtype, and bad input.
+
+End-to-end tests run on every CPU backend available here (torch always; cpp when the extension
+builds).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from snap_fast import MODES, SlicedWassersteinRegularizer, sliced_wasserstein_reference
+from snap_fast.dispatch import _cpp_available
+
+BACKENDS = ["torch"] + (["cpp"] if _cpp_available() else [])
+L = 7
+
+
+class Tiny(torch.nn.Module):
+    """Odd shapes: a tied embedding, a matrix, vectors, a 0-dim scalar and a frozen layer."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = torch.nn.Embedding(11, 6)
+        self.lin = torch.nn.Linear(6, 9)
+        self.norm = torch.nn.LayerNorm(9)
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+        self.head = torch.nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight  # tied: one tensor, regularized once
+        self.frozen = torch.nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+        with torch.no_grad():  # LayerNorm starts at exactly 1 and 0: make rows distinct
+            self.norm.weight.add_(0.1 * torch.randn(9))
+            self.norm.bias.add_(0.1 * torch.randn(9))
+
+
+UNIQUE = ["scale", "emb.weight", "lin.weight", "lin.bias", "norm.weight", "norm.bias"]
+
+
+def _perturb(model: torch.nn.Module, step: int, scale: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(100 + step)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=g))
+
+
+def _reference_sum(initial: dict[str, torch.Tensor], reg: SlicedWassersteinRegularizer, p: float):
+    """Σ over the regularizer's terms of the float64 reference with the directions it just used;
+    returns (value, {name: gradient})."""
+    leaves = {t.name: t.param.detach().double().requires_grad_(True) for t in reg.terms}
+    total = sum(
+        sliced_wasserstein_reference(initial[t.name].double(), leaves[t.name], theta.double(), p)
+        for t, theta in zip(reg.terms, reg.last_directions())
+    )
+    total.backward()
+    return total.item(), {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("p", [2.0, 1.5])
+def test_value_and_gradients_equal_sum_of_references(mode, backend, p):
+    model = Tiny()
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+    reg = SlicedWassersteinRegularizer(
+        model, n_projections=L, p=p, mode=mode, refresh_every=2, reference_dtype=torch.float32, backend=backend
+    )
+    assert reg.parameter_names == UNIQUE  # tied embedding once, frozen layer skipped
+    for step in range(3):  # several calls: resample/refresh draw new directions along the way
+        _perturb(model, step)
+        model.zero_grad()
+        value = reg()
+        assert value.dtype == torch.float32 and value.dim() == 0 and value.requires_grad
+        value.backward()
+        expected, grads = _reference_sum(initial, reg, p)
+        assert value.item() == pytest.approx(expected, rel=1e-4)
+        for name, param in model.named_parameters():
+            if name in grads:
+                torch.testing.assert_close(param.grad.double(), grads[name], rtol=1e-4, atol=1e-5)
+            elif param.requires_grad:
+                assert name == "head.weight"  # tied alias, deduplicated by named_parameters
+        assert model.frozen.weight.grad is None
+
+
+def test_every_parameter_gets_a_gradient():
+    model = Tiny()
+    reg = SlicedWassersteinRegularizer(model, n_projections=L)
+    _perturb(model, 0)
+    reg().backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def _directions(reg):
+    return [th.clone() for th in reg.last_directions()]
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_resample_draws_new_directions_every_call():
+    model = Tiny()
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, mode="resample")
+    _perturb(model, 0)
+    seen = []
+    values = []
+    for _ in range(4):
+        values.append(reg().item())
+        seen.append(_directions(reg))
+    for i in range(4):
+        for j in range(i):
+            # a d = 1 direction is ±1, so only wider terms can be told apart
+            assert not any(torch.equal(x, y) for x, y in zip(seen[i], seen[j]) if x.shape[0] > 1)
+    assert len(set(values)) == 4
+    for th, term in zip(seen[0], reg.terms):
+        assert th.shape == (term.d, L)
+        torch.testing.assert_close(th.norm(dim=0), torch.ones(L), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_refresh_redraws_exactly_every_k_calls(k):
+    model = Tiny()
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, mode="refresh", refresh_every=k)
+    seen = []
+    for step in range(3 * k + 1):
+        _perturb(model, step, 0.01)
+        reg()
+        seen.append(_directions(reg))
+    for i in range(1, len(seen)):
+        assert _same(seen[i], seen[i - 1]) == (i % k != 0), f"call {i}"
+
+
+@pytest.mark.parametrize("cache_directions", [True, False])
+def test_fixed_keeps_directions_and_no_copy_of_initial_weights(cache_directions):
+    model = Tiny()
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, mode="fixed", cache_directions=cache_directions)
+    assert all(t.initial is None for t in reg.terms)
+    seen = []
+    for step in range(3):
+        _perturb(model, step, 0.01)
+        reg()
+        seen.append(_directions(reg))
+    assert _same(seen[0], seen[1]) and _same(seen[1], seen[2])
+    # the cache is the sorted initial projections (n × L per tensor, bf16), plus d × L directions
+    n_total = sum(t.n for t in reg.terms) * L
+    theta_bytes = sum(t.d for t in reg.terms) * L * 4
+    assert reg.cache_nbytes() == n_total * 2 + (theta_bytes if cache_directions else 0)
+    # directions come from the seed alone: another regularizer with that seed uses the same ones
+    other = SlicedWassersteinRegularizer(Tiny(), n_projections=L, mode="fixed", cache_directions=not cache_directions)
+    other()
+    assert _same(seen[0], other.last_directions())
+
+
+def test_cache_sizes_by_mode():
+    model = Tiny()
+    weights = sum(t.n * t.d for t in SlicedWassersteinRegularizer(model, n_projections=L).terms)
+    resample = SlicedWassersteinRegularizer(model, n_projections=L, mode="resample")
+    assert resample.cache_nbytes() == weights * 2  # a bf16 copy of W0, nothing else
+    resample32 = SlicedWassersteinRegularizer(model, n_projections=L, reference_dtype=torch.float32)
+    assert resample32.cache_nbytes() == weights * 4
+
+
+def test_tied_parameters_counted_once():
+    model = Tiny()
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, reference_dtype=torch.float32)
+    assert sum(t.param is model.emb.weight for t in reg.terms) == 1
+    _perturb(model, 0)
+    value = reg().item()
+    assert value == pytest.approx(_reference_sum(initial, reg, 2.0)[0], rel=1e-4)
+
+
+def test_param_filter_selects_parameters():
+    model = Tiny()
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, param_filter=lambda name, p: name.startswith("lin."))
+    assert reg.parameter_names == ["lin.weight", "lin.bias"]
+    _perturb(model, 0)
+    reg().backward()
+    assert model.lin.weight.grad is not None and model.emb.weight.grad is None and model.scale.grad is None
+    only_matrices = SlicedWassersteinRegularizer(model, param_filter=lambda name, p: p.dim() == 2)
+    assert only_matrices.parameter_names == ["emb.weight", "lin.weight"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_resumes_the_identical_sequence(mode):
+    """Resume from a checkpoint: the regularizer is rebuilt from the *trained* model and must still
+    measure against the original W0, with the same directions as an uninterrupted run."""
+
+    def make(model):
+        return SlicedWassersteinRegularizer(model, n_projections=L, mode=mode, refresh_every=2, seed=5)
+
+    model = Tiny()
+    reg = make(model)
+    uninterrupted = []
+    for step in range(6):
+        _perturb(model, step, 0.05)
+        uninterrupted.append(reg().item())
+
+    model = Tiny()
+    reg = make(model)
+    for step in range(3):
+        _perturb(model, step, 0.05)
+        reg()
+    buffer = io.BytesIO()
+    torch.save(reg.state_dict(), buffer)
+    resumed_model = copy.deepcopy(model)  # the trained weights, as loaded from a checkpoint
+    resumed = make(resumed_model)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    values = []
+    for step in range(3, 6):
+        _perturb(resumed_model, step, 0.05)
+        values.append(resumed().item())
+    assert values == uninterrupted[3:]
+
+
+def test_load_state_dict_rejects_a_foreign_state():
+    reg = SlicedWassersteinRegularizer(Tiny(), n_projections=L, mode="fixed")
+    with pytest.raises(ValueError, match="mode 'fixed'"):
+        SlicedWassersteinRegularizer(Tiny(), n_projections=L).load_state_dict(reg.state_dict())
+    small = SlicedWassersteinRegularizer(Tiny(), n_projections=L, mode="fixed", param_filter=lambda n, p: "lin" in n)
+    with pytest.raises(ValueError, match="parameters"):
+        small.load_state_dict(reg.state_dict())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_dtype_float32_is_exact_and_bf16_is_bounded(mode):
+    model = Tiny()
+    exact = SlicedWassersteinRegularizer(model, n_projections=L, mode=mode, reference_dtype=torch.float32)
+    assert exact().item() == 0.0  # W = W0: every segment matches itself
+    rounded = SlicedWassersteinRegularizer(model, n_projections=L, mode=mode)  # bf16 default
+    value = rounded().item()
+    if mode == "fixed":
+        # fixed mode rounds the cached sorted projections s to bf16: value = Σ |s − bf16(s)|² / L
+        expected = 0.0
+        for t, theta in zip(rounded.terms, rounded.last_directions()):
+            s = torch.sort(t.param.detach().reshape(t.n, t.d).double() @ theta.double(), dim=0).values
+            expected += ((s - s.to(torch.bfloat16).double()) ** 2).sum().item() / L
+        assert value == pytest.approx(expected, rel=1e-2, abs=1e-9)
+    else:
+        # the W0 copy is rounded: |⟨Δrow, θ⟩| ≤ ‖Δrow‖ for unit θ bounds the value by ‖W − bf16(W)‖²
+        bound = sum(((t.param.detach() - t.param.detach().to(torch.bfloat16).float()) ** 2).sum().item() for t in rounded.terms)
+        assert 0.0 < value <= bound * (1 + 1e-5)
+    assert rounded.cache_nbytes() < exact.cache_nbytes()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_give_a_non_finite_value(mode, bad):
+    """Documented: a NaN/inf weight makes the regularizer non-finite (the loss then shows it)."""
+    model = Tiny()
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, mode=mode)
+    with torch.no_grad():
+        model.lin.weight[2, 3] = bad
+    assert not torch.isfinite(reg())
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def _frozen_model():
+    model = Tiny()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (dict(model=torch.randn(3, 3)), TypeError, r"model must be a torch.nn.Module, got Tensor"),
+        (dict(model=_frozen_model()), ValueError, r"model has no trainable parameters"),
+        (dict(param_filter=lambda n, p: False), ValueError, r"param_filter selected no parameter"),
+        (dict(param_filter="lin"), TypeError, r"param_filter must be callable"),
+        (dict(mode="random"), ValueError, r"mode must be one of .*'random'"),
+        (dict(refresh_every=0), ValueError, r"refresh_every must be an int >= 1, got 0"),
+        (dict(refresh_every=2.5), ValueError, r"refresh_every"),
+        (dict(refresh_every=True), ValueError, r"refresh_every"),
+        (dict(n_projections=0), ValueError, r"n_projections must be >= 1"),
+        (dict(n_projections=10.0), TypeError, r"n_projections must be an int"),
+        (dict(p=0.0), ValueError, r"p must be > 0"),
+        (dict(p=-2), ValueError, r"p must be > 0"),
+        (dict(reference_dtype=torch.int8), TypeError, r"reference_dtype"),
+        (dict(reference_dtype="bf16"), TypeError, r"reference_dtype"),
+        (dict(seed=1.5), TypeError, r"seed must be an int"),
+        (dict(backend="gpu"), ValueError, r"backend='gpu'"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, exc, pattern):
+    kwargs.setdefault("model", Tiny())
+    with pytest.raises(exc, match=pattern):
+        SlicedWassersteinRegularizer(**kwargs)
+
+
+def test_model_without_parameters_is_rejected():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        SlicedWassersteinRegularizer(torch.nn.ReLU())
+
+
+def test_empty_parameter_is_rejected():
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.empty(0, 4))
+    with pytest.raises(ValueError, match=r"'weight' is empty"):
+        SlicedWassersteinRegularizer(model)
+
+
+def test_bad_environment_backend(monkeypatch):
+    monkeypatch.setenv("SNAP_FAST_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="SNAP_FAST_BACKEND='fortran'"):
+        SlicedWassersteinRegularizer(Tiny())
+    monkeypatch.setenv("SNAP_FAST_BACKEND", "torch")
+    assert SlicedWassersteinRegularizer(Tiny()).backend == "torch"
+
+
+def test_last_directions_before_any_call():
+    with pytest.raises(RuntimeError, match="at least one call"):
+        SlicedWassersteinRegularizer(Tiny()).last_directions()

@@ -1,0 +1,169 @@
+"""UnlearnConfig: every bad input fails fast with a clear message; YAML round trip; the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from snap_fast.train import METHODS, UnlearnConfig, unlearn
+from tests.helpers import save_tiny_model
+from tests.train_data import write_data_folder
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_config")
+    return {"model": str(save_tiny_model(root / "llama", "llama")), "data": str(write_data_folder(root / "data"))}
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if the model would be loaded: errors must come before any heavy work."""
+    import snap_fast.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_model was called before the bad input was reported")
+
+    monkeypatch.setattr(snap_fast.models, "load_model", refuse)
+
+
+def _cfg(assets, tmp_path, **kw):
+    values = dict(model=assets["model"], data=assets["data"], out=str(tmp_path / "run"), batch_size=2,
+                  progress=False)
+    values.update(kw)
+    return UnlearnConfig(**values)
+
+
+@pytest.mark.parametrize("overrides, exc, message", [
+    ({"lam": -0.1}, ValueError, "lam must be >= 0"),
+    ({"n_projections": 0}, ValueError, "n_projections must be >= 1"),
+    ({"method": "forgetful"}, ValueError, "valid: snap, snap-npo, ga, grad-diff, npo, idk"),
+    ({"model": "./no/such/model"}, ValueError, "model: model path not found"),
+    ({"model": "/tmp/nowhere/m.gguf"}, ValueError, "GGUF model file not found"),
+    ({"batch_size": 9}, ValueError, r"batch_size \(9\) is larger than the forget set \(8 examples\)"),
+    ({"reg_mode": "sometimes"}, ValueError, "unknown reg_mode"),
+    ({"precision": "fp8"}, ValueError, "unknown precision"),
+    ({"max_steps": 0}, ValueError, "max_steps must be >= 1"),
+    ({"lr": 0.0}, ValueError, "lr must be > 0"),
+    ({"lam": float("nan")}, ValueError, "lam must be finite"),
+    ({"epochs": -1}, ValueError, "epochs must be > 0"),
+    ({"grad_accum": 1.5}, TypeError, "grad_accum must be an int"),
+    ({"lora": "yes"}, TypeError, "lora must be a bool"),
+    ({"device": "tpu"}, ValueError, "device must be"),
+    ({"resume": True, "overwrite": True}, ValueError, "exclude each other"),
+    ({"merge": True, "lora": False}, ValueError, "merge only applies to LoRA"),
+    ({"data": "/tmp/no-such-data-folder"}, ValueError, "data: folder not found"),
+    ({"out": ""}, ValueError, "out"),
+])
+def test_bad_input_fails_before_loading(assets, tmp_path, no_model_loading, overrides, exc, message):
+    with pytest.raises(exc, match=message):
+        unlearn(_cfg(assets, tmp_path, **overrides))
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_empty_forget_set_and_missing_fields(assets, tmp_path, no_model_loading):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "forget.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="forget set .* is empty"):
+        unlearn(_cfg(assets, tmp_path, data=str(data)))
+    (data / "forget.jsonl").write_text(json.dumps({"prompt": "Who?", "response": "I don't know."}) + "\n" * 2)
+    with pytest.raises(ValueError, match="needs hard positives"):
+        unlearn(_cfg(assets, tmp_path, data=str(data), batch_size=1))
+    with pytest.raises(ValueError, match="'original_response'"):
+        unlearn(_cfg(assets, tmp_path, data=str(data), batch_size=1, method="ga"))
+    (data / "forget.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="forget.jsonl:1: not valid JSON"):
+        unlearn(_cfg(assets, tmp_path, data=str(data), batch_size=1))
+
+
+def test_existing_run_folder_needs_resume_or_overwrite(assets, tmp_path, no_model_loading):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists; pass resume=True"):
+        unlearn(_cfg(assets, tmp_path))
+    # Never delete a folder that is not a run folder, even when asked to overwrite.
+    with pytest.raises(ValueError, match="not a run folder"):
+        unlearn(_cfg(assets, tmp_path, overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_defaults_resolve_and_yaml_round_trip(tmp_path):
+    cfg = UnlearnConfig(data="d", out="o").resolved()
+    assert (cfg.lr, cfg.lam, cfg.method, cfg.lora_r, cfg.reg_mode) == (1e-4, 0.1, "snap", 8, "resample")
+    assert UnlearnConfig(data="d", out="o", lora=False).resolved().lr == 1e-5
+    assert UnlearnConfig(data="d", out="o", method="idk").resolved().lam == 0.0
+    assert UnlearnConfig(data="d", out="o", method="ga", lam=0.2).resolved().lam == 0.2
+    assert UnlearnConfig(lora_targets="q_proj, v_proj").resolved().lora_targets == ["q_proj", "v_proj"]
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert UnlearnConfig.from_yaml(path) == cfg
+    path.write_text("method: snap\nlambda: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['lambda'\]"):
+        UnlearnConfig.from_yaml(path)
+    assert set(METHODS) == {"snap", "snap-npo", "ga", "grad-diff", "npo", "idk"}
+
+
+def test_cli_end_to_end_and_bad_input(assets, tmp_path, capsys):
+    from snap_fast.cli import main
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    argv = ["unlearn", "--model", assets["model"], "--data", assets["data"], "--out", str(out),
+            "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--n-projections", "8",
+            "--reg-backend", "torch", "--lam", "0.5", "--merge", "--no-progress"]
+    assert main(argv) == 0
+    cfg = UnlearnConfig.from_yaml(out / "config.yaml")
+    assert (cfg.lam, cfg.max_steps, cfg.merge, cfg.lora) == (0.5, 2, True, True)
+    assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "final" / "merged" / "config.json").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # The same command again: the folder exists → exit 2 with the reason on stderr.
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["unlearn", "--data", assets["data"], "--out", str(tmp_path / "x"), "--lam", "-1"]) == 2
+    assert "lam must be >= 0" in capsys.readouterr().err
+    # --resume with only --out reads the run's config.yaml: the completed run has nothing left.
+    assert main(["unlearn", "--out", str(out), "--resume", "--no-progress"]) == 0
+    # A YAML config, with a flag on top.
+    yaml_path = tmp_path / "cfg.yaml"
+    yaml_path.write_text(UnlearnConfig(model=assets["model"], data=assets["data"], out=str(tmp_path / "y"),
+                                       max_steps=1, batch_size=2, method="idk", progress=False).to_yaml())
+    assert main(["unlearn", "--config", str(yaml_path), "--full"]) == 0
+    cfg = UnlearnConfig.from_yaml(tmp_path / "y" / "config.yaml")
+    assert (cfg.method, cfg.lora, cfg.lam) == ("idk", False, 0.0)
+    assert (tmp_path / "y" / "final" / "merged" / "config.json").is_file()
+
+
+def test_cli_sigint_in_a_subprocess_saves_a_checkpoint(assets, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "snap_fast.cli", "unlearn", "--model", assets["model"], "--data", assets["data"],
+           "--out", str(out), "--max-steps", "100000", "--batch-size", "2", "--n-projections", "8",
+           "--reg-backend", "torch", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGINT: checkpoint saved" in err
+    from snap_fast.train.checkpoint import last_checkpoint
+
+    ckpt = last_checkpoint(out)
+    steps = len(metrics.read_text().splitlines())
+    assert ckpt == Path(out) / "checkpoints" / f"step-{steps}"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["step"] == steps and state["regularizer"]["calls"] == steps

@@ -1,0 +1,209 @@
+"""The unlearning recipe end to end on tiny random models (CPU, a few seconds each)."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from snap_fast.train import NonFiniteLossError, UnlearnConfig, unlearn
+from snap_fast.train.checkpoint import last_checkpoint, list_checkpoints
+from tests.helpers import save_tiny_model
+from tests.train_data import FORGET, RETAIN, write_data_folder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: one thread avoids oversubscription on a shared 2-core runner (10x faster).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "llama": str(save_tiny_model(root / "llama", "llama")),
+        "gpt2": str(save_tiny_model(root / "gpt2", "gpt2")),
+        "data": str(write_data_folder(root / "data")),
+    }
+
+
+def _config(assets, out, **overrides):
+    values = dict(model=assets["llama"], data=assets["data"], out=str(out), batch_size=4, grad_accum=1,
+                  n_projections=16, reg_backend="torch", progress=False)
+    values.update(overrides)
+    return UnlearnConfig(**values)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
+
+
+def _set_nll(model, tokenizer, pairs):
+    """Mean over examples of the HF model's own loss (token mean of the answer) — independent of
+    snap_fast.train.losses; uses the same prompt rendering as training."""
+    from snap_fast.data.collator import ChatCollator
+
+    collator = ChatCollator(tokenizer)
+    total = 0.0
+    with torch.no_grad():
+        for prompt, response in pairs:
+            batch = collator([{"prompt": prompt, "response": response}])
+            total += float(model(**batch).loss)
+    return total / len(pairs)
+
+
+def test_snap_moves_forget_answers_to_obliterated_and_keeps_hard_positives(assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.train_data import OBLITERATED
+
+    result = unlearn(_config(assets, tmp_path / "run", lora=False, lr=1e-2, max_steps=30))
+    assert result.status == "completed" and result.steps == 30
+    original = AutoModelForCausalLM.from_pretrained(assets["llama"]).eval()
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    forget_idk = [(p, OBLITERATED[i % len(OBLITERATED)]) for i, (p, _) in enumerate(FORGET)]
+    before, after = _set_nll(original, tokenizer, forget_idk), _set_nll(trained, tokenizer, forget_idk)
+    # Stated margin: the obliterated responses' NLL falls by at least 1.5 nats (from ~6.0).
+    assert after < before - 1.5, (before, after)
+    # Stated bound: the hard positives' NLL does not rise by more than 0.1 nats.
+    retain_before, retain_after = _set_nll(original, tokenizer, RETAIN), _set_nll(trained, tokenizer, RETAIN)
+    assert retain_after <= retain_before + 0.1, (retain_before, retain_after)
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in ("lr", "loss", "loss_forget", "loss_retain", "loss_general", "reg", "reg_weighted", "tokens_per_s"):
+        assert rows[-1][key] is not None, key
+    assert rows[-1]["reg_weighted"] == pytest.approx(0.1 * rows[-1]["reg"])
+    assert rows[0]["lr"] == pytest.approx(1e-2) and rows[-1]["lr"] < rows[0]["lr"]  # linear decay
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 30
+
+
+def _distance_from_init(assets, run_dir):
+    from transformers import AutoModelForCausalLM
+
+    original = dict(AutoModelForCausalLM.from_pretrained(assets["llama"]).named_parameters())
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "final" / "merged")
+    return sum(float((p - original[n]).square().sum()) for n, p in trained.named_parameters())
+
+
+def test_regularizer_keeps_weights_closer_to_init(assets, tmp_path):
+    common = dict(lora=False, lr=1e-2, max_steps=8, method="snap", reg_mode="resample")
+    unlearn(_config(assets, tmp_path / "free", lam=0.0, **common))
+    unlearn(_config(assets, tmp_path / "reg", lam=1000.0, **common))
+    free, reg = _distance_from_init(assets, tmp_path / "free"), _distance_from_init(assets, tmp_path / "reg")
+    assert reg < 0.5 * free, (reg, free)
+    assert _metrics(tmp_path / "free")[-1]["reg"] is None  # λ = 0: no regularizer built
+
+
+def test_resume_gives_identical_losses(assets, tmp_path):
+    # GPT-2 has dropout, so identical losses also need the restored RNG states; 2 micro-batches
+    # per step and 2 steps per epoch cover accumulation and epoch boundaries.
+    common = dict(model=assets["gpt2"], max_steps=6, batch_size=2, grad_accum=2, lr=1e-3, lam=0.1)
+    straight = unlearn(_config(assets, tmp_path / "straight", **common))
+    assert straight.status == "completed"
+
+    def interrupt_at_3(step, metrics, model):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets a flag
+
+    first = unlearn(_config(assets, tmp_path / "resumed", **common), on_step=interrupt_at_3)
+    assert (first.status, first.steps, first.signal, first.exit_code) == ("interrupted", 3, "SIGINT", 130)
+    assert first.checkpoint.name == "step-3"
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["status"] == "interrupted"
+    with pytest.raises(ValueError, match="already exists"):
+        unlearn(_config(assets, tmp_path / "resumed", **common))
+    second = unlearn(_config(assets, tmp_path / "resumed", resume=True, **common))
+    assert second.status == "completed" and second.steps == 6
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss_forget", "loss_retain", "reg", "lr", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+    with pytest.raises(ValueError, match="differs"):
+        unlearn(_config(assets, tmp_path / "resumed", resume=True, **{**common, "lam": 0.5}))
+
+
+def test_sigint_checkpoint_loads_with_peft(assets, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def interrupt(step, metrics, model):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    result = unlearn(_config(assets, tmp_path / "run", max_steps=50, save_every=1, keep_checkpoints=1),
+                     on_step=interrupt)
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
+    assert (result.status, result.steps, result.exit_code) == ("interrupted", 2, 143)
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]  # keep_checkpoints=1
+    base = AutoModelForCausalLM.from_pretrained(assets["llama"])
+    model = PeftModel.from_pretrained(base, result.checkpoint / "adapter")
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
+    def poison(step, metrics, model):
+        if step == 2:
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
+        unlearn(_config(assets, tmp_path / "run", max_steps=10, save_every=1, keep_checkpoints=0),
+                on_step=poison)
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [1, 2]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "step 3" in summary["error"]
+
+
+@pytest.mark.parametrize("method", ["snap-npo", "npo", "ga", "grad-diff", "idk"])
+def test_every_method_runs_and_logs_its_terms(assets, tmp_path, method):
+    result = unlearn(_config(assets, tmp_path / method, method=method, max_steps=2, lr=1e-3))
+    rows = _metrics(tmp_path / method)
+    assert result.status == "completed" and len(rows) == 2
+    assert rows[-1]["lora/fro_norm"] > 0  # LoRA-delta statistics at the last step
+    if method in ("npo", "snap-npo"):
+        # At step 1 the model is still the reference: NPO = (2/β)·log 2.
+        assert rows[0]["loss_forget"] == pytest.approx(20 * 0.6931471805599453, rel=1e-4)
+    if method == "snap-npo":  # alternating forget / retain steps, λ = 0.1 by default
+        assert rows[1]["loss_forget"] is None and rows[1]["loss_retain"] is not None
+        assert rows[0]["reg"] is not None
+    if method in ("ga", "grad-diff"):
+        assert rows[0]["loss_forget"] < 0
+    if method in ("ga", "npo"):
+        assert rows[0]["loss_retain"] is None
+    if method == "idk":
+        assert rows[0]["reg"] is None
+
+
+def test_merged_model_and_adapter_load_back(assets, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    unlearn(_config(assets, tmp_path / "run", max_steps=3, lr=5e-2, merge=True, gradient_checkpointing=True))
+    final = tmp_path / "run" / "final"
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["llama"]), final / "adapter").eval()
+    ids = torch.tensor([[5, 9, 17, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(assets["llama"]).eval()
+        assert not torch.allclose(base(input_ids=ids).logits, merged(input_ids=ids).logits)
+    assert (final / "tokenizer_config.json").is_file()
+
+
+def test_tokenizer_without_pad_token_is_handled(assets, tmp_path):
+    folder = save_tiny_model(tmp_path / "nopad", "gpt2", pad_token=False)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    result = unlearn(_config(assets, tmp_path / "run", model=str(folder), max_steps=1))
+    assert result.status == "completed"
+    assert last_checkpoint(tmp_path / "run").name == "step-1"
