@@ -232,7 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--skip-pot", action="store_true", help="do not time POT (the slowest baseline)")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to write (default: "
-                        "benchmarks/results/cpu_<machine>.md for the full size, nothing for --quick)")
+                        "benchmarks/results/cpu_<machine>.md for the full size, nothing otherwise)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (smoke tests)")
     parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)

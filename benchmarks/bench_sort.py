@@ -80,9 +80,11 @@ def run(args: argparse.Namespace) -> str:
     ref = sort_segments(PROJ_STD * torch.randn(layout.total, generator=gen), layout, "torch")
     reps = args.repeats
     lines = [
-        f"Sort step, {len(rows)} tensors, L = {args.n_projections}, {layout.num_segments} segments, "
-        f"{layout.total / 1e6:.1f} M values; {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-        f"{'process CPU' if args.cpu_time else 'wall'} seconds",
+        (
+            f"Sort step, {len(rows)} tensors, L = {args.n_projections}, {layout.num_segments} segments, "
+            f"{layout.total / 1e6:.1f} M values; {torch.get_num_threads()} threads, "
+            f"{platform.processor() or platform.machine()}; {'process CPU' if args.cpu_time else 'wall'} seconds"
+        ),
         "",
         "| operation | median s | vs torch.sort | segments sorted / repaired / re-sorted |",
         "|---|---|---|---|",

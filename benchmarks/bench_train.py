@@ -41,12 +41,18 @@ LAMBDA = 0.1
 
 SHAPES = {
     # SNAP.md §5: hidden 576, intermediate 1536, 30 layers, 9 heads, 3 KV heads, vocab 49152, tied.
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
+    "smollm2-135m": {
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
+    },
+    "llama-3.1-8b": {
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "rope_theta": 500000.0,
+    },
+    "tiny": {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": True,
+    },
 }
 
 
@@ -54,12 +60,13 @@ def build_lora_model(shape: str, *, r: int, device: str | torch.device, dtype: t
     """A random-init Llama of ``SHAPES[shape]`` with PEFT LoRA (rank ``r``, alpha 2r) on every
     linear layer, in ``dtype`` on ``device``, in training mode."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048)
     torch.manual_seed(seed)
+    # Built directly in ``dtype`` on ``device``: an 8B model never exists as a float32 copy.
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
@@ -182,7 +189,8 @@ def gpu_section(device: str = "cuda", tiny: bool = False, steps: int = 10, warmu
     model = build_lora_model(shape, r=16, device=device, dtype=torch.bfloat16)
     batch = make_batch(SHAPES[shape]["vocab_size"], 4, 64, device)
     rows = measure_overhead(model, batch, modes=["resample", "refresh", "fixed"], steps=steps, warmup=warmup)
-    head = (f"LoRA training step with and without λ·SWD: {shape} shapes, bf16, LoRA r = 16 on all linear "
+    head = (f"LoRA training step with and without λ·SWD: {shape} shapes, bf16 base weights (LoRA factors "
+            f"float32, PEFT's default), LoRA r = 16 on all linear "
             f"layers, batch 4 × 64, AdamW, L = {L_DIRECTIONS}, λ = {LAMBDA}; medians of {steps} interleaved "
             f"rounds; peak = max_memory_allocated. Target: overhead ≤ 5 %.\n\n")
     del model

@@ -6,18 +6,32 @@ Public API (everything else is internal and may change):
 * :class:`SlicedWassersteinRegularizer` — the whole-model regularizer a training loop calls.
 * :func:`random_projections` — unit directions in POT's (d, L) layout.
 * :func:`sliced_wasserstein_reference` — the plain PyTorch oracle.
+* :func:`unlearn` / :class:`UnlearnConfig` — the SNAP training recipe (``snap-fast unlearn``).
+* :func:`load_model` / :func:`model_identity` — hub id, folder, GGUF or the packaged SmolLM2.
+* :func:`generate_answers` — batched greedy answers with the model's chat template.
+* :func:`lora_delta_stats` — statistics of LoRA updates ΔW = s·B A, computed from the factors.
 """
 
 from .functional import sliced_wasserstein
 from .reference import random_projections, sliced_wasserstein_reference
 from .regularizer import MODES, SlicedWassersteinRegularizer
+from .generation import generate_answers
+from .models import load_model, model_identity
+from .stats import lora_delta_stats
+from .train import UnlearnConfig, unlearn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODES",
     "SlicedWassersteinRegularizer",
+    "UnlearnConfig",
+    "generate_answers",
+    "load_model",
+    "model_identity",
+    "lora_delta_stats",
     "random_projections",
     "sliced_wasserstein",
     "sliced_wasserstein_reference",
+    "unlearn",
 ]

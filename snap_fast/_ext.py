@@ -113,14 +113,14 @@ def _build(kind: str) -> Any:
     key = _build_key(sources, cflags + ldflags + cuda_flags)
     build_dir = _cache_root() / key
     build_dir.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = dict(
-        name=f"snap_fast_{kind}_{key}",
-        sources=[str(s) for s in sources],
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        build_directory=str(build_dir),
-        verbose=False,
-    )
+    kwargs: dict[str, Any] = {
+        "name": f"snap_fast_{kind}_{key}",
+        "sources": [str(s) for s in sources],
+        "extra_cflags": cflags,
+        "extra_ldflags": ldflags,
+        "build_directory": str(build_dir),
+        "verbose": False,
+    }
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = cuda_flags
     return cpp_extension.load(**kwargs)
@@ -137,7 +137,7 @@ def _load(kind: str) -> Any | None:
         if reason is None:
             try:
                 module = _build(kind)
-            except Exception as exc:  # any build or import failure means "use the PyTorch path"
+            except Exception as exc:  # noqa: BLE001 - any build/import failure means "use the PyTorch path"
                 first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 reason = f"building it failed ({type(exc).__name__}: {first_line[:300]})"
         if module is None:

@@ -37,7 +37,7 @@ import datetime
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -49,15 +49,15 @@ from .reference import as_matrix
 from .regularizer import ParamFilter, RegularizedTerm, SlicedWassersteinRegularizer
 
 __all__ = [
-    "ShardedSlicedWassersteinRegularizer",
-    "ShardedTerm",
-    "ShardedLoraTerm",
     "DistributedContext",
     "DistributedFailure",
-    "init_from_env",
+    "ShardedLoraTerm",
+    "ShardedSlicedWassersteinRegularizer",
+    "ShardedTerm",
     "collective_guard",
     "direction_bounds",
     "fully_shard_model",
+    "init_from_env",
     "predicted_comm_bytes",
 ]
 
@@ -87,7 +87,7 @@ class DistributedContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     owns_group: bool = False
 
@@ -147,13 +147,11 @@ def init_from_env(
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} / WORLD_SIZE={world} from the environment are inconsistent")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if world == 1 and not dist.is_initialized():
         return DistributedContext(device=dev)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)  # NCCL binds each rank to its own GPU
     owns = False
     if not dist.is_initialized():
         chosen = backend or ("nccl" if use_cuda else "gloo")
@@ -314,10 +312,10 @@ class ShardedLoraTerm(ShardedTerm):
         return 0 if self._pinned is None else self._pinned.numel() * self._pinned.element_size()
 
 
-def _classify(name: str, param: torch.Tensor) -> tuple[str, object]:
-    """(kind, device mesh or None) of a parameter; ValueError for layouts we cannot handle."""
+def _classify(name: str, param: torch.Tensor) -> str:
+    """How a parameter is split (ROWS, COLS, REPLICATED); ValueError for other layouts."""
     if DTensor is None or not isinstance(param, DTensor):
-        return REPLICATED, None
+        return REPLICATED
     mesh = param.device_mesh
     placements = tuple(param.placements)
     if mesh.ndim != 1 or len(placements) != 1:
@@ -327,9 +325,9 @@ def _classify(name: str, param: torch.Tensor) -> tuple[str, object]:
         )
     (pl,) = placements
     if isinstance(pl, Replicate):
-        return REPLICATED, mesh
+        return REPLICATED
     if isinstance(pl, Shard) and pl.dim == 0 and param.dim() >= 1:
-        return (ROWS if param.dim() >= 2 else COLS), mesh
+        return ROWS if param.dim() >= 2 else COLS
     raise ValueError(
         f"parameter {name!r} has placement {pl}; the sharded regularizer supports Shard(0) "
         "(FSDP2's row sharding) and Replicate()"
@@ -450,18 +448,17 @@ class ShardedSlicedWassersteinRegularizer(SlicedWassersteinRegularizer):
     ) -> list[RegularizedTerm]:
         from .lora import build_lora_terms  # the one module that knows PEFT
 
+        self._join_group(model)
         lora_terms, covered = build_lora_terms(model, keep_initial, param_filter)
-        terms: list[ShardedTerm] = []
-        mesh = None
+        terms: list[RegularizedTerm] = []
         for lt in lora_terms:
-            sharded = ShardedLoraTerm(lt)
-            for name, tensor in ((lt.name, lt.factors.base), *zip(("A", "B"), lt.factors.factor_params())):
-                kind, m = _classify(f"{lt.name} ({name})", tensor)
-                if m is not None and kind == COLS:
-                    raise ValueError(f"LoRA layer {lt.name!r}: a 1-D factor or base is not supported")
-                if m is not None:
-                    mesh = m
-            terms.append(sharded)
+            kinds = [_classify(f"{lt.name} ({what})", tensor) for what, tensor in
+                     (("base", lt.factors.base), *zip(("A", "B"), lt.factors.factor_params()))]
+            if COLS in kinds:
+                raise ValueError(f"LoRA layer {lt.name!r}: a 1-D sharded factor or base is not supported")
+            # A plain base on several ranks is replicated: the ordinary LoRA term runs locally.
+            sharded = kinds[0] == ROWS or self.world_size == 1
+            terms.append(ShardedLoraTerm(lt) if sharded else lt)
         seen: set[int] = set(covered)
         trainable = bool(covered)
         for name, param in model.named_parameters():
@@ -473,12 +470,7 @@ class ShardedSlicedWassersteinRegularizer(SlicedWassersteinRegularizer):
                 continue
             if param_filter is not None and not param_filter(name, param):
                 continue
-            kind, m = _classify(name, param)
-            if m is not None:
-                if mesh is not None and m != mesh:
-                    raise ValueError(f"parameter {name!r} is on another device mesh than the others")
-                mesh = m
-            terms.append(ShardedTerm(name, param, keep_initial, kind))
+            terms.append(ShardedTerm(name, param, keep_initial, _classify(name, param)))
         if not terms:
             if not trainable:
                 raise ValueError("model has no trainable parameters (requires_grad=True) to regularize")
@@ -486,8 +478,18 @@ class ShardedSlicedWassersteinRegularizer(SlicedWassersteinRegularizer):
         for t in terms:
             if t.n * t.d == 0:
                 raise ValueError(f"parameter {t.name!r} is empty (shape {tuple(t.param.shape)})")
+        self._init_sharding(terms)
+        return terms
 
+    def _join_group(self, model: torch.nn.Module) -> None:
+        """Group, rank and world size: the DTensor parameters' mesh, else the default group."""
+        meshes = {p.device_mesh for p in model.parameters() if DTensor is not None and isinstance(p, DTensor)}
+        if len(meshes) > 1:
+            raise ValueError("the model's DTensor parameters live on several device meshes; use one")
+        mesh = next(iter(meshes), None)
         if self._group is None and mesh is not None:
+            if mesh.ndim != 1:
+                raise ValueError(f"the model's device mesh is {mesh.ndim}-D; the sharded regularizer needs a 1-D mesh")
             self._group = mesh.get_group()
         if dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(self._group)
@@ -496,15 +498,14 @@ class ShardedSlicedWassersteinRegularizer(SlicedWassersteinRegularizer):
             raise ValueError("DTensor parameters need an initialised process group")
         else:
             self.rank, self.world_size = 0, 1
-        self._init_sharding(terms)
-        return terms
 
-    def _init_sharding(self, terms: list[ShardedTerm]) -> None:
+    def _init_sharding(self, terms: list[RegularizedTerm]) -> None:
         """Exchange the local shard sizes once: row/column offsets and the owners' layouts."""
         L, world = self.n_projections, self.world_size
-        self.rows = [t for t in terms if t.kind == ROWS]
-        self.cols = [t for t in terms if t.kind == COLS]
-        self.replicated = [t for t in terms if t.kind == REPLICATED]
+        kind = {id(t): getattr(t, "kind", REPLICATED) for t in terms}  # plain LoRA terms: replicated
+        self.rows = [t for t in terms if kind[id(t)] == ROWS]
+        self.cols = [t for t in terms if kind[id(t)] == COLS]
+        self.replicated = [t for t in terms if kind[id(t)] == REPLICATED]
         self.lora = [t for t in self.rows if isinstance(t, ShardedLoraTerm)]
         sizes = torch.tensor(
             [t.n_local for t in self.rows] + [t.d_local for t in self.cols]

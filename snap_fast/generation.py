@@ -48,8 +48,9 @@ def generate_answers(
         prompts: list of user prompts (str).
         max_new_tokens: generation length cap, >= 1.
         batch_size: prompts per ``generate`` call, >= 1.
-        seed: seeds torch before generating; greedy decoding is deterministic anyway, the seed
-            only guards against models with stochastic layers left in train mode.
+        seed: seeds torch inside a forked RNG for each batch (the caller's RNG state is left
+            untouched); greedy decoding is deterministic anyway, the seed only guards against
+            models with stochastic layers.
         progress: show a tqdm bar over prompts.
         on_batch: called after each batch with the batch's prompt indices (into ``prompts``) and
             their answers, e.g. to save progress of a long run.
@@ -70,7 +71,6 @@ def generate_answers(
     if not prompts:
         return []
 
-    torch.manual_seed(seed)
     encoded = [prompt_token_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(prompts)
@@ -90,7 +90,11 @@ def generate_answers(
                 ids = encoded[i]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention[row, width - len(ids) :] = 1
-            with torch.inference_mode():
+            # fork_rng: seeding here must not disturb the caller's RNG stream (a training loop
+            # that evaluates mid-run must resume identically).
+            fork_devices = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
+                torch.manual_seed(seed)
                 out = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention.to(device),

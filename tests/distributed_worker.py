@@ -18,16 +18,16 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from snap_fast.distributed import (  # noqa: E402
+from snap_fast.distributed import (
     DistributedFailure,
     ShardedSlicedWassersteinRegularizer,
     fully_shard_model,
     init_from_env,
 )
-from snap_fast.regularizer import SlicedWassersteinRegularizer  # noqa: E402
+from snap_fast.regularizer import SlicedWassersteinRegularizer
 
 TIMEOUT_S = float(os.environ.get("SNAP_FAST_TEST_PG_TIMEOUT", "60"))
 
@@ -35,7 +35,7 @@ TIMEOUT_S = float(os.environ.get("SNAP_FAST_TEST_PG_TIMEOUT", "60"))
 class Odd(torch.nn.Module):
     """Uneven shards on 2 ranks: 7 and 3 rows, a 1-row matrix, 1-D tensors of odd length."""
 
-    _no_split_modules = ["Linear"]
+    _no_split_modules = ("Linear",)
 
     def __init__(self):
         super().__init__()
@@ -84,14 +84,14 @@ def scenario_regularizer(out: Path) -> dict:
     results = []
     for model_kind in ("odd", "llama"):
         for mode, p in (("resample", 2.0), ("fixed", 2.0), ("refresh", 2.0), ("fixed", 1.5)):
-            def build():
+            def build(model_kind=model_kind):
                 if model_kind == "odd":
                     torch.manual_seed(1)
                     return Odd()
                 return _tiny_llama()
 
             reference, sharded = build(), fully_shard_model(build())
-            kw = dict(n_projections=8, p=p, mode=mode, refresh_every=2, seed=5, reference_dtype=torch.float32)
+            kw = {"n_projections": 8, "p": p, "mode": mode, "refresh_every": 2, "seed": 5, "reference_dtype": torch.float32}
             reg = ShardedSlicedWassersteinRegularizer(sharded, **kw)
             base = SlicedWassersteinRegularizer(reference, **kw)
             for call in range(3 if model_kind == "odd" else 2):
@@ -126,8 +126,9 @@ def _accept_dtensor_lora_bases() -> None:
     shard is checked through its local tensor instead. A no-op once snap_fast.lora accepts
     DTensors itself (requested from its owner).
     """
-    import snap_fast.lora as lora
     from torch.distributed.tensor import DTensor
+
+    from snap_fast import lora
 
     check = lora._check_base_weight
     if getattr(check, "_accepts_dtensor", False):
@@ -152,7 +153,7 @@ def scenario_lora(out: Path) -> dict:
     results = []
     for mode in ("fixed", "resample"):
         reference, sharded = peft_model("llama", 4, False), fully_shard_model(peft_model("llama", 4, False))
-        kw = dict(n_projections=8, mode=mode, seed=1, reference_dtype=torch.float32)
+        kw = {"n_projections": 8, "mode": mode, "seed": 1, "reference_dtype": torch.float32}
         reg = ShardedSlicedWassersteinRegularizer(sharded, **kw)
         base = SlicedWassersteinRegularizer(reference, **kw)
         g = torch.Generator().manual_seed(0)
@@ -226,13 +227,13 @@ def scenario_fsdp_train(out: Path) -> dict:
 
     vocab = build().config.vocab_size
     batches = [torch.randint(0, vocab, (4, 12), generator=g) for _ in range(steps)]
-    kw = dict(n_projections=8, mode="fixed", seed=3, reference_dtype=torch.float32)
+    kw = {"n_projections": 8, "mode": "fixed", "seed": 3, "reference_dtype": torch.float32}
     model = fully_shard_model(build())
     reg = ShardedSlicedWassersteinRegularizer(model, **kw)
     # FSDP2 averages gradients over ranks: each rank weighs its half of the batch by 1 (its
     # token mean), so the average equals the single-process token mean when halves have equal
     # token counts (fixed-length sequences here).
-    split = lambda b: [(b[rank::world], 1.0)]  # noqa: E731
+    split = lambda b: [(b[rank::world], 1.0)]
     got = _train_losses(model, batches, reg, lam, steps, split)
     got = [(float(_sum_all(t)) / world, r) for t, r in got]
     result = {"sharded": got}
@@ -267,6 +268,17 @@ def scenario_ddp_unlearn(out: Path, config: dict, stop_after: int) -> dict:
         pass
     result = unlearn({**config, "resume": True, "overwrite": False})
     return {"status": result.status, "steps": result.steps, "last": result.last_metrics}
+
+
+def scenario_refusal(out: Path, config: dict) -> dict:
+    """Resuming with a changed config: rank 0 refuses, and every rank must stop with its error."""
+    from snap_fast.train import unlearn
+
+    try:
+        unlearn({**config, "resume": True, "overwrite": False, "lr": config["lr"] / 2})
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
 
 
 def scenario_die(out: Path) -> dict:

@@ -237,7 +237,7 @@ def test_interrupted_originals_keep_saved_batches(tmp_path):
 
 
 def test_package_exports():
-    import snap_fast.data as data
+    from snap_fast import data
 
     for name in data.__all__:
         assert getattr(data, name) is not None, name

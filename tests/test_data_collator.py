@@ -130,6 +130,9 @@ def test_generate_answers_matches_unbatched_greedy(factory):
         assert all(got)
     assert generate_answers(model, tok, prompts, max_new_tokens=6, batch_size=3, progress=False) == got
     assert generate_answers(model, tok, [], progress=False) == []
+    state = torch.get_rng_state()
+    generate_answers(model, tok, prompts[:1], max_new_tokens=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG stream is untouched
 
 
 def test_generate_answers_bad_input():

@@ -18,6 +18,7 @@ from snap_fast.data.generators import (
     filter_neighbours,
     filter_questions,
     generate_questions,
+    neighbour_prompts,
     parse_items,
     propose_neighbours,
     question_prompts,
@@ -57,7 +58,8 @@ def test_parse_and_filter():
 
 def test_filter_neighbours_checks_target_and_aliases():
     proposed = ["Harry Potter", "The Boy Who Lived", "Frodo Baggins - a hobbit", "frodo baggins",
-                "Harry Potter and the Goblet of Fire", "Percy Jackson (character)", "x", "Gandalf."]
+                "Harry Potter and the Goblet of Fire", "Percy Jackson (character)", "x", "Gandalf.", "Potter",
+                "the boy"]
     assert filter_neighbours(proposed, TARGET, limit=10) == ["Frodo Baggins", "Percy Jackson", "Gandalf"]
     assert filter_neighbours(proposed, TARGET, limit=1) == ["Frodo Baggins"]
 
@@ -163,9 +165,9 @@ def test_endpoint_generation(server, monkeypatch):
 
 def test_endpoint_retries_transient_errors(server):
     srv = server([(503, "busy"), (429, "slow down"), (200, _completion("Frodo Baggins\nHarry Potter\nGandalf"))])
-    gen = EndpointGenerator(srv.url + "/chat/completions", "m", backoff=0.01)
+    gen = EndpointGenerator(srv.url + "/chat/completions", "m", backoff=0.01, progress=False)
     assert propose_neighbours(gen, TARGET) == ["Frodo Baggins", "Gandalf"]
-    assert len(srv.requests) == 3
+    assert len(srv.requests) == 2 + len(neighbour_prompts(TARGET))  # two retried failures
 
 
 def test_endpoint_malformed_json(server):

@@ -1,9 +1,10 @@
 """torch.distributed: the FSDP2-sharded regularizer, DDP training, failures (CPU, gloo, 2 ranks).
 
 Multi-process checks run in ``tests/distributed_worker.py``, started here as 2 processes with
-the environment ``torchrun`` sets. One launch runs every cooperative scenario (process start-up
-dominates on 2 shared cores); a second launch kills a rank on purpose. Every launch is bounded:
-the process-group timeout is set and the test kills its workers after a deadline.
+the environment ``torchrun`` sets. Process start-up dominates on 2 shared cores, so one module
+fixture overlaps everything: one launch runs every cooperative scenario, a second launch kills
+a rank on purpose, and meanwhile this process computes the single-process reference run. Every
+launch is bounded: the process-group timeout is set and the workers are killed at a deadline.
 
 Tolerances: float32 throughout; the sharded paths sum the same terms in another order (per-rank
 partial sums, then an all-reduce), so values agree to a relative 1e-5 and gradients to 1e-5 of
@@ -12,6 +13,7 @@ their largest entry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,37 +46,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenarios: str, out: Path, kwargs: dict | None = None, *, deadline_s: float = 400,
-            pg_timeout_s: float = 60) -> list[tuple[int, str]]:
-    """Start WORLD worker processes; return (exit code, log) per rank; kill them at the deadline."""
-    out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    procs, logs = [], []
-    for rank in range(WORLD):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "OMP_NUM_THREADS": "1",
-               "SNAP_FAST_TEST_PG_TIMEOUT": str(pg_timeout_s), "PYTHONPATH": str(ROOT)}
-        log = open(out / f"log-{scenarios.replace(',', '_')}-{rank}.txt", "w+", encoding="utf-8")
-        args = [sys.executable, str(WORKER), scenarios, str(out)] + ([json.dumps(kwargs)] if kwargs else [])
-        procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
-        logs.append(log)
-    end = time.monotonic() + deadline_s
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, end - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"distributed workers did not finish within {deadline_s} s (hang?)")
-    finally:
-        for p in procs:  # only our own workers, by their handles
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    results = []
-    for p, log in zip(procs, logs):
-        log.seek(0)
-        results.append((p.returncode, log.read()))
-        log.close()
-    return results
+class _Launch:
+    """WORLD worker processes started in the background (so several launches can overlap)."""
+
+    def __init__(self, scenarios: str, out: Path, kwargs: dict | None = None, *, pg_timeout_s: float = 60):
+        out.mkdir(parents=True, exist_ok=True)
+        self._stack = contextlib.ExitStack()
+        port = _free_port()
+        self.procs, self.logs = [], []
+        for rank in range(WORLD):
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                   "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "OMP_NUM_THREADS": "1",
+                   "SNAP_FAST_TEST_PG_TIMEOUT": str(pg_timeout_s), "PYTHONPATH": str(ROOT)}
+            path = out / f"log-{scenarios.replace(',', '_')}-{rank}.txt"
+            log = self._stack.enter_context(open(path, "w+", encoding="utf-8"))  # noqa: SIM115 (closed in finish)
+            args = [sys.executable, str(WORKER), scenarios, str(out)] + ([json.dumps(kwargs)] if kwargs else [])
+            self.procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+            self.logs.append(log)
+
+    def finish(self, deadline_s: float) -> list[tuple[int, str]]:
+        """Wait up to ``deadline_s`` in all; kill our own workers if they are still running."""
+        end = time.monotonic() + deadline_s
+        with self._stack:
+            try:
+                for p in self.procs:
+                    p.wait(timeout=max(1.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"distributed workers did not finish within {deadline_s} s (hang?)")
+            finally:
+                for p in self.procs:  # only our own workers, by their handles
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+            results = []
+            for p, log in zip(self.procs, self.logs):
+                log.seek(0)
+                results.append((p.returncode, log.read()))
+        return results
 
 
 def _read(out: Path, scenario: str) -> list[dict]:
@@ -107,24 +115,33 @@ def _write_data(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """One 2-rank launch: sharded regularizer, communication count, FSDP2 and DDP training."""
+    """All multi-process work, overlapped: one 2-rank launch of the cooperative scenarios
+    (sharded regularizer, LoRA, communication count, FSDP2 and DDP training), one 2-rank launch
+    where a rank dies, and meanwhile the single-process reference run in this process."""
+    from snap_fast.train import unlearn
     from tests.helpers import save_tiny_model
 
     tmp = tmp_path_factory.mktemp("dist")
     save_tiny_model(tmp / "model")
     _write_data(tmp / "data")
     # grad_accum 3 on 2 ranks: uneven micro-batch shares and a 1-micro-batch last step.
-    kwargs = {"ddp_unlearn": {"config": _train_config(tmp, "run_ddp"), "stop_after": 2}}
-    codes = _launch("regularizer,lora,comm,fsdp_train,ddp_unlearn", tmp / "out", kwargs)
-    for rank, (code, log) in enumerate(codes):
+    kwargs = {"ddp_unlearn": {"config": _train_config(tmp, "run_ddp"), "stop_after": 2},
+              "refusal": {"config": _train_config(tmp, "run_ddp")}}
+    started = time.monotonic()
+    main = _Launch("regularizer,lora,comm,fsdp_train,ddp_unlearn,refusal", tmp / "out", kwargs)
+    die = _Launch("die", tmp / "die", pg_timeout_s=30)
+    reference = unlearn(_train_config(tmp, "run_single"))
+    assert reference.status == "completed"
+    die_codes = die.finish(deadline_s=300)
+    for rank, (code, log) in enumerate(main.finish(deadline_s=400)):
         assert code == 0, f"rank {rank} failed:\n{log[-4000:]}"
-    return tmp
+    return tmp, die_codes, time.monotonic() - started
 
 
 def test_sharded_regularizer_equals_single_process(launched):
-    ranks = _read(launched / "out", "regularizer")
+    ranks = _read(launched[0] / "out", "regularizer")
     records = list(zip(*[r["results"] for r in ranks]))
-    assert len(records) == 24
+    assert len(records) == 20
     for per_rank in records:
         a = per_rank[0]
         # the returned value is the global one, bitwise identical on every rank
@@ -140,7 +157,7 @@ def test_sharded_regularizer_equals_single_process(launched):
 
 
 def test_sharded_lora_equals_single_process(launched):
-    ranks = _read(launched / "out", "lora")
+    ranks = _read(launched[0] / "out", "lora")
     for per_rank in zip(*[r["results"] for r in ranks]):
         a = per_rank[0]
         assert a["n_lora"] >= 8 and a["n_grads"] >= 16  # every adapted layer, A and B factors
@@ -151,7 +168,7 @@ def test_sharded_lora_equals_single_process(launched):
 
 
 def test_fixed_mode_cache_is_sharded_by_directions(launched):
-    ranks = _read(launched / "out", "regularizer")
+    ranks = _read(launched[0] / "out", "regularizer")
     for i, rec in enumerate(ranks[0]["results"]):
         owned = [r["results"][i]["owned_values"] for r in ranks]
         # every sorted initial projection of a row-sharded tensor lives on exactly one rank
@@ -160,7 +177,7 @@ def test_fixed_mode_cache_is_sharded_by_directions(launched):
 
 
 def test_measured_bytes_equal_the_formula(launched):
-    for r in _read(launched / "out", "comm"):
+    for r in _read(launched[0] / "out", "comm"):
         shapes = [tuple(s) for s in r["shapes"]]
         for mode in ("fixed", "resample"):
             predicted = predicted_comm_bytes(shapes, r["L"], WORLD, mode=mode, rank=r["rank"])
@@ -169,7 +186,7 @@ def test_measured_bytes_equal_the_formula(launched):
 
 
 def test_fsdp2_training_equals_single_process(launched):
-    ranks = _read(launched / "out", "fsdp_train")
+    ranks = _read(launched[0] / "out", "fsdp_train")
     single, sharded = ranks[0]["single"], ranks[0]["sharded"]
     assert len(single) == len(sharded) == 4
     assert ranks[1]["sharded"] == sharded  # logged values agree on every rank
@@ -180,15 +197,12 @@ def test_fsdp2_training_equals_single_process(launched):
 
 
 def test_ddp_unlearn_equals_single_process_and_resumes(launched):
-    from snap_fast.train import unlearn
-
-    ranks = _read(launched / "out", "ddp_unlearn")
+    folder = launched[0]
+    ranks = _read(folder / "out", "ddp_unlearn")
     assert all(r["status"] == "completed" and r["steps"] == 3 for r in ranks)
-    reference = unlearn(_train_config(launched, "run_single"))
-    assert reference.status == "completed"
 
     def lines(name):
-        return [json.loads(x) for x in (launched / name / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(x) for x in (folder / name / "metrics.jsonl").read_text().splitlines()]
 
     ddp, single = lines("run_ddp"), lines("run_single")
     # rank 0 alone wrote the folder: one line per step, steps after the resume not doubled
@@ -197,21 +211,26 @@ def test_ddp_unlearn_equals_single_process_and_resumes(launched):
         for key in ("loss", "loss_forget", "loss_retain", "loss_general", "reg", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
         assert a["tokens"] == b["tokens"]
-    run = launched / "run_ddp"
+    run = folder / "run_ddp"
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     assert (run / "final" / "merged").is_dir()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-3"]
 
 
-def test_a_dead_rank_makes_the_others_fail_fast(tmp_path):
-    start = time.monotonic()
-    codes = _launch("die", tmp_path, deadline_s=240, pg_timeout_s=30)
+def test_rank0_refusal_stops_every_rank(launched):
+    errors = [r["error"] for r in _read(launched[0] / "out", "refusal")]
+    assert errors[0] is not None and "config differs" in errors[0] and "lr" in errors[0]
+    assert errors[1] is not None and errors[1].startswith("rank 0: ") and errors[0] in errors[1]
+
+
+def test_a_dead_rank_makes_the_others_fail_fast(launched):
+    folder, codes, elapsed = launched
     assert codes[1][0] == 17  # the rank that died
     assert codes[0][0] == 0, codes[0][1][-3000:]
-    (result,) = [json.loads((tmp_path / "die-rank0.json").read_text())]
+    result = json.loads((folder / "die" / "die-rank0.json").read_text())
     assert result["error"] is not None and "another rank probably died" in result["error"]
-    assert result["seconds"] < 30  # detected before the timeout, not by it
-    assert time.monotonic() - start < 240
+    assert result["seconds"] < 30  # detected before the process-group timeout, not by it
+    assert elapsed < 400
 
 
 # ------------------------------------------------------------------ single-process checks
@@ -254,7 +273,7 @@ def test_unsharded_model_equals_the_ordinary_regularizer(mode):
     a = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.LayerNorm(9), torch.nn.Linear(9, 4))
     b = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.LayerNorm(9), torch.nn.Linear(9, 4))
     b.load_state_dict(a.state_dict())
-    kw = dict(n_projections=7, mode=mode, seed=2, reference_dtype=torch.float32)
+    kw = {"n_projections": 7, "mode": mode, "seed": 2, "reference_dtype": torch.float32}
     sharded, base = ShardedSlicedWassersteinRegularizer(a, **kw), SlicedWassersteinRegularizer(b, **kw)
     with torch.no_grad():
         for pa, pb in zip(a.parameters(), b.parameters()):
@@ -283,7 +302,7 @@ def test_unsharded_lora_model_equals_the_ordinary_regularizer(mode):
                 delta = torch.randn(pa.shape, generator=g) * 0.1
                 pa.add_(delta)
                 pb.add_(delta)
-    kw = dict(n_projections=6, mode=mode, seed=4, reference_dtype=torch.float32)
+    kw = {"n_projections": 6, "mode": mode, "seed": 4, "reference_dtype": torch.float32}
     sharded, base = ShardedSlicedWassersteinRegularizer(a, **kw), SlicedWassersteinRegularizer(b, **kw)
     assert len(sharded.lora) == len(base.terms) >= 8
     va, vb = sharded(), base()

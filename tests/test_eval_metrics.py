@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from snap_fast.data.collator import ChatCollator
-from snap_fast.eval.classifier import IgnoranceClassifier, ObliterationJudge, fact_terms, leaked_terms
+from snap_fast.eval.classifier import (
+    IgnoranceClassifier,
+    ObliterationJudge,
+    fact_terms,
+    leaked_terms,
+)
 from snap_fast.eval.metrics import (
     answer_nll,
     answer_probabilities,
@@ -108,8 +113,8 @@ def test_answer_nll_bad_input():
 # ----------------------------------------------------------------------------------- perplexity
 def test_perplexity_equals_dense_computation():
     model, tok = make_tiny_llama()
-    texts = ["The capital of France is Paris.", "Narnia is a fantasy world created by C. S. Lewis, "
-             "and The Lord of the Rings was written by J. R. R. Tolkien.", "Hi there"]
+    texts = ["The capital of France is Paris.", ("Narnia is a fantasy world created by C. S. Lewis, "
+             "and The Lord of the Rings was written by J. R. R. Tolkien."), "Hi there"]
     total, count = 0.0, 0
     for text in texts:  # one text at a time, no padding, float64 log-softmax
         ids = torch.tensor([tok(text)["input_ids"]])

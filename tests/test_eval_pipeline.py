@@ -77,7 +77,7 @@ def test_cache_reuse_force_and_identity(tmp_path, tiny, monkeypatch):
     counted = []
     real_answer_nll = ev.answer_nll
     monkeypatch.setattr(ev, "answer_nll", lambda *a, **k: counted.append(1) or real_answer_nll(*a, **k))
-    kw = dict(identity="tiny", sets=("heldout_forget", "heldout_retain"), progress=False, log=lambda m: None)
+    kw = {"identity": "tiny", "sets": ("heldout_forget", "heldout_retain"), "progress": False, "log": lambda m: None}
     first = evaluate_model(model, tok, data, tmp_path / "out", **kw)
     assert fake.calls == 2 and len(counted) == 2
     second = evaluate_model(model, tok, data, tmp_path / "out", **kw)

@@ -37,37 +37,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MIXED = [(2, 1), (3, 3), (2, 129), (1, 1000), (2, 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_interpreted_sort():
-    """Let the interpreter evaluate tl.sort's xor reductions with numpy instead of per element.
-
-    ``tl.sort`` finds each element's compare-and-swap partner with an xor reduction over a
-    size-2 axis; the interpreter runs any reduction with a custom combine function as a Python
-    loop over elements (seconds per 1000-element sort). ``np.bitwise_xor.reduce`` computes the
-    same values, so the kernels under test are unchanged; only the emulation gets faster.
-    Nothing to do when the kernels are compiled for a GPU.
-    """
-    if not INTERPRETED:
-        yield
-        return
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter.ReduceOps.apply_impl
-
-    def apply_impl(self, inputs):
-        if self.combine_fn == tl.standard._xor_combine and len(inputs) == 1 and self.axis is not None:
-            data = np.bitwise_xor.reduce(inputs[0].handle.data, axis=self.axis, keepdims=self.keep_dims)
-            return self.to_tensor(data, inputs[0].dtype)
-        return original(self, inputs)
-
-    interpreter.ReduceOps.apply_impl = apply_impl
-    try:
-        yield
-    finally:
-        interpreter.ReduceOps.apply_impl = original
-
-
 # ------------------------------------------------------------------------------------ helpers
 def strided(values: torch.Tensor) -> torch.Tensor:
     """A non-contiguous view (stride 2) holding ``values``; the gaps hold garbage."""

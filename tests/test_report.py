@@ -12,7 +12,12 @@ import pytest
 
 from snap_fast.eval.cli import load_for_eval
 from snap_fast.eval.evaluate import evaluate_model
-from snap_fast.eval.report import HEADINGS, build_report, lora_stats_from_adapter, lora_stats_from_metrics
+from snap_fast.eval.report import (
+    HEADINGS,
+    build_report,
+    lora_stats_from_adapter,
+    lora_stats_from_metrics,
+)
 from tests.eval_helpers import one_thread, write_data_folder  # noqa: F401
 from tests.helpers import save_tiny_model
 
@@ -36,7 +41,7 @@ def report_dir(tmp_path_factory):
                    "batch_size": 2, "grad_accum": 1, "n_projections": 8, "lora_targets": "q_proj,v_proj",
                    "progress": False})
     assert run.status == "completed"
-    quiet = dict(max_new_tokens=4, progress=False, log=lambda m: None)
+    quiet = {"max_new_tokens": 4, "progress": False, "log": lambda m: None}
     m, t, ident = load_for_eval(str(model_dir))
     # the original model's answers are the data's original_response fields (known text)
     evaluate_model(m, t, data, root / "ev_orig", identity=ident, answers_from_data=True, **quiet)

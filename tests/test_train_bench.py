@@ -9,6 +9,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: one thread avoids oversubscription on a shared 2-core runner.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
@@ -34,7 +43,6 @@ def test_shapes_match_the_published_models(bench):
 
 
 def test_measure_overhead_rows(bench):
-    torch.set_num_threads(1)
     model = bench.build_lora_model("tiny", r=4, device="cpu", dtype=torch.float32)
     batch = bench.make_batch(256, 2, 8, "cpu")
     assert (batch["labels"][:, :4] == -100).all() and (batch["labels"][:, 4:] >= 0).all()
@@ -59,6 +67,5 @@ def test_measure_overhead_rows(bench):
 
 
 def test_gpu_section_runs_on_cpu_tiny(bench):
-    torch.set_num_threads(1)
     text = bench.gpu_section("cpu", tiny=True, steps=1, warmup=0)
     assert "Target: overhead ≤ 5 %" in text and "λ·SWD refresh" in text

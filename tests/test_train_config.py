@@ -16,6 +16,15 @@ from tests.helpers import save_tiny_model
 from tests.train_data import write_data_folder
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: one thread avoids oversubscription on a shared 2-core runner.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_config")
@@ -34,8 +43,8 @@ def no_model_loading(monkeypatch):
 
 
 def _cfg(assets, tmp_path, **kw):
-    values = dict(model=assets["model"], data=assets["data"], out=str(tmp_path / "run"), batch_size=2,
-                  progress=False)
+    values = {"model": assets["model"], "data": assets["data"], "out": str(tmp_path / "run"), "batch_size": 2,
+                  "progress": False}
     values.update(kw)
     return UnlearnConfig(**values)
 
@@ -78,6 +87,9 @@ def test_empty_forget_set_and_missing_fields(assets, tmp_path, no_model_loading)
         unlearn(_cfg(assets, tmp_path, data=str(data), batch_size=1))
     with pytest.raises(ValueError, match="'original_response'"):
         unlearn(_cfg(assets, tmp_path, data=str(data), batch_size=1, method="ga"))
+    (data / "retain.jsonl").write_text(json.dumps({"prompt": "Who else?", "response": None}) + "\n")
+    with pytest.raises(ValueError, match="retain.jsonl record 1 needs 'prompt' and 'response'"):
+        unlearn(_cfg(assets, tmp_path, data=str(data), batch_size=1))
     (data / "forget.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="forget.jsonl:1: not valid JSON"):
         unlearn(_cfg(assets, tmp_path, data=str(data), batch_size=1))
@@ -114,7 +126,6 @@ def test_defaults_resolve_and_yaml_round_trip(tmp_path):
 def test_cli_end_to_end_and_bad_input(assets, tmp_path, capsys):
     from snap_fast.cli import main
 
-    torch.set_num_threads(1)
     out = tmp_path / "run"
     argv = ["unlearn", "--model", assets["model"], "--data", assets["data"], "--out", str(out),
             "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--n-projections", "8",

@@ -49,13 +49,31 @@ def question_prompts(target: TargetSpec, per_prompt: int = 10) -> list[str]:
     ]
 
 
-def neighbour_prompt(target: TargetSpec, n: int = 10) -> str:
-    """The instruction asking a generator for entities similar to ``target`` but distinct."""
-    return (
-        f"List {n} well-known people, characters or works that are similar to {target.name} "
-        f"(same domain, same kind) but are not {target.name} and not part of its story. "
-        "Write only the names, one per line, numbered."
-    )
+_KIND_WORDS = {
+    "person": "famous people from the same field",
+    "character": "fantasy book series or fictional characters",
+    "work": "books, films or series of the same genre",
+    "place": "places",
+    "organization": "organizations",
+}
+
+
+def neighbour_prompts(target: TargetSpec, n: int = 10) -> list[str]:
+    """Instructions asking a generator for entities similar to ``target`` (several phrasings,
+    whose answers are pooled).
+
+    Kept short and positive: small models (SmolLM2-135M) answer "similar to X, but not X" with X
+    itself, while a plain request with the kind of entity named often gives real neighbours; the
+    target is removed afterwards by :func:`filter_neighbours`.
+    """
+    kind = _KIND_WORDS.get(target.category or "", "famous people, characters or works")
+    prompts = [
+        f"List {n} {kind} similar to {target.name}, one per line.",
+        f"Which {kind} are often compared with {target.name}? List {n}, one per line.",
+    ]
+    if target.description:
+        prompts.append(f"List {n} {kind} similar to {target.description}, one per line.")
+    return prompts
 
 
 _BULLET = re.compile(r"^\s*(?:[-*•]+|\(?\d{1,3}[.):]|\(?[a-zA-Z][.)]|Q\d*[:.]|Question\s*\d*[:.])\s*")
@@ -110,7 +128,8 @@ def filter_questions(
 
 def filter_neighbours(items: Sequence[str], target: TargetSpec, limit: int) -> list[str]:
     """Check proposed neighbours: a short name (2-60 characters, at most 8 words), not the
-    target, not an alias, not mentioning either, no duplicates; at most ``limit`` kept."""
+    target, not an alias, not mentioning either, not a fragment of their names, no duplicates;
+    at most ``limit`` kept."""
     kept: list[str] = []
     seen: set[str] = set()
     for item in items:
@@ -119,6 +138,9 @@ def filter_neighbours(items: Sequence[str], target: TargetSpec, limit: int) -> l
         if not (2 <= len(name) <= 60) or len(name.split()) > 8 or not key:
             continue
         if target.is_target_name(name) or key in seen:
+            continue
+        # a fragment of the target's own name ("Albert" for "Albert Einstein") is the target
+        if any(set(key.split()) <= set(normalize(form).split()) for form in target.surface_forms):
             continue
         seen.add(key)
         kept.append(name)
@@ -269,5 +291,5 @@ def generate_questions(generator, target: TargetSpec, seen: set[str], *,
 def propose_neighbours(generator, target: TargetSpec, n: int = 8) -> list[str]:
     """Ask ``generator`` for up to ``n`` neighbour entities and check them (see
     :func:`filter_neighbours`)."""
-    raw = generator.complete([neighbour_prompt(target, n + 4)])
+    raw = generator.complete(neighbour_prompts(target, n + 2))
     return filter_neighbours([item for text in raw for item in parse_items(text)], target, n)

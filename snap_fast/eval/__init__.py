@@ -9,9 +9,21 @@
 
 from .classifier import IgnoranceClassifier, ObliterationJudge, leaked_terms
 from .evaluate import check_targets, evaluate_model, headline
-from .metrics import answer_probabilities, fluency_stats, is_gibberish, perplexity, rouge_l_recall
+from .metrics import (
+    answer_probabilities,
+    fluency_stats,
+    is_gibberish,
+    perplexity,
+    rouge_l_recall,
+)
 from .report import build_report
-from .tofu_metrics import evaluate_tofu, forget_quality, model_utility, truth_ratio_score, truth_ratios
+from .tofu_metrics import (
+    evaluate_tofu,
+    forget_quality,
+    model_utility,
+    truth_ratio_score,
+    truth_ratios,
+)
 
 __all__ = [
     "IgnoranceClassifier",

@@ -29,14 +29,14 @@ from rouge_score import rouge_scorer
 # apostrophes, single spaces). Written for this project; each is a regular expression fragment.
 IGNORANCE_PATTERNS: tuple[str, ...] = (
     r"\bi (?:do not|don't|dont) (?:really |actually )?know\b",
-    r"\bi (?:do not|don't|dont) (?:really )?(?:have|possess) (?:any |much |enough |specific |reliable )?"
-    r"(?:information|info|details|knowledge|data|facts|record|context)",
+    (r"\bi (?:do not|don't|dont) (?:really )?(?:have|possess) (?:any |much |enough |specific |reliable )?"
+    r"(?:information|info|details|knowledge|data|facts|record|context)"),
     r"\bi(?: am|'m|m) (?:not|un)(?: really)? (?:familiar|aware|sure|certain|acquainted)\b",
     r"\bi(?: am|'m|m) (?:afraid|sorry)\b.{0,40}\b(?:not|no|don't|cannot|can't|unable)\b",
     r"\bi (?:have|'ve) (?:never|not) (?:heard|come across|encountered|read)\b",
     r"\bi(?: have|'ve)? no (?:information|idea|knowledge|details|record|clue|data|recollection)\b",
-    r"\bi (?:cannot|can't|can not|could not|couldn't|am unable to|'m unable to|m unable to) "
-    r"(?:find|provide|recall|say|tell|answer|help|share|offer|give|identify|remember|locate|comment)",
+    (r"\bi (?:cannot|can't|can not|could not|couldn't|am unable to|'m unable to|m unable to) "
+    r"(?:find|provide|recall|say|tell|answer|help|share|offer|give|identify|remember|locate|comment)"),
     r"\b(?:does not|doesn't) (?:ring a bell|sound familiar)\b",
     r"\b(?:is|are|was) not something i (?:know|recognize|recognise|can speak|am familiar)",
     r"\bnot something i(?:'m| am) (?:familiar|aware|able)\b",
@@ -53,14 +53,17 @@ IGNORANCE_PATTERNS: tuple[str, ...] = (
 _IGNORANCE_RE = re.compile("|".join(f"(?:{p})" for p in IGNORANCE_PATTERNS))
 
 # Capitalised words that open sentences or are too common to identify the target.
-_COMMON_CAPITALISED = frozenset(
-    """a an the he she it they his her its their this that these those in on at of for to and or
-    but by with from as is was are were be been i you we my your our after before during when
-    while who what where which why how one two three first second also there here some many
-    most every each all both yes no not mr mrs ms dr sir lady lord king queen book books series
-    film films movie movies novel novels story stories character characters author writer
-    english british american world school year years""".split()
-)
+_COMMON_CAPITALISED = frozenset((
+    "a", "an", "the", "he", "she", "it", "they", "his", "her", "its", "their", "this", "that",
+    "these", "those", "in", "on", "at", "of", "for", "to", "and", "or", "but", "by", "with",
+    "from", "as", "is", "was", "are", "were", "be", "been", "i", "you", "we", "my", "your",
+    "our", "after", "before", "during", "when", "while", "who", "what", "where", "which", "why",
+    "how", "one", "two", "three", "first", "second", "also", "there", "here", "some", "many",
+    "most", "every", "each", "all", "both", "yes", "no", "not", "mr", "mrs", "ms", "dr", "sir",
+    "lady", "lord", "king", "queen", "book", "books", "series", "film", "films", "movie",
+    "movies", "novel", "novels", "story", "stories", "character", "characters", "author",
+    "writer", "english", "british", "american", "world", "school", "year", "years",
+))
 _PROPER_RE = re.compile(r"\b[A-Z][\w'’.-]*(?:\s+(?:[A-Z][\w'’.-]*|of|the|and|de|van|von))*")
 _NUMBER_RE = re.compile(r"\b\d{3,}\b")
 _PLACEHOLDER_RE = re.compile(r"\{[a-z_]+\}")
@@ -198,10 +201,12 @@ class ObliterationJudge:
     @classmethod
     def from_target(
         cls, target: Mapping, *, bank: Sequence[str] | None = None, bank_threshold: float = 0.6
-    ) -> "ObliterationJudge":
+    ) -> ObliterationJudge:
         """Judge for ``target`` (the ``target.json`` dict: ``name``, ``aliases``, ``facts``)."""
-        if not isinstance(target, Mapping) or not isinstance(target.get("name"), str):
-            raise ValueError("target must be a dict with a 'name' string (target.json)")
+        if not isinstance(target, Mapping):
+            raise TypeError(f"target must be a dict (target.json), got {type(target).__name__}")
+        if not isinstance(target.get("name"), str) or not target["name"].strip():
+            raise ValueError("target must have a non-empty 'name' string (target.json)")
         name = target["name"].strip()
         aliases = [a for a in target.get("aliases") or [] if isinstance(a, str) and a.strip()]
         terms = [name, *aliases, *fact_terms(target.get("facts") or [])]

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import ALL_SETS, DEFAULT_SETS, evaluate_model, read_jsonl, write_json, write_jsonl
+from .evaluate import (
+    ALL_SETS,
+    DEFAULT_SETS,
+    evaluate_model,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

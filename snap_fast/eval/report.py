@@ -25,10 +25,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no display: figures are only written to files
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt
+import matplotlib.ticker
 
-from .evaluate import atomic_write_bytes, atomic_write_text, check_targets, read_jsonl  # noqa: E402
+from .evaluate import atomic_write_bytes, atomic_write_text, check_targets, read_jsonl
 
 # (set, key, label) of the bars in the before/after figure and rows of the before/after table
 COMPARED = (

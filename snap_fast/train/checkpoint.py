@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 __all__ = [
-    "save_checkpoint",
-    "load_checkpoint",
-    "list_checkpoints",
-    "last_checkpoint",
-    "rng_state",
-    "set_rng_state",
     "atomic_write_text",
+    "last_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
 ]
 
 STATE_FILE = "trainer_state.pt"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UnlearnConfig", "METHODS", "PRECISIONS", "REG_MODES", "read_jsonl"]
+__all__ = ["METHODS", "PRECISIONS", "REG_MODES", "UnlearnConfig", "read_jsonl"]
 
 #: Training methods, see :mod:`snap_fast.train.losses`.
 METHODS = ("snap", "snap-npo", "ga", "grad-diff", "npo", "idk")
@@ -126,7 +126,7 @@ class UnlearnConfig:
     notes: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived values
-    def resolved(self) -> "UnlearnConfig":
+    def resolved(self) -> UnlearnConfig:
         """A copy with the defaults that depend on other fields filled in (lr, lam, device)."""
         out = dataclasses.replace(self, notes=dict(self.notes))
         if out.lr is None:
@@ -256,11 +256,21 @@ class UnlearnConfig:
             raise ValueError(f"data: {forget_path} record {bad[0] + 1} has no 'prompt' string")
         if self.uses_retain and self.alpha > 0:
             retain_path = folder / "retain.jsonl"
-            if not retain_path.is_file() or not read_jsonl(retain_path):
+            retain = read_jsonl(retain_path) if retain_path.is_file() else []
+            if not retain:
                 raise ValueError(
                     f"data: method {self.method!r} needs hard positives in {retain_path} "
                     "(missing or empty); use alpha=0 to train without them"
                 )
+            sets = [(retain_path, retain)]
+            general_path = folder / "general.jsonl"
+            if self.use_general and general_path.is_file():
+                sets.append((general_path, read_jsonl(general_path)))
+            for path, rows in sets:
+                bad = [i for i, r in enumerate(rows)
+                       if not (isinstance(r.get("prompt"), str) and isinstance(r.get("response"), str))]
+                if bad:
+                    raise ValueError(f"data: {path} record {bad[0] + 1} needs 'prompt' and 'response' strings")
 
     # ------------------------------------------------------------------ YAML
     def to_dict(self) -> dict[str, Any]:
@@ -272,7 +282,7 @@ class UnlearnConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "UnlearnConfig":
+    def from_dict(cls, values: dict[str, Any]) -> UnlearnConfig:
         """Build from a mapping; unknown keys are an error that lists the known ones."""
         if not isinstance(values, dict):
             raise TypeError(f"config must be a mapping, got {type(values).__name__}")
@@ -283,14 +293,14 @@ class UnlearnConfig:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "UnlearnConfig":
+    def from_yaml(cls, path: str | os.PathLike) -> UnlearnConfig:
         import yaml
 
         with open(path, encoding="utf-8") as fh:
             values = yaml.safe_load(fh) or {}
         return cls.from_dict(values)
 
-    def differences(self, other: "UnlearnConfig", ignore: frozenset[str] = RESUMABLE_CHANGES) -> dict:
+    def differences(self, other: UnlearnConfig, ignore: frozenset[str] = RESUMABLE_CHANGES) -> dict:
         """``{field: (self_value, other_value)}`` for fields that differ, except ``ignore``."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if k not in ignore and k != "notes" and a[k] != b[k]}

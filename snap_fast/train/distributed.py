@@ -32,7 +32,12 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..distributed import DistributedContext, DistributedFailure, collective_guard, init_from_env
+from ..distributed import (
+    DistributedContext,
+    DistributedFailure,
+    collective_guard,
+    init_from_env,
+)
 from .runtime import Runtime
 
 __all__ = ["DataParallel", "DistributedFailure"]
@@ -51,7 +56,7 @@ class DataParallel:
         self.ctx = ctx if ctx is not None else DistributedContext()
 
     @classmethod
-    def from_env(cls, device: str = "auto", *, timeout_s: float = 600.0) -> "DataParallel":
+    def from_env(cls, device: str = "auto", *, timeout_s: float = 600.0) -> DataParallel:
         """Join the launcher's job (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), or stay single.
 
         ``device`` is the run's device setting: ``cpu`` forces the gloo backend and CPU tensors
@@ -145,7 +150,7 @@ class DataParallel:
             flat[k] = float(sums.get(k, 0.0))
             flat[f"has_{k}"] = 1.0 if k in sums else 0.0
         total = self.reduce(flat)
-        return {k: total[k] for k in keys if total[f"has_{k}"] > 0}, int(round(total["tokens"]))
+        return {k: total[k] for k in keys if total[f"has_{k}"] > 0}, round(total["tokens"])
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (e.g. a stop signal)."""
@@ -154,9 +159,9 @@ class DataParallel:
     def main_first(self, fn: Callable[[], T]) -> T | None:
         """Run ``fn`` on rank 0 only; the others wait and re-raise rank 0's error, if any.
 
-        Used for the run folder: rank 0 validates and writes it, and a refusal (an existing
-        folder without ``--resume``) stops every rank with the same message instead of leaving
-        them waiting for a collective that never comes.
+        Used for the run folder: rank 0 checks and writes it, and a refusal (``--resume`` with
+        a changed config) stops every rank with the same message instead of leaving them
+        waiting for a collective that never comes.
         """
         if not self.ctx.distributed:
             return fn()
@@ -164,7 +169,7 @@ class DataParallel:
         if self.is_main:
             try:
                 result = fn()
-            except Exception as exc:  # re-raised below on every rank
+            except Exception as exc:  # noqa: BLE001 - any refusal is re-raised below, on every rank
                 error = exc
         box: list[Any] = [None if error is None else (type(error).__name__, str(error))]
         with collective_guard("broadcast run-folder status"):

@@ -32,15 +32,15 @@ import torch.nn.functional as F
 
 __all__ = [
     "IGNORE_INDEX",
-    "token_nll",
-    "nll",
-    "sequence_logprob",
-    "gradient_ascent_loss",
-    "grad_diff_loss",
-    "npo_loss",
-    "forget_loss",
-    "step_terms",
     "combine",
+    "forget_loss",
+    "grad_diff_loss",
+    "gradient_ascent_loss",
+    "nll",
+    "npo_loss",
+    "sequence_logprob",
+    "step_terms",
+    "token_nll",
 ]
 
 IGNORE_INDEX = -100

@@ -47,7 +47,7 @@ from .config import UnlearnConfig, read_jsonl
 from .distributed import DataParallel
 from .runtime import EXIT_CODES, Runtime, StopSignals, seed_everything
 
-__all__ = ["unlearn", "RunResult", "NonFiniteLossError", "UnlearnData", "StepCallback"]
+__all__ = ["NonFiniteLossError", "RunResult", "StepCallback", "UnlearnData", "unlearn"]
 
 #: ``on_step(step, metrics, model)``, called after every optimizer step (step counts from 1).
 StepCallback = Callable[[int, dict, torch.nn.Module], None]
@@ -109,7 +109,7 @@ class UnlearnData:
         self._orders: dict[int, dict[str, np.ndarray]] = {}
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, cfg: UnlearnConfig) -> "UnlearnData":
+    def from_folder(cls, folder: str | os.PathLike, cfg: UnlearnConfig) -> UnlearnData:
         folder = Path(folder)
         forget = read_jsonl(folder / "forget.jsonl")
 
@@ -468,11 +468,10 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
                     reg_value = float(reg.detach())
                     sums["loss"] += cfg.lam * reg_value
 
-                grad_norm = None
-                if cfg.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    _check_finite(grad_norm, step + 1, "gradient norm", run_dir, cfg, saved_step, {})
-                    grad_norm = float(grad_norm)
+                # An infinite max norm measures without clipping: the check runs either way.
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+                _check_finite(grad_norm, step + 1, "gradient norm", run_dir, cfg, saved_step, {})
+                grad_norm = float(grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["Runtime", "StopSignals", "seed_everything", "EXIT_CODES"]
+__all__ = ["EXIT_CODES", "Runtime", "StopSignals", "seed_everything"]
 
 #: Process exit codes of ``snap-fast unlearn`` by run status (128 + signal number for signals,
 #: as shells report them).
@@ -44,7 +44,7 @@ class Runtime:
     is_main_process: bool = True
 
     @classmethod
-    def from_config(cls, device: str, precision: str) -> "Runtime":
+    def from_config(cls, device: str, precision: str) -> Runtime:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
@@ -85,7 +85,7 @@ class StopSignals:
             raise KeyboardInterrupt
         self.received = name
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:  # noqa: PYI034 (typing.Self needs Python 3.11; we support 3.10)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -27,7 +27,7 @@ from transformers import Trainer
 
 from ..regularizer import SlicedWassersteinRegularizer
 
-__all__ = ["SWDRegularizedTrainerMixin", "RegularizedTrainer"]
+__all__ = ["RegularizedTrainer", "SWDRegularizedTrainerMixin"]
 
 
 class SWDRegularizedTrainerMixin:
