@@ -511,14 +511,15 @@ class ShardedSlicedWassersteinRegularizer(SlicedWassersteinRegularizer):
             [t.n_local for t in self.rows] + [t.d_local for t in self.cols]
             + [rows for t in self.lora for rows in t.factor_rows],
             dtype=torch.int64,
+            device=terms[0].device,  # NCCL collectives need CUDA tensors
         )
         if world > 1 and sizes.numel():
             gathered = [torch.empty_like(sizes) for _ in range(world)]
             with collective_guard("all_gather shard sizes"):
                 dist.all_gather(gathered, sizes, group=self._group)
-            table = torch.stack(gathered)  # (world, n_rows + n_cols)
+            table = torch.stack(gathered).cpu()  # (world, n_rows + n_cols + 2·n_lora)
         else:
-            table = sizes.unsqueeze(0)
+            table = sizes.unsqueeze(0).cpu()
         # counts[r][i]: rows (or columns) rank r holds of the i-th sharded term
         self._row_counts = table[:, : len(self.rows)].tolist()
         col_counts = table[:, len(self.rows) : len(self.rows) + len(self.cols)]

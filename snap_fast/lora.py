@@ -25,6 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = None
+
 from .regularizer import RegularizedTerm
 
 __all__ = ["LoraFactors", "LoraTerm", "build_lora_terms", "find_lora_factors"]
@@ -84,6 +89,11 @@ def _unsupported(module_name: str, why: str) -> ValueError:
 
 
 def _check_base_weight(module_name: str, weight: object) -> torch.Tensor:
+    if DTensor is not None and isinstance(weight, DTensor):
+        # FSDP2 shards the frozen base by rows: check the local shard, keep the DTensor (the
+        # sharded regularizer in snap_fast.distributed projects local rows only).
+        _check_base_weight(module_name, weight.to_local())
+        return weight
     # Quantized bases (bitsandbytes Params4bit/Int8Params, torchao, ...) are Parameter subclasses
     # or integer tensors whose values are not the weight: refuse them instead of reading garbage.
     if type(weight) not in (torch.nn.Parameter, torch.Tensor):

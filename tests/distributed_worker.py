@@ -119,36 +119,10 @@ def scenario_regularizer(out: Path) -> dict:
     return {"results": results}
 
 
-def _accept_dtensor_lora_bases() -> None:
-    """Let snap_fast.lora read FSDP2-sharded (DTensor) base weights.
-
-    Its base-weight check admits plain tensors only (a guard against quantized bases); a DTensor
-    shard is checked through its local tensor instead. A no-op once snap_fast.lora accepts
-    DTensors itself (requested from its owner).
-    """
-    from torch.distributed.tensor import DTensor
-
-    from snap_fast import lora
-
-    check = lora._check_base_weight
-    if getattr(check, "_accepts_dtensor", False):
-        return
-
-    def accepting(module_name, weight):
-        if isinstance(weight, DTensor):
-            check(module_name, weight.to_local())
-            return weight
-        return check(module_name, weight)
-
-    accepting._accepts_dtensor = True
-    lora._check_base_weight = accepting
-
-
 def scenario_lora(out: Path) -> dict:
     """LoRA (PEFT, r = 4, every linear layer and the embedding) on an FSDP2-sharded tiny Llama."""
     from tests.lora_models import peft_model
 
-    _accept_dtensor_lora_bases()
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     for mode in ("fixed", "resample"):

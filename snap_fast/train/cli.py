@@ -12,6 +12,7 @@ command with ``--resume`` to continue.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +102,6 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"snap-fast unlearn: {exc}", file=sys.stderr)
         return EXIT_CODES["diverged"]
-    if result.status == "completed":
+    if result.status == "completed" and int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {result.steps} steps; adapter/model in {result.final_dir}")
     return result.exit_code
