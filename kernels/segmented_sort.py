@@ -143,9 +143,15 @@ def sort_long_segments(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         ``(values, indices)``: float32 (count, n) ascending rows and int64 (count, n) positions
         (``values = block[indices]`` row-wise). NaN sorts last, as in ``torch.sort``.
 
-    This is the one place to swap in a faster long-segment sort (e.g. the CUDA segmented sort
-    of ``csrc/``); both launchers call it for every run longer than the block limit.
+    Both launchers call it for every run longer than the block limit. On CUDA it uses the CUB
+    segmented sort of ``csrc/`` (compiled on first use and cached, like the CPU extension) and
+    falls back to ``torch.sort`` where that extension cannot be built.
     """
+    if block.is_cuda:
+        from snap_fast import _ext
+
+        if _ext.cuda_available():
+            return _ext.cuda_sort_rows(block)
     return torch.sort(block.float(), dim=1)
 
 
