@@ -168,16 +168,19 @@ def time_stages(
             theta, sorted_ref = reg._directions_and_reference()
             t1 = time.perf_counter()
             proj = reg._project(theta)
+            offset = reg._projection_offset()
             t2 = time.perf_counter()
             if reg.backend in FUSED_BACKENDS:  # one fused pass: sort/match and reduction together
                 value = swd_from_projections(
                     proj, sorted_ref, reg.layout, n_projections=reg.n_projections, p=reg.p,
-                    backend=reg.backend, state=state,
+                    backend=reg.backend, state=state, offset=offset,
                 )
                 t3 = t4 = time.perf_counter()
             else:
+                if offset is not None:  # the cached LoRA W0 Θ (see SlicedWassersteinRegularizer._pin)
+                    proj = proj.float() + offset
                 with torch.no_grad():
-                    targets = match_sorted(proj.detach(), sorted_ref, reg.layout, reg.backend, state)
+                    targets = match_sorted(proj.detach(), sorted_ref.float(), reg.layout, reg.backend, state)
                 t3 = time.perf_counter()
                 diff = proj.float() - targets
                 value = (diff.square() if reg.p == 2 else diff.abs().pow(reg.p)).sum() / reg.n_projections

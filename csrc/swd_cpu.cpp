@@ -214,14 +214,16 @@ constexpr int64_t kRepairMovesPerElement = 4;
 // Sorts (key, index) items of one segment, reusing `perm` (the previous sorting permutation of
 // this segment) when `reuse` is set. On return items[k] holds the k-th smallest key and the
 // segment-local index it came from.
-void sort_segment_pairs(const float* x, int64_t n, const int32_t* perm, bool reuse, uint64_t* items,
+// `x(i)` returns the segment's i-th projected value (the fused path adds a constant offset there).
+template <typename Load>
+void sort_segment_pairs(const Load& x, int64_t n, const int32_t* perm, bool reuse, uint64_t* items,
                         uint64_t* tmp, ReuseStats& stats) {
   if (reuse) {
     int64_t descents = 0;
     uint32_t prev = 0;
     for (int64_t k = 0; k < n; ++k) {
       const uint32_t idx = static_cast<uint32_t>(perm[k]);
-      const uint32_t key = float_key(x[idx]);
+      const uint32_t key = float_key(x(idx));
       descents += key < prev;
       prev = key;
       items[k] = (static_cast<uint64_t>(key) << 32) | idx;
@@ -239,7 +241,7 @@ void sort_segment_pairs(const float* x, int64_t n, const int32_t* perm, bool reu
     sort_items(items, tmp, n);  // items is still a permutation of the segment: sort it fully
   } else {
     for (int64_t k = 0; k < n; ++k) {
-      items[k] = (static_cast<uint64_t>(float_key(x[k])) << 32) | static_cast<uint32_t>(k);
+      items[k] = (static_cast<uint64_t>(float_key(x(k))) << 32) | static_cast<uint32_t>(k);
     }
     sort_items(items, tmp, n);
   }
@@ -288,6 +290,40 @@ at::Tensor sort_segments(const at::Tensor& x, const at::Tensor& offsets) {
   return out;
 }
 
+// The sorted reference (and the fused path's offset) may be float32 or bfloat16: the regularizer
+// keeps its cache in bfloat16 by default, and converting it on the fly here is free next to the
+// sort, whereas a full-buffer conversion in Python costs a pass over tens of millions of values.
+void check_ref(const at::Tensor& t, const char* name, int64_t numel) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), " dimensions");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.numel() == numel, name, " has ", t.numel(), " elements, proj has ", numel);
+}
+
+// Calls f(pointer) with the typed data pointer of a float32 or bfloat16 tensor.
+template <typename F>
+void with_ref(const at::Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kBFloat16) {
+    f(t.data_ptr<at::BFloat16>());
+  } else {
+    f(t.data_ptr<float>());
+  }
+}
+
+int32_t* prepare_perm(const c10::optional<at::Tensor>& perm, bool reuse, const at::Tensor& offsets,
+                      int64_t total) {
+  const bool keep = perm.has_value() && perm->defined();
+  TORCH_CHECK(keep || !reuse, "reuse=True needs a perm buffer");
+  if (!keep) return nullptr;
+  check_perm(*perm, total);
+  int32_t* pm = perm->data_ptr<int32_t>();
+  if (reuse) check_perm_range(pm, offsets);
+  return pm;
+}
+
+// ------------------------------------------------------------------------------------------
 // match_sorted: T[perm[k]] = ref[k] per segment, perm sorting proj. When `perm` is defined it
 // receives the permutations; with `reuse` it also holds the previous call's permutations, which
 // seed the sort. Returns (T, stats) with stats = int64 [already_sorted, repaired, resorted].
@@ -295,100 +331,115 @@ std::tuple<at::Tensor, at::Tensor> match_sorted(const at::Tensor& proj, const at
                                                 const at::Tensor& offsets, const c10::optional<at::Tensor>& perm,
                                                 bool reuse) {
   check_flat(proj, "proj");
-  check_flat(sorted_ref, "sorted_ref");
-  TORCH_CHECK(sorted_ref.numel() == proj.numel(), "sorted_ref has ", sorted_ref.numel(),
-              " elements, proj has ", proj.numel());
+  check_ref(sorted_ref, "sorted_ref", proj.numel());
   check_offsets(offsets, proj.numel(), "proj");
-  const bool keep = perm.has_value() && perm->defined();
-  TORCH_CHECK(keep || !reuse, "reuse=True needs a perm buffer");
-  int32_t* pm = nullptr;
-  if (keep) {
-    check_perm(*perm, proj.numel());
-    pm = perm->data_ptr<int32_t>();
-    if (reuse) check_perm_range(pm, offsets);
-  }
+  int32_t* pm = prepare_perm(perm, reuse, offsets, proj.numel());
+  const bool keep = pm != nullptr;
   at::Tensor out = at::empty_like(proj);
   const float* x = proj.data_ptr<float>();
-  const float* ref = sorted_ref.data_ptr<float>();
   float* t = out.data_ptr<float>();
   ReuseStats stats;
-  for_each_segment(offsets, [&](int64_t, int64_t start, int64_t n) {
-    thread_local std::vector<uint64_t> items_buf, tmp_buf;
-    uint64_t* items = scratch(items_buf, n);
-    uint64_t* tmp = scratch(tmp_buf, n);
-    sort_segment_pairs(x + start, n, keep ? pm + start : nullptr, reuse, items, tmp, stats);
-    for (int64_t k = 0; k < n; ++k) {
-      const uint32_t idx = static_cast<uint32_t>(items[k]);
-      t[start + idx] = ref[start + k];
-      if (keep) pm[start + k] = static_cast<int32_t>(idx);
-    }
+  with_ref(sorted_ref, [&](const auto* ref) {
+    for_each_segment(offsets, [&](int64_t, int64_t start, int64_t n) {
+      thread_local std::vector<uint64_t> items_buf, tmp_buf;
+      uint64_t* items = scratch(items_buf, n);
+      uint64_t* tmp = scratch(tmp_buf, n);
+      const float* xs = x + start;
+      sort_segment_pairs([xs](int64_t i) { return xs[i]; }, n, keep ? pm + start : nullptr, reuse, items, tmp,
+                         stats);
+      for (int64_t k = 0; k < n; ++k) {
+        const uint32_t idx = static_cast<uint32_t>(items[k]);
+        t[start + idx] = static_cast<float>(ref[start + k]);
+        if (keep) pm[start + k] = static_cast<int32_t>(idx);
+      }
+    });
   });
   at::Tensor counts = stats.to_tensor();
   return {out, counts};
 }
 
-// Fused forward of the regularizer's reduction: value = Σ_k |sort(proj)_k − ref_k|^p · scale and
-// its gradient w.r.t. proj, grad[perm[k]] = scale · p · sign(d_k) |d_k|^(p−1), in the same pass as
-// the sort. Per-segment partial sums are float64 and added in segment order (deterministic).
+// One segment of the fused forward: sorts x (through the loader), writes the gradient and the
+// permutation, returns the segment's float64 partial sum.
+template <typename Load, typename RefT>
+double fused_segment(const Load& x, const RefT* r, float* gs, int32_t* ps, int64_t n, bool reuse, double p,
+                     float gscale, ReuseStats& stats) {
+  thread_local std::vector<uint64_t> items_buf, tmp_buf;
+  uint64_t* items = scratch(items_buf, n);
+  uint64_t* tmp = scratch(tmp_buf, n);
+  sort_segment_pairs(x, n, ps, reuse, items, tmp, stats);
+  double acc = 0.0;
+  if (p == 2.0) {
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t idx = static_cast<uint32_t>(items[k]);
+      const float d = key_float(static_cast<uint32_t>(items[k] >> 32)) - static_cast<float>(r[k]);
+      acc += static_cast<double>(d) * d;
+      gs[idx] = gscale * d;
+    }
+  } else {
+    const float pm1 = static_cast<float>(p - 1.0);
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t idx = static_cast<uint32_t>(items[k]);
+      const float d = key_float(static_cast<uint32_t>(items[k] >> 32)) - static_cast<float>(r[k]);
+      const float a = std::fabs(d);
+      acc += std::pow(static_cast<double>(a), p);
+      // At d = 0 the subgradient 0 is used (autograd of |d|^p gives 0 there for p >= 1);
+      // a NaN d gives a NaN gradient.
+      gs[idx] = (a == 0.f) ? 0.f : (d != d ? d : gscale * std::copysign(std::pow(a, pm1), d));
+    }
+  }
+  if (ps != nullptr) {
+    for (int64_t k = 0; k < n; ++k) ps[k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
+  }
+  return acc;
+}
+
+// Fused forward of the regularizer's reduction: value = Σ_k |sort(x)_k − ref_k|^p · scale and its
+// gradient w.r.t. proj, grad[perm[k]] = scale · p · sign(d_k) |d_k|^(p−1), in the same pass as the
+// sort, where x = proj, or x = proj + offset (float32 sum) when `offset` is given: a constant part
+// of the projections (the LoRA path's cached W0 Θ) that is never materialised as float32.
+// Per-segment partial sums are float64 and added in segment order (deterministic).
 // Returns (value float64 0-dim, grad float32 like proj, stats).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& proj, const at::Tensor& sorted_ref,
                                                            const at::Tensor& offsets,
                                                            const c10::optional<at::Tensor>& perm, bool reuse,
-                                                           double p, double scale) {
+                                                           double p, double scale,
+                                                           const c10::optional<at::Tensor>& offset) {
   check_flat(proj, "proj");
-  check_flat(sorted_ref, "sorted_ref");
-  TORCH_CHECK(sorted_ref.numel() == proj.numel(), "sorted_ref has ", sorted_ref.numel(),
-              " elements, proj has ", proj.numel());
+  check_ref(sorted_ref, "sorted_ref", proj.numel());
+  const bool shifted = offset.has_value() && offset->defined();
+  if (shifted) check_ref(*offset, "offset", proj.numel());
   check_offsets(offsets, proj.numel(), "proj");
   TORCH_CHECK(p > 0, "p must be > 0, got ", p);
-  const bool keep = perm.has_value() && perm->defined();
-  TORCH_CHECK(keep || !reuse, "reuse=True needs a perm buffer");
-  int32_t* pm = nullptr;
-  if (keep) {
-    check_perm(*perm, proj.numel());
-    pm = perm->data_ptr<int32_t>();
-    if (reuse) check_perm_range(pm, offsets);
-  }
+  int32_t* pm = prepare_perm(perm, reuse, offsets, proj.numel());
   const int64_t num_segments = offsets.numel() - 1;
   at::Tensor grad = at::empty_like(proj);
   std::vector<double> partial(static_cast<size_t>(num_segments), 0.0);
   const float* x = proj.data_ptr<float>();
-  const float* ref = sorted_ref.data_ptr<float>();
   float* g = grad.data_ptr<float>();
-  const bool square = (p == 2.0);
   const float gscale = static_cast<float>(scale * p);
   ReuseStats stats;
-  for_each_segment(offsets, [&](int64_t s, int64_t start, int64_t n) {
-    thread_local std::vector<uint64_t> items_buf, tmp_buf;
-    uint64_t* items = scratch(items_buf, n);
-    uint64_t* tmp = scratch(tmp_buf, n);
-    sort_segment_pairs(x + start, n, keep ? pm + start : nullptr, reuse, items, tmp, stats);
-    const float* r = ref + start;
-    float* gs = g + start;
-    double acc = 0.0;
-    if (square) {
-      for (int64_t k = 0; k < n; ++k) {
-        const uint32_t idx = static_cast<uint32_t>(items[k]);
-        const float d = key_float(static_cast<uint32_t>(items[k] >> 32)) - r[k];
-        acc += static_cast<double>(d) * d;
-        gs[idx] = gscale * d;
-      }
+  with_ref(sorted_ref, [&](const auto* ref) {
+    auto run = [&](const auto& make_loader) {
+      for_each_segment(offsets, [&](int64_t s, int64_t start, int64_t n) {
+        partial[static_cast<size_t>(s)] = fused_segment(make_loader(start), ref + start, g + start,
+                                                        pm != nullptr ? pm + start : nullptr, n, reuse, p,
+                                                        gscale, stats);
+      });
+    };
+    if (!shifted) {
+      run([x](int64_t start) {
+        const float* xs = x + start;
+        return [xs](int64_t i) { return xs[i]; };
+      });
     } else {
-      const float pm1 = static_cast<float>(p - 1.0);
-      for (int64_t k = 0; k < n; ++k) {
-        const uint32_t idx = static_cast<uint32_t>(items[k]);
-        const float d = key_float(static_cast<uint32_t>(items[k] >> 32)) - r[k];
-        const float a = std::fabs(d);
-        acc += std::pow(static_cast<double>(a), p);
-        // At d = 0 the subgradient 0 is used (autograd of |d|^p gives 0 there for p >= 1);
-        // a NaN d gives a NaN gradient.
-        gs[idx] = (a == 0.f) ? 0.f : (d != d ? d : gscale * std::copysign(std::pow(a, pm1), d));
-      }
+      with_ref(*offset, [&](const auto* base) {
+        run([x, base](int64_t start) {
+          const float* xs = x + start;
+          const auto* bs = base + start;
+          return [xs, bs](int64_t i) { return xs[i] + static_cast<float>(bs[i]); };
+        });
+      });
     }
-    if (keep) {
-      for (int64_t k = 0; k < n; ++k) pm[start + k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
-    }
-    partial[static_cast<size_t>(s)] = acc;
   });
   double total = 0.0;
   for (double v : partial) total += v;
@@ -408,5 +459,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("perm") = c10::nullopt, pybind11::arg("reuse") = false);
   m.def("swd_forward", &swd_forward, "Fused SWD value and gradient w.r.t. the projections",
         pybind11::arg("proj"), pybind11::arg("sorted_ref"), pybind11::arg("offsets"),
-        pybind11::arg("perm"), pybind11::arg("reuse"), pybind11::arg("p"), pybind11::arg("scale"));
+        pybind11::arg("perm"), pybind11::arg("reuse"), pybind11::arg("p"), pybind11::arg("scale"),
+        pybind11::arg("offset") = c10::nullopt);
 }

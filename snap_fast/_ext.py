@@ -187,8 +187,8 @@ def _module() -> Any:
     return module
 
 
-def _flat_cpu_float(name: str, t: object, layout: SegmentLayout) -> torch.Tensor:
-    """Validate a flat buffer argument; return it as a contiguous float32 CPU tensor."""
+def _check_flat_buffer(name: str, t: object, layout: SegmentLayout) -> torch.Tensor:
+    """Validate a flat buffer argument: a 1-D floating CPU tensor of ``layout.total`` values."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -199,7 +199,22 @@ def _flat_cpu_float(name: str, t: object, layout: SegmentLayout) -> torch.Tensor
         raise ValueError(f"{name} must be 1-D (a flat segment buffer), got shape {tuple(t.shape)}")
     if t.numel() != layout.total:
         raise ValueError(f"{name} has {t.numel()} elements but the layout describes {layout.total}")
-    return t.detach().to(torch.float32).contiguous()
+    return t.detach()
+
+
+def _flat_cpu_float(name: str, t: object, layout: SegmentLayout) -> torch.Tensor:
+    """Validate a flat buffer argument; return it as a contiguous float32 CPU tensor."""
+    return _check_flat_buffer(name, t, layout).to(torch.float32).contiguous()
+
+
+def _flat_cpu_ref(name: str, t: object, layout: SegmentLayout) -> torch.Tensor:
+    """Validate a flat read-only buffer; float32 and bfloat16 are kept as they are (the kernels
+    read both: the regularizer's cache is bf16 and a per-call conversion would cost a full pass),
+    other float dtypes become float32."""
+    t = _check_flat_buffer(name, t, layout)
+    if t.dtype not in (torch.float32, torch.bfloat16):
+        t = t.to(torch.float32)
+    return t.contiguous()
 
 
 def _check_layout(layout: object) -> SegmentLayout:
@@ -258,7 +273,8 @@ def match_sorted(
 
     Args:
         proj: (layout.total,) floating CPU tensor, the current projections.
-        sorted_ref: (layout.total,) floating CPU tensor, ascending within each segment.
+        sorted_ref: (layout.total,) floating CPU tensor, ascending within each segment; float32
+            and bfloat16 are read as stored (no conversion pass), other dtypes become float32.
         layout: the segments.
         state: None, or a dict kept by the caller while the directions do not change (cleared when
             they do). The extension keeps each segment's sorting permutation there
@@ -271,7 +287,7 @@ def match_sorted(
     """
     layout = _check_layout(layout)
     proj = _flat_cpu_float("proj", proj, layout)
-    sorted_ref = _flat_cpu_float("sorted_ref", sorted_ref, layout)
+    sorted_ref = _flat_cpu_ref("sorted_ref", sorted_ref, layout)
     perm, reuse = _perm_buffer(state, layout)
     out, counts = _module().match_sorted(proj, sorted_ref, layout.offsets("cpu"), perm, reuse)
     _record(state, counts)
@@ -286,13 +302,19 @@ def swd_forward(
     p: float,
     scale: float,
     state: dict | None = None,
+    offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``scale · Σ_k |sort(proj)_k − sorted_ref_k|^p`` and its gradient w.r.t. ``proj``.
+    """Fused ``scale · Σ_k |sort(x)_k − sorted_ref_k|^p`` and its gradient w.r.t. ``proj``.
+
+    ``x = proj``, or ``x = proj + offset`` (added in float32 inside the kernel) when ``offset``
+    is given.
 
     Args:
         proj, sorted_ref, layout, state: as in :func:`match_sorted`.
         p: exponent > 0.
         scale: factor of the sum (1/L for the regularizer).
+        offset: optional (layout.total,) constant part of the projections (float32 or bfloat16,
+            read as stored; no gradient), e.g. the regularizer's cached LoRA base projections.
 
     Returns ``(value, grad)``: a float64 0-dim tensor (per-segment float64 partial sums, added in
     a fixed order) and a float32 (layout.total,) gradient. At a zero difference the subgradient 0
@@ -300,12 +322,14 @@ def swd_forward(
     """
     layout = _check_layout(layout)
     proj = _flat_cpu_float("proj", proj, layout)
-    sorted_ref = _flat_cpu_float("sorted_ref", sorted_ref, layout)
+    sorted_ref = _flat_cpu_ref("sorted_ref", sorted_ref, layout)
     if not p > 0:
         raise ValueError(f"p must be > 0, got {p}")
+    if offset is not None:
+        offset = _flat_cpu_ref("offset", offset, layout)
     perm, reuse = _perm_buffer(state, layout)
     value, grad, counts = _module().swd_forward(
-        proj, sorted_ref, layout.offsets("cpu"), perm, reuse, float(p), float(scale)
+        proj, sorted_ref, layout.offsets("cpu"), perm, reuse, float(p), float(scale), offset
     )
     _record(state, counts)
     return value, grad

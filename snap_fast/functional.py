@@ -50,10 +50,12 @@ class _CppFusedSWD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, proj, sorted_ref, layout, p, scale, state):  # type: ignore[override]
+    def forward(ctx, proj, sorted_ref, layout, p, scale, state, offset):  # type: ignore[override]
         from . import _ext
 
-        value, grad = _ext.swd_forward(proj.detach(), sorted_ref, layout, p=p, scale=scale, state=state)
+        value, grad = _ext.swd_forward(
+            proj.detach(), sorted_ref, layout, p=p, scale=scale, state=state, offset=offset
+        )
         ctx.save_for_backward(grad)
         ctx.proj_dtype = proj.dtype
         return value.to(torch.float32)
@@ -61,7 +63,7 @@ class _CppFusedSWD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output).to(ctx.proj_dtype), None, None, None, None, None
+        return (grad * grad_output).to(ctx.proj_dtype), None, None, None, None, None, None
 
 
 def swd_from_projections(
@@ -73,23 +75,30 @@ def swd_from_projections(
     p: float,
     backend: str,
     state: dict | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ over segments of Σ_k |sort(proj)_k − sorted_ref_k|^p, divided by L.
+    """Σ over segments of Σ_k |sort(x)_k − sorted_ref_k|^p, divided by L, x = proj (+ offset).
 
     Args:
         proj: flat (layout.total,) projections of the current weights, carrying autograd.
-        sorted_ref: flat (layout.total,) sorted initial projections (no gradient).
+        sorted_ref: flat (layout.total,) sorted initial projections (no gradient), float32 or
+            bfloat16 (the C++ backend reads bf16 as stored; other backends convert it).
         layout: the segment layout of both buffers.
         n_projections: L, the divisor.
         p: exponent > 0.
         backend: a resolved backend name (see :mod:`snap_fast.dispatch`).
         state: optional cache dict for backends that reuse permutations.
+        offset: optional flat (layout.total,) constant added to ``proj`` (no gradient; float32
+            or bfloat16): the regularizer's cached constant part of the projections (LoRA
+            ``W0 Θ``). The C++ backend adds it inside its kernel; the others add it first.
 
     Returns a float32 0-dim tensor. Non-finite projections give a non-finite value (NaN
     propagates; it is never silently dropped).
     """
     if backend == "cpp":
-        return _CppFusedSWD.apply(proj, sorted_ref, layout, float(p), 1.0 / n_projections, state)
+        return _CppFusedSWD.apply(proj, sorted_ref, layout, float(p), 1.0 / n_projections, state, offset)
+    if offset is not None:
+        proj = proj.float() + offset  # one promoting pass, no separate conversion of offset
     with torch.no_grad():
         targets = match_sorted(proj.detach(), sorted_ref, layout, backend, state)
     diff = proj.float() - targets

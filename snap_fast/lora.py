@@ -244,10 +244,25 @@ class LoraTerm(RegularizedTerm):
         return proj0_t.t()
 
     @torch.no_grad()
-    def pin_directions(self, theta: torch.Tensor, dtype: torch.dtype) -> None:
-        """Keep ``W0 Θ`` (in ``dtype``) for every later call until the next pin."""
+    def pin_directions(self, theta: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> None:
+        """Keep ``(W0 Θ)ᵀ`` (in ``dtype``) for every later call until the next pin.
+
+        Args:
+            theta: (d, L) directions.
+            dtype: dtype of the cache.
+            out: optional (L, n) ``dtype`` tensor to hold the cache (the regularizer passes a
+                block of its flat offset buffer, so the cache is not stored twice).
+        """
         self._pinned = None
-        self._pinned = self._w0_theta_t(theta).to(dtype)
+        proj0_t = self._w0_theta_t(theta)
+        if out is None:
+            self._pinned = proj0_t.to(dtype)
+        else:
+            self._pinned = out.copy_(proj0_t)
+
+    def flat_kind(self) -> str | None:
+        """``"lora"``: the regularizer's flat path computes ``W0 Θ + s · U (V Θ)`` itself."""
+        return "lora"
 
     def nbytes_kept(self) -> int:
         return 0 if self._pinned is None else self._pinned.numel() * self._pinned.element_size()

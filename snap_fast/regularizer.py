@@ -71,8 +71,91 @@ class RegularizedTerm:
         keeps ``W0 Θ``); a plain parameter has nothing to cache.
         """
 
+    def flat_kind(self) -> str | None:
+        """How the regularizer's flat path (:class:`_FlatProjection`) may project this term.
+
+        ``"plain"`` (``W Θ``) only for a float32 parameter of exactly this class (subclasses
+        project differently); ``"lora"`` for :class:`snap_fast.lora.LoraTerm`; None: the
+        regularizer calls :meth:`project` for every term instead.
+        """
+        if type(self) is RegularizedTerm and self.param.dtype == torch.float32:
+            return "plain"
+        return None
+
     def nbytes_kept(self) -> int:
         return 0 if self.initial is None else self.initial.numel() * self.initial.element_size()
+
+
+@dataclass(frozen=True)
+class _FlatItem:
+    """Where one term's (L, n) projections go in the flat buffer, and how to compute them."""
+
+    kind: str  # "plain" (W Θ) or "lora" (W0 Θ + s · U (V Θ), see snap_fast.lora.LoraTerm)
+    start: int
+    n: int
+    term: RegularizedTerm
+
+
+class _FlatProjection(torch.autograd.Function):
+    """Projections of every term written straight into one flat float32 buffer.
+
+    Forward, per term, a GEMM with ``out=`` its (L, n) block of the buffer: ``Θᵀ Wᵀ`` for a
+    plain parameter; ``(s·VΘ)ᵀ Uᵀ`` for a LoRA term, plus ``(W0 Θ)ᵀ`` unless the regularizer
+    adds the cached ``W0 Θ`` itself as an offset (``with_base=False``). Compared with autograd
+    over ``project()`` + transposes + ``torch.cat`` this writes every value once instead of
+    three times. Backward, per term: ``dW = Gᵀ Θᵀ``; for LoRA ``dU = s · Gᵀ (VΘ)ᵀ`` and
+    ``dV = s · (G U)ᵀ Θᵀ`` (small GEMMs; G is the term's (L, n) block of the incoming gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, items, thetas, with_base, total, *tensors):  # type: ignore[override]
+        out = torch.empty(total, dtype=torch.float32, device=tensors[0].device)
+        inners: list[torch.Tensor | None] = []
+        j = 0
+        for item, theta in zip(items, thetas):
+            L = theta.shape[1]
+            block = out[item.start : item.start + L * item.n].view(L, item.n)
+            if item.kind == "plain":
+                torch.mm(theta.t(), as_matrix(tensors[j]).t(), out=block)
+                inners.append(None)
+                j += 1
+                continue
+            u, v = tensors[j].float(), tensors[j + 1].float()
+            # s folded into the r×L inner product: (s·VΘ)ᵀ Uᵀ costs no extra pass over the block
+            inner_s = (v @ theta).mul_(item.term.factors.scaling)
+            if with_base:
+                torch.addmm(item.term._w0_theta_t(theta), inner_s.t(), u.t(), out=block)
+            else:
+                torch.mm(inner_s.t(), u.t(), out=block)
+            inners.append(inner_s)
+            j += 2
+        ctx.items, ctx.thetas, ctx.inners = items, thetas, inners
+        ctx.save_for_backward(*tensors)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        tensors = ctx.saved_tensors
+        grads: list[torch.Tensor | None] = [None] * len(tensors)
+        grad = grad.float().contiguous()
+        j = 0
+        for item, theta, inner_s in zip(ctx.items, ctx.thetas, ctx.inners):
+            L = theta.shape[1]
+            g = grad[item.start : item.start + L * item.n].view(L, item.n)
+            if item.kind == "plain":
+                if ctx.needs_input_grad[4 + j]:
+                    w = tensors[j]
+                    grads[j] = torch.mm(g.t(), theta.t()).view(w.shape).to(w.dtype)
+                j += 1
+                continue
+            u, v = tensors[j], tensors[j + 1]
+            if ctx.needs_input_grad[4 + j]:
+                grads[j] = torch.mm(g.t(), inner_s.t()).to(u.dtype)  # (n, r)
+            if ctx.needs_input_grad[5 + j]:
+                d_inner = torch.mm(g, u.float()).t().mul_(item.term.factors.scaling)  # (r, L)
+                grads[j + 1] = torch.mm(d_inner, theta.t()).to(v.dtype)  # (r, d)
+            j += 2
+        return (None, None, None, None, *grads)
 
 
 @dataclass
@@ -168,6 +251,19 @@ class SlicedWassersteinRegularizer:
         for i, t in enumerate(self.terms):
             widths.setdefault(t.d, []).append(i)
         self._groups = [_WidthGroup(d, idx) for d, idx in widths.items()]
+        # The flat path (one autograd node writing all projections into one buffer) needs every
+        # term to be one it knows; otherwise (subclassed terms, bf16 parameters) each term's
+        # project() is called and the results concatenated.
+        kinds = [t.flat_kind() for t in self.terms]
+        self._flat_items: list[_FlatItem] | None = None
+        if all(k is not None for k in kinds):
+            starts = [0]
+            for t in self.terms[:-1]:
+                starts.append(starts[-1] + t.n * n_projections)
+            self._flat_items = [_FlatItem(k, s, t.n, t) for k, s, t in zip(kinds, starts, self.terms)]
+        # Flat (layout.total,) reference_dtype buffer of the pinned constant parts of the
+        # projections (LoRA W0 Θ; zeros for plain terms), added inside the sort kernel.
+        self._offset: torch.Tensor | None = None
 
         self.calls = 0
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -245,12 +341,27 @@ class SlicedWassersteinRegularizer:
         self._pin(theta)
 
     def _pin(self, theta: list[torch.Tensor]) -> None:
-        """Tell every term that ``theta`` stays until the next redraw (LoRA terms cache W0 Θ)."""
-        for t, th in zip(self.terms, theta):
-            t.pin_directions(th, self.reference_dtype)
+        """Tell every term that ``theta`` stays until the next redraw (LoRA terms cache W0 Θ).
+
+        On the flat path the LoRA terms cache W0 Θ inside one flat offset buffer (their blocks
+        of it), which the sort kernel adds to the flat projections: no per-call conversion or
+        copy of those n×L values.
+        """
+        lora = self._flat_items is not None and any(it.kind == "lora" for it in self._flat_items)
+        if not lora:
+            for t, th in zip(self.terms, theta):
+                t.pin_directions(th, self.reference_dtype)
+            return
+        if self._offset is None:
+            self._offset = torch.zeros(self.layout.total, dtype=self.reference_dtype, device=self.device)
+        for item, th in zip(self._flat_items, theta):
+            if item.kind == "lora":
+                block = self._offset[item.start : item.start + th.shape[1] * item.n].view(th.shape[1], item.n)
+                item.term.pin_directions(th, self.reference_dtype, out=block)
 
     def _directions_and_reference(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Directions of this call and the flat sorted initial projections (float32).
+        """Directions of this call and the flat sorted initial projections (float32, or the
+        cache's ``reference_dtype`` for the C++ backend, which reads bf16 directly).
 
         Advances the call counter: the stages of one call are this, :meth:`_project`, then
         :func:`snap_fast.functional.swd_from_projections` (the benchmark times them apart).
@@ -264,11 +375,25 @@ class SlicedWassersteinRegularizer:
             self._rebuild_cache()
         self.calls += 1
         theta = self._fixed_directions() if self.mode == "fixed" else self._theta
-        return theta, self._sorted_ref.float()
+        # The C++ kernels read the bf16 cache as stored; a conversion here would be a full pass.
+        return theta, self._sorted_ref if self.backend == "cpp" else self._sorted_ref.float()
 
     def _project(self, theta: list[torch.Tensor]) -> torch.Tensor:
-        """Flat (layout.total,) current projections, term by term, direction by direction."""
-        return torch.cat([t.project(th).t().reshape(-1) for t, th in zip(self.terms, theta)])
+        """Flat (layout.total,) current projections, term by term, direction by direction.
+
+        Without :meth:`_projection_offset` (which the caller must add; None in ``resample``).
+        """
+        if self._flat_items is None:
+            return torch.cat([t.project(th).t().reshape(-1) for t, th in zip(self.terms, theta)])
+        tensors: list[torch.Tensor] = []
+        for item in self._flat_items:
+            tensors.extend([item.term.param] if item.kind == "plain" else item.term.factors.uv())
+        return _FlatProjection.apply(self._flat_items, theta, self._projection_offset() is None,
+                                     self.layout.total, *tensors)
+
+    def _projection_offset(self) -> torch.Tensor | None:
+        """The constant flat buffer to add to :meth:`_project`'s output, or None."""
+        return None if self.mode == "resample" else self._offset
 
     # ------------------------------------------------------------------ call
     def __call__(self) -> torch.Tensor:
@@ -278,7 +403,7 @@ class SlicedWassersteinRegularizer:
         state = None if self.mode == "resample" else self._sort_state
         return swd_from_projections(
             proj, sorted_ref, self.layout, n_projections=self.n_projections, p=self.p,
-            backend=self.backend, state=state,
+            backend=self.backend, state=state, offset=self._projection_offset(),
         )
 
     # ------------------------------------------------------------------ introspection / resume
@@ -288,7 +413,11 @@ class SlicedWassersteinRegularizer:
 
     def cache_nbytes(self) -> int:
         """Bytes this object keeps besides the model: initial-weight copies and caches."""
-        total = sum(t.nbytes_kept() for t in self.terms)
+        if self._offset is not None:  # the LoRA terms' W0 Θ caches are blocks of it
+            total = self._offset.numel() * self._offset.element_size()
+            total += sum(t.nbytes_kept() for t in self.terms if t.flat_kind() != "lora")
+        else:
+            total = sum(t.nbytes_kept() for t in self.terms)
         if self._sorted_ref is not None:
             total += self._sorted_ref.numel() * self._sorted_ref.element_size()
         if self._theta is not None and (self.mode != "fixed" or self.cache_directions):

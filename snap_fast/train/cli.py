@@ -71,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true", default=S, help="also save the merged model")
     parser.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true", default=S)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    parser.add_argument("--fsdp", dest="parallel", action="store_const", const="fsdp", default=S,
+                        help="under torchrun: shard the model with FSDP2 instead of DDP")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", default=S, help="continue from the last checkpoint")
     group.add_argument("--overwrite", action="store_true", default=S, help="replace an existing run folder")

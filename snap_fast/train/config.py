@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHODS", "PRECISIONS", "REG_MODES", "UnlearnConfig", "read_jsonl"]
+__all__ = ["METHODS", "PARALLEL", "PRECISIONS", "REG_MODES", "UnlearnConfig", "read_jsonl"]
 
 #: Training methods, see :mod:`snap_fast.train.losses`.
 METHODS = ("snap", "snap-npo", "ga", "grad-diff", "npo", "idk")
 PRECISIONS = ("fp32", "bf16")
 REG_MODES = ("resample", "refresh", "fixed")
+#: Multi-process strategies (``torchrun``): replicate the model (DDP) or shard it (FSDP2).
+PARALLEL = ("ddp", "fsdp")
 
 # Methods whose forget term trains on the obliterated "I don't know" responses; the others push
 # the model away from the original answers (``original_response``) of the forget set.
@@ -78,6 +80,9 @@ class UnlearnConfig:
         merge: also write ``final/merged/`` (LoRA merged into the weights, safetensors).
         overwrite: replace an existing run folder; resume: continue from its last checkpoint.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``…
+        parallel: under several processes (``torchrun``), ``"ddp"`` replicates the model and
+            ``"fsdp"`` shards it with FSDP2 (``fully_shard`` per decoder layer, then the root)
+            and uses the sharded regularizer. A single process ignores it.
         trust_remote_code: passed to the model loader.
         progress: show a tqdm progress bar.
     """
@@ -120,6 +125,7 @@ class UnlearnConfig:
     overwrite: bool = False
     resume: bool = False
     device: str = "auto"
+    parallel: str = "ddp"
     trust_remote_code: bool = False
     progress: bool = True
     # Free-form notes carried into config.yaml (e.g. the command line); never read by training.
@@ -162,6 +168,7 @@ class UnlearnConfig:
         _check_choice("method", self.method, METHODS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("reg_mode", self.reg_mode, REG_MODES)
+        _check_choice("parallel", self.parallel, PARALLEL)
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "n_projections",
                      "reg_refresh_every", "log_every", "lora_stats_every"):
             _check_int(name, getattr(self, name), minimum=1)

@@ -1,4 +1,4 @@
-"""Data parallelism for the unlearning recipe: the recipe's one handle on ``torch.distributed``.
+"""Data parallelism (DDP or FSDP2) for the unlearning recipe: its one handle on ``torch.distributed``.
 
 ``snap-fast unlearn`` launched by ``torchrun --nproc_per_node N`` or ``accelerate launch`` runs
 one process per device. :class:`DataParallel` (built from the launcher's environment; a trivial
@@ -6,8 +6,13 @@ single-process object without one) gives the recipe:
 
 * :meth:`~DataParallel.runtime`: this rank's device (``cuda:<LOCAL_RANK>``) and whether it is
   the main process (rank 0, the only one that writes the run folder);
+* :meth:`~DataParallel.shard` (FSDP2, ``parallel="fsdp"``): ``fully_shard`` each decoder layer,
+  then the root; parameters become row-sharded DTensors in place;
 * :meth:`~DataParallel.wrap`: the module the loop calls forward on (``DistributedDataParallel``
-  under several processes; the model itself otherwise);
+  under several processes with DDP; the model itself otherwise, FSDP2 included);
+* :meth:`~DataParallel.full_state` / :meth:`~DataParallel.load_full_state`: under FSDP2, the
+  model's and optimizer's *full* state dicts gathered on rank 0 (CPU) for saving, and loaded
+  back from rank 0 on resume;
 * :meth:`~DataParallel.split`: this rank's share of an optimizer step's micro-batches, each with
   the loss weight that makes the data-parallel gradient *equal* to the single-process one (the
   global batch is unchanged: ``batch_size · grad_accum`` examples per set and step);
@@ -19,9 +24,12 @@ The gradient algebra: the recipe's single-process loss of a step is ``Σ_j loss_
 step's m micro-batches. Rank r runs micro-batches ``j ≡ r (mod W)`` with weight ``W / m``; DDP
 averages the gradients over the W ranks, giving ``Σ_j ∇loss_j / m`` exactly. A rank with fewer
 micro-batches than the others (m not a multiple of W) pads with the step's first one at weight 0,
-so every rank joins every gradient all-reduce. The regularizer's ``λ·SWD`` is added by a separate backward outside
+so every rank joins every gradient all-reduce. FSDP2 averages gradients the same way (its
+reduce-scatter divides by W), so the same weights make its step equal too. The regularizer's ``λ·SWD`` is added by a separate backward outside
 DDP's forward: DDP does not all-reduce it, and every rank computes the same value and gradient
-from identical weights and directions, so it is counted exactly once.
+from identical weights and directions, so it is counted exactly once. Under FSDP2 the recipe
+builds :class:`~snap_fast.distributed.ShardedSlicedWassersteinRegularizer` instead: its gradient
+reaches each rank's own rows only, also once, and no weight is gathered.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from ..distributed import (
     DistributedContext,
     DistributedFailure,
     collective_guard,
+    fully_shard_model,
     init_from_env,
 )
 from .runtime import Runtime
@@ -50,20 +59,23 @@ class DataParallel:
 
     Args:
         ctx: where this process stands (see :func:`snap_fast.distributed.init_from_env`).
+        fsdp: shard the model with FSDP2 instead of replicating it with DDP (only matters
+            under several processes; a single process trains the whole model either way).
     """
 
-    def __init__(self, ctx: DistributedContext | None = None):
+    def __init__(self, ctx: DistributedContext | None = None, *, fsdp: bool = False):
         self.ctx = ctx if ctx is not None else DistributedContext()
+        self.fsdp = fsdp
 
     @classmethod
-    def from_env(cls, device: str = "auto", *, timeout_s: float = 600.0) -> DataParallel:
+    def from_env(cls, device: str = "auto", *, fsdp: bool = False, timeout_s: float = 600.0) -> DataParallel:
         """Join the launcher's job (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), or stay single.
 
         ``device`` is the run's device setting: ``cpu`` forces the gloo backend and CPU tensors
         even when CUDA exists; ``cuda``/``auto`` use ``cuda:<LOCAL_RANK>`` and nccl when available.
         """
         kind = "cpu" if device == "cpu" else ("cuda" if str(device).startswith("cuda") else "auto")
-        return cls(init_from_env(device=kind, timeout_s=timeout_s))
+        return cls(init_from_env(device=kind, timeout_s=timeout_s), fsdp=fsdp)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -78,6 +90,11 @@ class DataParallel:
     def is_main(self) -> bool:
         return self.ctx.is_main
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 over several processes: every parameter is a row-sharded DTensor."""
+        return self.fsdp and self.ctx.distributed
+
     def runtime(self, device: str, precision: str) -> Runtime:
         """The recipe's :class:`Runtime` for this rank.
 
@@ -90,12 +107,25 @@ class DataParallel:
         return Runtime(device=self.ctx.device, precision=precision, is_main_process=self.is_main)
 
     # ------------------------------------------------------------------ model and data
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2: ``fully_shard`` each decoder layer, then the root (in place); else ``model``.
+
+        Call it once the model (with its LoRA adapters) is built and before anything holds its
+        parameters: the optimizer, the regularizer. A LoRA model's frozen base weights are
+        sharded like the rest; only the adapters are trainable.
+        """
+        if not self.sharded:
+            return model
+        with collective_guard("fully_shard (FSDP2) the model"):
+            return fully_shard_model(model)
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module to call forward on: ``DistributedDataParallel(model)`` or ``model``.
 
+        Under FSDP2 the sharded model itself (its forward gathers the weights layer by layer).
         Keep using ``model`` itself for everything else (saving, adapters, the regularizer).
         """
-        if not self.ctx.distributed:
+        if not self.ctx.distributed or self.sharded:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -120,6 +150,61 @@ class DataParallel:
         world, m = self.world_size, len(micro)
         mine = [(mb, world / m) for mb in list(micro)[self.rank :: world]]
         return mine + [(micro[0], 0.0)] * (-(-m // world) - len(mine))
+
+    # ------------------------------------------------------------------ FSDP2 state
+    def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        """Under FSDP2, the full (unsharded) state dicts, on rank 0's CPU. Collective.
+
+        Returns ``(model_state, optimizer_state)``: on rank 0 the model's trainable parameters
+        as ``{name: tensor}`` (names as in the unsharded model; a LoRA model's frozen base is
+        left out, so a checkpoint gathers the adapters only) and the optimizer's state keyed by
+        parameter name (``None`` without ``optimizer``); ``({}, {})`` on the other ranks. Only
+        one tensor at a time is gathered on the devices.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        with collective_guard("gather the full model state dict (FSDP2)"):
+            model_state = get_model_state_dict(model, options=options)
+        optim_state = None
+        if optimizer is not None:
+            with collective_guard("gather the full optimizer state dict (FSDP2)"):
+                optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+        return model_state, optim_state
+
+    def load_full_state(self, model: torch.nn.Module, model_state: dict, optimizer: torch.optim.Optimizer | None = None,
+                        optim_state: dict | None = None) -> None:
+        """Load :meth:`full_state`'s dicts into the sharded model (and optimizer). Collective.
+
+        Only rank 0's dicts are read (the other ranks may pass ``{}``): each tensor is broadcast
+        from rank 0 and every rank keeps its own rows. ``model_state`` may hold a subset of the
+        model's tensors (a LoRA adapter); the others keep their values.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        with collective_guard("broadcast the model state dict from rank 0 (FSDP2)"):
+            set_model_state_dict(model, model_state, options=options)
+        if optimizer is not None:
+            with collective_guard("broadcast the optimizer state dict from rank 0 (FSDP2)"):
+                set_optimizer_state_dict(model, optimizer, optim_state or {}, options=options)
+
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` as a list on rank 0 (``None`` elsewhere); ``[obj]`` alone."""
+        if not self.ctx.distributed:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.is_main else None
+        with collective_guard("gather per-rank state on rank 0"):
+            dist.gather_object(obj, out, dst=0)
+        return out
 
     # ------------------------------------------------------------------ agreement
     def reduce(self, values: dict[str, float]) -> dict[str, float]:

@@ -36,9 +36,11 @@ import torch
 
 from . import losses
 from .checkpoint import (
+    OPTIMIZER_FILE,
     atomic_write_text,
     last_checkpoint,
     load_checkpoint,
+    read_full_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -199,13 +201,19 @@ def _load_and_wrap(cfg: UnlearnConfig, runtime: Runtime):
     return model, tokenizer
 
 
-def _build_regularizer(model: torch.nn.Module, cfg: UnlearnConfig):
-    """λ·SWD's regularizer over the trainable weights (LoRA-aware for PEFT models), or None."""
+def _build_regularizer(model: torch.nn.Module, cfg: UnlearnConfig, sharded: bool):
+    """λ·SWD's regularizer over the trainable weights (LoRA-aware for PEFT models), or None.
+
+    ``sharded`` (FSDP2): the sharded regularizer, which never gathers a weight; same value.
+    """
     if not cfg.lam > 0:
         return None
-    from ..regularizer import SlicedWassersteinRegularizer
+    if sharded:
+        from ..distributed import ShardedSlicedWassersteinRegularizer as Regularizer
+    else:
+        from ..regularizer import SlicedWassersteinRegularizer as Regularizer
 
-    return SlicedWassersteinRegularizer(
+    return Regularizer(
         model, n_projections=cfg.n_projections, p=cfg.reg_p, mode=cfg.reg_mode,
         refresh_every=cfg.reg_refresh_every, seed=cfg.seed, backend=cfg.reg_backend,
     )
@@ -315,18 +323,35 @@ def _write_summary(run_dir: Path, cfg: UnlearnConfig, **fields) -> None:
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
 
 
-def _save_final(run_dir: Path, model, tokenizer, cfg: UnlearnConfig) -> Path:
-    """``final/adapter`` (+ ``final/merged`` when merging) or ``final/merged`` for full FT."""
+def _save_final(run_dir: Path, model, tokenizer, cfg: UnlearnConfig,
+                model_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """``final/adapter`` (+ ``final/merged`` when merging) or ``final/merged`` for full FT.
+
+    ``model_state``: the trainable weights gathered on rank 0 under FSDP2 (see
+    ``DataParallel.full_state``), saved instead of the sharded model's own; a merged LoRA model
+    is then built on the CPU from a fresh copy of the base model and the saved adapter.
+    """
     final = run_dir / "final"
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run_dir))
     try:
         model.config.use_cache = True  # saved configs should generate normally
         tokenizer.save_pretrained(tmp)
         if cfg.lora:
-            model.save_pretrained(tmp / "adapter")
+            model.save_pretrained(tmp / "adapter", state_dict=model_state)
         if not cfg.lora or cfg.merge:
-            merged = model.merge_and_unload() if cfg.lora else model
-            merged.save_pretrained(tmp / "merged", safe_serialization=True)
+            if cfg.lora and model_state is not None:
+                from peft import PeftModel
+
+                from ..models import load_model
+
+                base, _ = load_model(cfg.model, dtype=torch.float32, device="cpu",
+                                     trust_remote_code=cfg.trust_remote_code)
+                base.config.use_cache = True
+                merged = PeftModel.from_pretrained(base, tmp / "adapter").merge_and_unload()
+                model_state = None  # the fresh merged model saves its own weights
+            else:
+                merged = model.merge_and_unload() if cfg.lora else model
+            merged.save_pretrained(tmp / "merged", safe_serialization=True, state_dict=model_state)
             tokenizer.save_pretrained(tmp / "merged")
         if final.exists():
             shutil.rmtree(final)
@@ -361,8 +386,9 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
         raise TypeError(f"config must be an UnlearnConfig or dict, got {type(config).__name__}")
     cfg = config.resolved()
     cfg.validate()
-    # Several processes (torchrun / accelerate launch): data parallel, rank 0 writes the run folder.
-    par = DataParallel.from_env(cfg.device)
+    # Several processes (torchrun / accelerate launch): data parallel (DDP, or FSDP2 sharding),
+    # rank 0 writes the run folder.
+    par = DataParallel.from_env(cfg.device, fsdp=cfg.parallel == "fsdp")
     runtime = par.runtime(cfg.device, cfg.precision)
 
     # 2. Run folder: config.yaml is the first file written.
@@ -372,6 +398,7 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
 
     # 3. Model (LoRA-wrapped or fully trainable), data, collator.
     model, tokenizer = _load_and_wrap(cfg, runtime)
+    model = par.shard(model)  # FSDP2: from here on, parameters are row shards (DTensors)
     data = UnlearnData.from_folder(cfg.data, cfg)
     from ..data.collator import ChatCollator
 
@@ -379,7 +406,7 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * data.steps_per_epoch)
 
     # 4. Everything that must see the ORIGINAL weights, before a checkpoint is loaded.
-    regularizer = _build_regularizer(model, cfg)
+    regularizer = _build_regularizer(model, cfg, par.sharded)
     ref_logprob = None
     if cfg.method in ("npo", "snap-npo"):
         ref_logprob = reference_logprobs(model, collator, data, runtime, cfg.batch_size)
@@ -389,29 +416,41 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
     start_step = 0
     checkpoint = last_checkpoint(run_dir) if cfg.resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model)
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(checkpoint, None if par.sharded else model)
+        reg_state = _regularizer_state(state, par, checkpoint) if regularizer is not None else None
+        if par.sharded:  # rank 0 reads the full weights and optimizer state, every rank keeps its rows
+            weights = read_full_weights(checkpoint, model) if par.is_main else {}
+            optim = torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu") if par.is_main else {}
+            par.load_full_state(model, weights, optimizer, optim)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if regularizer is not None:
-            regularizer.load_state_dict(state["regularizer"])
+            regularizer.load_state_dict(reg_state)
         set_rng_state(state["rng"])
         start_step = int(state["step"])
     if runtime.is_main_process:
         _truncate_metrics(metrics_path, start_step)
 
-    def trainer_state(step: int) -> dict[str, Any]:
-        return {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "regularizer": regularizer.state_dict() if regularizer is not None else None,
-            "rng": rng_state(),
-            "data": data.position(step),
-        }
-
     def save(step: int) -> Path:
         path = run_dir / "checkpoints" / f"step-{step}"
+        state: dict[str, Any] = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "data": data.position(step)}
+        model_state = optim_state = None
+        if par.sharded:
+            # Collective: full trainable weights and optimizer state gathered on rank 0; the
+            # sharded regularizer's state is per rank (its cache is sharded), gathered as a list.
+            # Its initial copies are left out: a resume rebuilds them from the original model.
+            model_state, optim_state = par.full_state(model, optimizer)
+            state["optimizer"] = None
+            state["regularizer"] = None
+            state["regularizer_ranks"] = (par.gather_objects(regularizer.state_dict(include_initial=False))
+                                          if regularizer is not None else None)
+        else:
+            state["optimizer"] = optimizer.state_dict()
+            state["regularizer"] = regularizer.state_dict() if regularizer is not None else None
         if runtime.is_main_process:
-            path = save_checkpoint(run_dir, step, model, trainer_state(step), keep=cfg.keep_checkpoints)
+            path = save_checkpoint(run_dir, step, model, state, keep=cfg.keep_checkpoints,
+                                   model_state=model_state, optimizer_state=optim_state)
         par.barrier()
         return path
 
@@ -470,6 +509,8 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
 
                 # An infinite max norm measures without clipping: the check runs either way.
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of per-rank partial norms
+                    grad_norm = grad_norm.full_tensor()
                 _check_finite(grad_norm, step + 1, "gradient norm", run_dir, cfg, saved_step, {})
                 grad_norm = float(grad_norm)
                 optimizer.step()
@@ -523,13 +564,27 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
     # 7. Final artefacts: a last checkpoint (resumable), adapter / merged model, summary.
     checkpoint = save(total_steps) if saved_step != total_steps else last_checkpoint(run_dir)
     final_dir = run_dir / "final"
+    final_state = par.full_state(model)[0] if par.sharded else None  # collective, before rank 0 saves
     if runtime.is_main_process:
-        final_dir = _save_final(run_dir, model, tokenizer, cfg)
+        final_dir = _save_final(run_dir, model, tokenizer, cfg, final_state)
         _write_summary(run_dir, cfg, status="completed", steps=total_steps, total_steps=total_steps,
                        checkpoint=checkpoint, final=final_dir, elapsed_s=time.perf_counter() - started,
                        last_metrics=metrics, peak_memory_bytes=runtime.peak_memory_bytes())
     par.barrier()  # the run folder is complete when any rank returns
     return RunResult("completed", run_dir, total_steps, total_steps, None, checkpoint, final_dir, metrics)
+
+
+def _regularizer_state(state: dict[str, Any], par: DataParallel, checkpoint: Path) -> dict[str, Any]:
+    """This rank's regularizer state from a checkpoint; FSDP2 keeps one per rank."""
+    per_rank = state.get("regularizer_ranks")
+    if par.sharded and (per_rank is None or len(per_rank) != par.world_size):
+        written = f"{len(per_rank)} FSDP2 processes" if per_rank else "a run without FSDP2 sharding"
+        raise ValueError(f"resume: checkpoint {checkpoint} was written by {written}; this run has "
+                         f"{par.world_size}: resume with the same number of processes")
+    if not par.sharded and per_rank is not None:
+        raise ValueError(f"resume: checkpoint {checkpoint} was written by {len(per_rank)} FSDP2 processes; "
+                         f"resume with the same number of processes (torchrun --nproc_per_node {len(per_rank)})")
+    return per_rank[par.rank] if par.sharded else state["regularizer"]
 
 
 def _check_finite(value: torch.Tensor, step: int, what: str, run_dir: Path, cfg: UnlearnConfig,

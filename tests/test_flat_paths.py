@@ -1,0 +1,168 @@
+"""The regularizer's flat paths: one autograd node for all projections, a bf16 reference and a
+cached LoRA base (W0 Θ) read by the C++ kernel as stored.
+
+Checked against float64 oracles (dense materialised weights, ``sliced_wasserstein_reference``)
+and, for the kernel inputs, against the float32 conversions the old code made explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from lora_models import lora_layers, peft_model
+from test_lora import check_against_oracle
+
+from snap_fast import SlicedWassersteinRegularizer, sliced_wasserstein_reference
+from snap_fast import _ext
+from snap_fast.layout import SegmentLayout
+from snap_fast.lora import LoraTerm
+
+L = 8
+TOL = 1e-5
+HAS_EXT = shutil.which("c++") is not None and os.environ.get(_ext.DISABLE_ENV, "0") in ("", "0")
+BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_EXT, reason="no C++ extension"))]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-300))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="no C++ extension")
+@pytest.mark.parametrize("p", [2.0, 1.5])
+def test_cpp_reads_bf16_reference_and_offset_like_their_float32_conversion(p):
+    assert _ext.available(), _ext.unavailable_reason()
+    gen = torch.Generator().manual_seed(0)
+    layout = SegmentLayout.from_blocks([(3, 1), (2, 48), (2, 300), (2, 5000)])
+    proj = torch.randn(layout.total, generator=gen)
+    ref = torch.cat([torch.sort(v, dim=1).values.reshape(-1)
+                     for v in layout.views(torch.randn(layout.total, generator=gen))]).to(torch.bfloat16)
+    offset = torch.randn(layout.total, generator=gen).to(torch.bfloat16)
+    for state_bf16, state_f32 in (({}, {}), ({}, {})):
+        for _ in range(2):  # the second call reuses the kept permutations
+            v16, g16 = _ext.swd_forward(proj, ref, layout, p=p, scale=0.5, state=state_bf16)
+            v32, g32 = _ext.swd_forward(proj, ref.float(), layout, p=p, scale=0.5, state=state_f32)
+            assert torch.equal(v16, v32) and torch.equal(g16, g32)
+            proj = proj + 1e-3 * torch.randn(layout.total, generator=gen)
+    assert torch.equal(_ext.match_sorted(proj, ref, layout), _ext.match_sorted(proj, ref.float(), layout))
+    for off in (offset, offset.float()):
+        # proj + offset formed inside the kernel: the same float32 sum as torch's
+        v_in, g_in = _ext.swd_forward(proj, ref, layout, p=p, scale=0.5, offset=off)
+        v_out, g_out = _ext.swd_forward(proj + off.float(), ref, layout, p=p, scale=0.5)
+        assert torch.equal(v_in, v_out) and torch.equal(g_in, g_out)
+    with pytest.raises(ValueError, match="offset"):
+        _ext.swd_forward(proj, ref, layout, p=p, scale=0.5, offset=offset[:-1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_flat_path_matches_float64_oracle_in_every_mode(backend, arch):
+    # float32 caches: the flat path (offset added in the kernel, factor gradients from small
+    # GEMMs) against the dense float64 oracle of tests/test_lora.py, across a refresh redraw.
+    model = peft_model(arch, 4, True)
+    for mode, calls in (("fixed", 2), ("refresh", 3), ("resample", 1)):
+        reg = SlicedWassersteinRegularizer(
+            model, n_projections=L, mode=mode, refresh_every=2, reference_dtype=torch.float32, backend=backend
+        )
+        assert reg._flat_items is not None and all(isinstance(t, LoraTerm) for t in reg.terms)
+        for _ in range(calls):
+            check_against_oracle(model, reg)
+        # the W0 Θ caches are blocks of the one offset buffer, counted once
+        if mode != "resample":
+            assert reg._offset is not None
+            theta = reg.last_directions()
+            assert reg.cache_nbytes() == (
+                reg._offset.numel() * 4 + reg._sorted_ref.numel() * 4 + sum(t.numel() * 4 for t in theta)
+            )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["fixed", "refresh"])
+def test_lora_bf16_caches_value_and_grad_match_float64_of_the_caches(backend, mode):
+    # Default bf16 caches: given the cached sorted reference and W0 Θ (rounded once, at pin
+    # time), each call must equal the float64 SWD of (W0 Θ)_bf16 + s·U V Θ against them.
+    model = peft_model("llama", 4, False)
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, mode=mode, refresh_every=2, backend=backend)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        value = reg()
+        value.backward()
+        theta = reg.last_directions()
+        ref = reg._sorted_ref.double()
+        total = torch.zeros((), dtype=torch.float64)
+        leaves = []
+        start = 0
+        layers = dict(lora_layers(model))
+        for term, th in zip(reg.terms, theta):
+            block = slice(start, start + L * term.n)
+            start += L * term.n
+            # the cache is exactly the bf16 rounding of the float32 initial projection
+            w0_theta = term.initial_projection(th).t()
+            assert torch.equal(reg._offset[block].view(L, term.n), w0_theta.to(torch.bfloat16))
+            module = layers[term.name.removesuffix(".base_layer.weight")]
+            a = module.lora_A["default"].weight.detach().double().requires_grad_(True)
+            b = module.lora_B["default"].weight.detach().double().requires_grad_(True)
+            leaves += [(module.lora_A["default"].weight, a), (module.lora_B["default"].weight, b)]
+            proj = reg._offset[block].double().view(L, term.n) + module.scaling["default"] * (b @ (a @ th.double())).t()
+            total = total + (torch.sort(proj, dim=1).values - ref[block].view(L, term.n)).square().sum() / L
+        total.backward()
+        assert _rel(value, total) < TOL
+        for param, leaf in leaves:
+            assert _rel(param.grad, leaf.grad) < TOL
+        opt.step()
+
+
+class _Plain(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w = torch.nn.Parameter(torch.randn(37, 11, generator=g).to(dtype))
+        self.bias = torch.nn.Parameter(torch.randn(11, generator=g).to(dtype))
+        self.conv = torch.nn.Parameter(torch.randn(5, 3, 2, 2, generator=g).to(dtype))
+        self.wide = torch.nn.Parameter(torch.randn(9, 11, generator=g).to(dtype))  # width shared with w
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["fixed", "refresh", "resample"])
+def test_plain_flat_path_matches_float64_oracle(backend, mode):
+    model = _Plain()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reg = SlicedWassersteinRegularizer(
+        model, n_projections=L, mode=mode, refresh_every=2, reference_dtype=torch.float32, backend=backend
+    )
+    assert reg._flat_items is not None and reg._offset is None
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        value = reg()
+        value.backward()
+        total = torch.zeros((), dtype=torch.float64)
+        leaves = {}
+        for (name, param), theta in zip(model.named_parameters(), reg.last_directions()):
+            w = param.detach().double().requires_grad_(True)
+            leaves[name] = w
+            total = total + sliced_wasserstein_reference(initial[name].double(), w, theta.double(), p=2)
+        total.backward()
+        assert _rel(value, total) < TOL
+        for name, param in model.named_parameters():
+            assert param.grad.shape == param.shape
+            assert _rel(param.grad, leaves[name].grad) < TOL, name
+        opt.step()
+
+
+def test_non_float32_parameters_use_the_per_term_path():
+    model = _Plain(torch.float64)
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, mode="fixed", reference_dtype=torch.float32, backend="torch")
+    assert reg._flat_items is None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    value = reg()
+    value.backward()
+    theta = reg._fixed_directions()
+    assert torch.isfinite(value) and value > 0
+    assert all(p.grad is not None for p in model.parameters())
+    assert len(theta) == 4
