@@ -230,6 +230,16 @@ class _Interrupt(Exception):
 
 def scenario_ddp_unlearn(out: Path, config: dict, stop_after: int) -> dict:
     """``snap_fast.train.unlearn`` under DDP, stopped after ``stop_after`` steps, then resumed."""
+    return _unlearn_stopped_and_resumed(config, stop_after)
+
+
+def scenario_fsdp_unlearn(out: Path, configs: list[dict], stop_after: int) -> dict:
+    """``unlearn`` with ``parallel="fsdp"`` (full fine-tuning, then LoRA), each stopped after
+    ``stop_after`` steps (a checkpoint was saved there) and resumed."""
+    return {"runs": [_unlearn_stopped_and_resumed(config, stop_after) for config in configs]}
+
+
+def _unlearn_stopped_and_resumed(config: dict, stop_after: int) -> dict:
     from snap_fast.train import unlearn
 
     def on_step(step, metrics, model):

@@ -1,4 +1,4 @@
-"""torch.distributed: the FSDP2-sharded regularizer, DDP training, failures (CPU, gloo, 2 ranks).
+"""torch.distributed: the FSDP2-sharded regularizer, DDP and FSDP2 training, failures (CPU, gloo, 2 ranks).
 
 Multi-process checks run in ``tests/distributed_worker.py``, started here as 2 processes with
 the environment ``torchrun`` sets. Process start-up dominates on 2 shared cores, so one module
@@ -95,6 +95,11 @@ def _train_config(tmp: Path, name: str) -> dict:
             "save_every": 2, "progress": False, "seed": 0}
 
 
+def _lora_config(tmp: Path, name: str) -> dict:
+    """LoRA with the merged model saved, and the fixed-mode (sharded) regularizer cache."""
+    return {**_train_config(tmp, name), "lora": True, "merge": True, "lr": 1e-2, "reg_mode": "fixed"}
+
+
 def _write_data(folder: Path) -> None:
     """A small data folder in the data contract's format (8 forget, 6 retain, 4 general)."""
     folder.mkdir(parents=True)
@@ -125,13 +130,16 @@ def launched(tmp_path_factory):
     save_tiny_model(tmp / "model")
     _write_data(tmp / "data")
     # grad_accum 3 on 2 ranks: uneven micro-batch shares and a 1-micro-batch last step.
+    fsdp = [{**_train_config(tmp, "run_fsdp"), "parallel": "fsdp"},
+            {**_lora_config(tmp, "run_fsdp_lora"), "parallel": "fsdp"}]
     kwargs = {"ddp_unlearn": {"config": _train_config(tmp, "run_ddp"), "stop_after": 2},
+              "fsdp_unlearn": {"configs": fsdp, "stop_after": 2},
               "refusal": {"config": _train_config(tmp, "run_ddp")}}
     started = time.monotonic()
-    main = _Launch("regularizer,lora,comm,fsdp_train,ddp_unlearn,refusal", tmp / "out", kwargs)
+    main = _Launch("regularizer,lora,comm,fsdp_train,ddp_unlearn,fsdp_unlearn,refusal", tmp / "out", kwargs)
     die = _Launch("die", tmp / "die", pg_timeout_s=30)
-    reference = unlearn(_train_config(tmp, "run_single"))
-    assert reference.status == "completed"
+    for config in (_train_config(tmp, "run_single"), _lora_config(tmp, "run_single_lora")):
+        assert unlearn(config).status == "completed"
     die_codes = die.finish(deadline_s=300)
     for rank, (code, log) in enumerate(main.finish(deadline_s=400)):
         assert code == 0, f"rank {rank} failed:\n{log[-4000:]}"
@@ -215,6 +223,63 @@ def test_ddp_unlearn_equals_single_process_and_resumes(launched):
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     assert (run / "final" / "merged").is_dir()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp2_unlearn_equals_single_process_and_resumes(launched, lora):
+    """``unlearn`` with ``parallel="fsdp"`` on 2 ranks, stopped after step 2 and resumed, logs the
+    losses of an uninterrupted single-process run with the same global batch (relative 1e-5:
+    float32, partial sums reduced in another order) and writes a loadable final model."""
+    from transformers import AutoModelForCausalLM
+
+    folder = launched[0]
+    run, single = (folder / "run_fsdp_lora", folder / "run_single_lora") if lora else (folder / "run_fsdp", folder / "run_single")
+    result = _read(folder / "out", "fsdp_unlearn")
+    assert [r["runs"][int(lora)]["status"] for r in result] == ["completed"] * WORLD
+    got, want = _metrics(run), _metrics(single)
+    # steps 1-2 before the stop, step 3 after the resume (checkpoint step-2), one line each
+    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3]
+    for a, b in zip(got, want):
+        for key in ("loss", "loss_forget", "loss_retain", "loss_general", "reg", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
+        assert a["tokens"] == b["tokens"]
+    assert want[-1]["reg"] > 0  # the weights moved: the regularizer took part
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    state = torch.load(run / "checkpoints" / "step-3" / "trainer_state.pt", weights_only=False)
+    assert [r["rank"] for r in state["regularizer_ranks"]] == [0, 1]  # one state per rank
+    assert (run / "checkpoints" / "step-3" / "optimizer.pt").is_file()
+
+    # The final model, gathered on rank 0, equals the single-process one.
+    merged = AutoModelForCausalLM.from_pretrained(run / "final" / "merged")
+    expected = AutoModelForCausalLM.from_pretrained(single / "final" / "merged")
+    for (name, p), q in zip(merged.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    if lora:
+        from peft import PeftModel
+
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder / "model"),
+                                            run / "final" / "adapter").eval()
+        ids = torch.arange(2, 14).unsqueeze(0)
+        with torch.no_grad():
+            torch.testing.assert_close(adapted(input_ids=ids).logits, merged.eval()(input_ids=ids).logits,
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp2_resume_needs_the_same_number_of_processes(launched, tmp_path):
+    """The sharded regularizer's state is per rank: a 1-process resume of a 2-rank run is refused."""
+    import shutil
+
+    from snap_fast.train import unlearn
+
+    run = tmp_path / "copy"
+    shutil.copytree(launched[0] / "run_fsdp_lora", run)
+    config = {**_lora_config(launched[0], "unused"), "parallel": "fsdp", "out": str(run), "resume": True}
+    with pytest.raises(ValueError, match="written by 2 FSDP2 processes.*same number of processes"):
+        unlearn(config)
 
 
 def test_rank0_refusal_stops_every_rank(launched):

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from lora_models import lora_layers, peft_model
+from lora_models import dense_delta, factors_of, lora_layers, peft_model
 from test_lora import check_against_oracle
 
 from snap_fast import SlicedWassersteinRegularizer, sliced_wasserstein_reference
@@ -103,10 +103,12 @@ def test_lora_bf16_caches_value_and_grad_match_float64_of_the_caches(backend, mo
             w0_theta = term.initial_projection(th).t()
             assert torch.equal(reg._offset[block].view(L, term.n), w0_theta.to(torch.bfloat16))
             module = layers[term.name.removesuffix(".base_layer.weight")]
-            a = module.lora_A["default"].weight.detach().double().requires_grad_(True)
-            b = module.lora_B["default"].weight.detach().double().requires_grad_(True)
-            leaves += [(module.lora_A["default"].weight, a), (module.lora_B["default"].weight, b)]
-            proj = reg._offset[block].double().view(L, term.n) + module.scaling["default"] * (b @ (a @ th.double())).t()
+            a_param, b_param = factors_of(module)
+            a = a_param.detach().double().requires_grad_(True)
+            b = b_param.detach().double().requires_grad_(True)
+            leaves += [(a_param, a), (b_param, b)]
+            delta = dense_delta(module, a, b, module.scaling["default"])
+            proj = reg._offset[block].double().view(L, term.n) + (delta @ th.double()).t()
             total = total + (torch.sort(proj, dim=1).values - ref[block].view(L, term.n)).square().sum() / L
         total.backward()
         assert _rel(value, total) < TOL

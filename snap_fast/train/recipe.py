@@ -534,7 +534,8 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
                     "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
                     "step_time_s": elapsed,
                 }
-                if done % cfg.lora_stats_every == 0 or done == total_steps:
+                # LoRA-delta statistics need whole base weights, which FSDP2 never gathers.
+                if (done % cfg.lora_stats_every == 0 or done == total_steps) and not par.sharded:
                     metrics.update(_lora_stats(model))
                 if (done % cfg.log_every == 0 or done == total_steps) and runtime.is_main_process:
                     _append_metrics(metrics_path, metrics, writer)
