@@ -71,6 +71,7 @@ def run_one(name: str, seed: int, settings: DemoSettings, demo_dir: Path, model:
                              seed=0, progress=True)
     return {
         "config": name, "seed": seed, "status": result.status, "train_s": train_s,
+        "settings": {k: cfg[k] for k in ("method", "lam", "reg_mode", "lr", "alpha", "max_steps", "batch_size")},
         "eval_s": time.perf_counter() - t0,
         "median_step_s": statistics.median(m["step_time_s"] for m in steps if "step_time_s" in m),
         "final_reg": steps[-1].get("reg"), **summary["headline"],
@@ -116,6 +117,10 @@ def recommend(results: list[dict]) -> str:
 
 def write_table(results: list[dict], original: dict, settings: DemoSettings, path: Path, notes: list[str]) -> None:
     """Markdown table: one row per configuration (mean ± half-spread over seeds)."""
+    budgets = {json.dumps({k: r["settings"][k] for k in ("lr", "alpha", "max_steps", "batch_size")})
+               for r in results if "settings" in r}
+    if len(budgets) > 1:
+        notes = [f"WARNING: rows were trained with different budgets: {sorted(budgets)}", *notes]
     lines = [
         "# Quality comparison on the demo (SmolLM2-135M-Instruct forgets Harry Potter, CPU)", "",
         (f"Same budget for every row: LoRA r={settings.lora_r} ({settings.lora_targets}), {settings.max_steps} steps, "
@@ -155,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=None, help="override the demo's step count")
+    p.add_argument("--alpha", type=float, default=None, help="override the demo's retain weight α")
+    p.add_argument("--lr", type=float, default=None, help="override the demo's learning rate")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--table", default=str(REPO / "benchmarks" / "results" / "quality_smollm2_cpu.md"))
     p.add_argument("--note", action="append", default=[], help="a line added under the table")
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (demo_dir / "data" / "manifest.json").is_file():
         raise FileNotFoundError(f"--demo-dir: {demo_dir}/data is not a finished data folder; run `snap-fast demo` first")
     torch.set_num_threads(args.threads or choose_threads())
-    settings = PRESETS["full"] if args.steps is None else replace(PRESETS["full"], max_steps=args.steps)
+    overrides = {k: v for k, v in (("max_steps", args.steps), ("alpha", args.alpha), ("lr", args.lr)) if v is not None}
+    settings = replace(PRESETS["full"], **overrides)
     out = demo_dir / "quality"
     out.mkdir(exist_ok=True)
     results_path = out / "results.jsonl"

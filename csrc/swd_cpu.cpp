@@ -215,8 +215,9 @@ constexpr int64_t kRepairMovesPerElement = 4;
 // this segment) when `reuse` is set. On return items[k] holds the k-th smallest key and the
 // segment-local index it came from.
 // `x(i)` returns the segment's i-th projected value (the fused path adds a constant offset there).
+// Returns true when the previous permutation still sorts the segment (then `perm` needs no update).
 template <typename Load>
-void sort_segment_pairs(const Load& x, int64_t n, const int32_t* perm, bool reuse, uint64_t* items,
+bool sort_segment_pairs(const Load& x, int64_t n, const int32_t* perm, bool reuse, uint64_t* items,
                         uint64_t* tmp, ReuseStats& stats) {
   if (reuse) {
     int64_t descents = 0;
@@ -230,13 +231,13 @@ void sort_segment_pairs(const Load& x, int64_t n, const int32_t* perm, bool reus
     }
     if (descents == 0) {
       stats.already_sorted.fetch_add(1, std::memory_order_relaxed);
-      return;
+      return true;
     }
     // Each descent needs at least one move; many descents mean the order changed a lot.
     if (descents * 8 < n &&
         insertion_sort_bounded(items, n, kRepairMovesPerElement * n + kInsertionMax)) {
       stats.repaired.fetch_add(1, std::memory_order_relaxed);
-      return;
+      return false;
     }
     sort_items(items, tmp, n);  // items is still a permutation of the segment: sort it fully
   } else {
@@ -246,6 +247,7 @@ void sort_segment_pairs(const Load& x, int64_t n, const int32_t* perm, bool reus
     sort_items(items, tmp, n);
   }
   stats.resorted.fetch_add(1, std::memory_order_relaxed);
+  return false;
 }
 
 void check_perm(const at::Tensor& perm, int64_t total) {
@@ -366,7 +368,7 @@ double fused_segment(const Load& x, const RefT* r, float* gs, int32_t* ps, int64
   thread_local std::vector<uint64_t> items_buf, tmp_buf;
   uint64_t* items = scratch(items_buf, n);
   uint64_t* tmp = scratch(tmp_buf, n);
-  sort_segment_pairs(x, n, ps, reuse, items, tmp, stats);
+  const bool unchanged = sort_segment_pairs(x, n, ps, reuse, items, tmp, stats);
   double acc = 0.0;
   if (p == 2.0) {
     for (int64_t k = 0; k < n; ++k) {
@@ -387,7 +389,7 @@ double fused_segment(const Load& x, const RefT* r, float* gs, int32_t* ps, int64
       gs[idx] = (a == 0.f) ? 0.f : (d != d ? d : gscale * std::copysign(std::pow(a, pm1), d));
     }
   }
-  if (ps != nullptr) {
+  if (ps != nullptr && !unchanged) {
     for (int64_t k = 0; k < n; ++k) ps[k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
   }
   return acc;
@@ -398,12 +400,13 @@ double fused_segment(const Load& x, const RefT* r, float* gs, int32_t* ps, int64
 // sort, where x = proj, or x = proj + offset (float32 sum) when `offset` is given: a constant part
 // of the projections (the LoRA path's cached W0 Θ) that is never materialised as float32.
 // Per-segment partial sums are float64 and added in segment order (deterministic).
-// Returns (value float64 0-dim, grad float32 like proj, stats).
+// Returns (value float64 0-dim, grad float32 like proj (grad_out when given), stats).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& proj, const at::Tensor& sorted_ref,
                                                            const at::Tensor& offsets,
                                                            const c10::optional<at::Tensor>& perm, bool reuse,
                                                            double p, double scale,
-                                                           const c10::optional<at::Tensor>& offset) {
+                                                           const c10::optional<at::Tensor>& offset,
+                                                           const c10::optional<at::Tensor>& grad_out) {
   check_flat(proj, "proj");
   check_ref(sorted_ref, "sorted_ref", proj.numel());
   const bool shifted = offset.has_value() && offset->defined();
@@ -412,7 +415,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
   TORCH_CHECK(p > 0, "p must be > 0, got ", p);
   int32_t* pm = prepare_perm(perm, reuse, offsets, proj.numel());
   const int64_t num_segments = offsets.numel() - 1;
-  at::Tensor grad = at::empty_like(proj);
+  // A caller that calls every step may pass its own gradient buffer: a fresh allocation of tens
+  // of megabytes costs a page fault per 4 KiB on first touch, more than the scatter itself.
+  at::Tensor grad;
+  if (grad_out.has_value() && grad_out->defined()) {
+    check_flat(*grad_out, "grad_out");
+    TORCH_CHECK(grad_out->numel() == proj.numel(), "grad_out has ", grad_out->numel(), " elements, proj has ",
+                proj.numel());
+    grad = *grad_out;
+  } else {
+    grad = at::empty_like(proj);
+  }
   std::vector<double> partial(static_cast<size_t>(num_segments), 0.0);
   const float* x = proj.data_ptr<float>();
   float* g = grad.data_ptr<float>();
@@ -460,5 +473,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swd_forward", &swd_forward, "Fused SWD value and gradient w.r.t. the projections",
         pybind11::arg("proj"), pybind11::arg("sorted_ref"), pybind11::arg("offsets"),
         pybind11::arg("perm"), pybind11::arg("reuse"), pybind11::arg("p"), pybind11::arg("scale"),
-        pybind11::arg("offset") = c10::nullopt);
+        pybind11::arg("offset") = c10::nullopt, pybind11::arg("grad_out") = c10::nullopt);
 }

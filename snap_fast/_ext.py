@@ -303,6 +303,7 @@ def swd_forward(
     scale: float,
     state: dict | None = None,
     offset: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``scale · Σ_k |sort(x)_k − sorted_ref_k|^p`` and its gradient w.r.t. ``proj``.
 
@@ -315,6 +316,8 @@ def swd_forward(
         scale: factor of the sum (1/L for the regularizer).
         offset: optional (layout.total,) constant part of the projections (float32 or bfloat16,
             read as stored; no gradient), e.g. the regularizer's cached LoRA base projections.
+        grad_out: optional contiguous float32 (layout.total,) CPU buffer the gradient is written
+            into (and returned): lets a caller reuse one buffer across calls.
 
     Returns ``(value, grad)``: a float64 0-dim tensor (per-segment float64 partial sums, added in
     a fixed order) and a float32 (layout.total,) gradient. At a zero difference the subgradient 0
@@ -327,9 +330,13 @@ def swd_forward(
         raise ValueError(f"p must be > 0, got {p}")
     if offset is not None:
         offset = _flat_cpu_ref("offset", offset, layout)
+    if grad_out is not None:
+        _check_flat_buffer("grad_out", grad_out, layout)
+        if grad_out.dtype != torch.float32 or not grad_out.is_contiguous():
+            raise ValueError(f"grad_out must be a contiguous float32 buffer, got {grad_out.dtype}")
     perm, reuse = _perm_buffer(state, layout)
     value, grad, counts = _module().swd_forward(
-        proj, sorted_ref, layout.offsets("cpu"), perm, reuse, float(p), float(scale), offset
+        proj, sorted_ref, layout.offsets("cpu"), perm, reuse, float(p), float(scale), offset, grad_out
     )
     _record(state, counts)
     return value, grad

@@ -273,11 +273,12 @@ def test_fsdp2_resume_needs_the_same_number_of_processes(launched, tmp_path):
     """The sharded regularizer's state is per rank: a 1-process resume of a 2-rank run is refused."""
     import shutil
 
-    from snap_fast.train import unlearn
+    from snap_fast.train import UnlearnConfig, unlearn
 
     run = tmp_path / "copy"
     shutil.copytree(launched[0] / "run_fsdp_lora", run)
     config = {**_lora_config(launched[0], "unused"), "parallel": "fsdp", "out": str(run), "resume": True}
+    (run / "config.yaml").write_text(UnlearnConfig.from_dict(config).resolved().to_yaml())  # the copy's own out
     with pytest.raises(ValueError, match="written by 2 FSDP2 processes.*same number of processes"):
         unlearn(config)
 
@@ -396,3 +397,44 @@ def test_predicted_bytes_scale_with_l_over_d():
     # two trips of 7/8 of this rank's 512×100 projections each way, float32
     assert small == 2 * 4 * (512 * (100 - 12) + 12 * (4096 - 512)) + 4 * 7 * 4 // 8
     assert small < 0.25 * 512 * 4096 * 2  # well under the bf16 bytes of the shard (L ≪ d)
+
+
+def test_fsdp_flag_and_parallel_setting():
+    """``--fsdp`` sets ``parallel: fsdp``; the YAML value is checked before any heavy work."""
+    import argparse
+
+    from snap_fast.train import UnlearnConfig
+    from snap_fast.train.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--out", "x", "--fsdp"])).parallel == "fsdp"
+    assert config_from_args(parser.parse_args(["--out", "x"])).parallel == "ddp"
+    with pytest.raises(ValueError, match="parallel 'zero3'; valid: ddp, fsdp"):
+        UnlearnConfig(data="d", out="o", parallel="zero3").validate()
+
+
+def test_read_full_weights_fills_tied_twins_and_rejects_mismatches(tmp_path):
+    """FSDP2 resume reads a checkpoint as one full state dict named like the model's parameters."""
+    from safetensors.torch import load_file, save_file
+
+    from snap_fast.train.checkpoint import read_full_weights, save_checkpoint
+    from tests.helpers import make_tiny_llama
+
+    model, _ = make_tiny_llama()
+    folder = save_checkpoint(tmp_path, 1, model, {})
+    state = read_full_weights(folder, model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert set(params) <= set(state)  # the tied LM head, dropped from the file, is filled in
+    for name, p in params.items():
+        torch.testing.assert_close(state[name], p.detach(), rtol=0, atol=0)
+    weights = folder / "model" / "model.safetensors"
+    saved = load_file(str(weights))
+    saved.pop("model.norm.weight")
+    save_file(saved, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing for 'model.norm.weight'"):
+        read_full_weights(folder, model)
+    with pytest.raises(FileNotFoundError, match="no LoRA adapter"):
+        from tests.lora_models import peft_model
+
+        read_full_weights(folder, peft_model("llama", 4, False))

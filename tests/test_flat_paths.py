@@ -136,6 +136,12 @@ def test_plain_flat_path_matches_float64_oracle(backend, mode):
         model, n_projections=L, mode=mode, refresh_every=2, reference_dtype=torch.float32, backend=backend
     )
     assert reg._flat_items is not None and reg._offset is None
+    # W = W0: the current projections are bitwise those of the initial weights, SWD is exactly 0
+    assert reg().item() == 0.0
+    reg.calls -= 1  # replay the first call's directions below
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(3):
         opt.zero_grad()

@@ -170,6 +170,12 @@ class DataParallel:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         with collective_guard("gather the full model state dict (FSDP2)"):
             model_state = get_model_state_dict(model, options=options)
+        # A tied weight (e.g. the LM head tied to the embedding) comes back once per name, as
+        # separate copies: keep its first name only, as save_pretrained does unsharded.
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), name) != name:
+                model_state.pop(name, None)
         optim_state = None
         if optimizer is not None:
             with collective_guard("gather the full optimizer state dict (FSDP2)"):

@@ -11,6 +11,10 @@ clipping, AdamW, the linear schedule; logs to ``metrics.jsonl`` (and TensorBoard
 installed); checkpoints atomically; stops cleanly on SIGINT/SIGTERM; and finally writes the
 adapter (and merged model) under ``final/`` and ``summary.json``.
 
+Under ``torchrun`` the loop is data parallel: DDP, or with ``parallel="fsdp"`` FSDP2 (the model
+sharded right after it is built, the sharded regularizer, full state dicts gathered on rank 0
+for checkpoints and the final model); see :mod:`snap_fast.train.distributed`.
+
 Device and process concerns live in :mod:`snap_fast.train.runtime`; checkpoint files in
 :mod:`snap_fast.train.checkpoint`; the loss terms in :mod:`snap_fast.train.losses`.
 """
@@ -456,7 +460,7 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
 
     # 6. The loop.
     trainable = [p for p in model.parameters() if p.requires_grad]
-    forward_model = par.wrap(model)  # DistributedDataParallel under several processes
+    forward_model = par.wrap(model)  # DistributedDataParallel under several processes (not FSDP2)
     writer = _tensorboard(run_dir) if runtime.is_main_process else None
     from tqdm.auto import tqdm
 
