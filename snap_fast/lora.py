@@ -261,7 +261,10 @@ class LoraTerm(RegularizedTerm):
             self._pinned = out.copy_(proj0_t)
 
     def flat_kind(self) -> str | None:
-        """``"lora"``: the regularizer's flat path computes ``W0 Θ + s · U (V Θ)`` itself."""
+        """``"lora"``: the regularizer's flat path computes ``W0 Θ + s · U (V Θ)`` itself
+        (None for an FSDP2-sharded base, which only the sharded regularizer projects)."""
+        if DTensor is not None and isinstance(self.factors.base, DTensor):
+            return None
         return "lora"
 
     def nbytes_kept(self) -> int:

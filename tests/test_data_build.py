@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from snap_fast.data import io as data_io
 from snap_fast.data.build import QA_SETS, build_dataset
@@ -22,14 +21,6 @@ from tests.helpers import make_tiny_llama
 KEYS = {"id", "prompt", "response", "original_response", "kind", "source", "entity"}
 SMALL = dict(n_forget=30, n_retain=20, n_heldout_forget=10, n_heldout_retain=8, n_heldout_general=5,
              progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _files(folder):

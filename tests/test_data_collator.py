@@ -16,14 +16,6 @@ EXAMPLES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_render_prompt_templates():
     chat = make_tiny_tokenizer(chat_template=True)
     assert render_prompt(chat, "Who?") == "<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\n"

@@ -39,15 +39,6 @@ LISTING = (
 EXPECTED = ["Who is Harry Potter?", "Where did the Boy Who Lived grow up?", "Write a poem about Harry Potter's owl."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models spend their time in thread hand-offs, not arithmetic: one thread is ~20x faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_parse_and_filter():
     items = parse_items(LISTING)
     assert items[0] == "Who is Harry Potter?" and items[-1] == "Write a poem about Harry Potter's owl."

@@ -15,8 +15,7 @@ import torch
 from lora_models import dense_delta, factors_of, lora_layers, peft_model
 from test_lora import check_against_oracle
 
-from snap_fast import SlicedWassersteinRegularizer, sliced_wasserstein_reference
-from snap_fast import _ext
+from snap_fast import SlicedWassersteinRegularizer, _ext, sliced_wasserstein_reference
 from snap_fast.layout import SegmentLayout
 from snap_fast.lora import LoraTerm
 

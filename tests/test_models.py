@@ -14,14 +14,6 @@ from snap_fast.models import load_model, model_identity, resolve_spec
 from tests.helpers import make_tiny_llama, save_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_resolve_spec(tmp_path):
     assert resolve_spec("smollm2-135m-instruct") == ("default", "smollm2-135m-instruct")
     assert resolve_spec("HuggingFaceTB/SmolLM2-135M-Instruct") == ("hub", "HuggingFaceTB/SmolLM2-135M-Instruct")

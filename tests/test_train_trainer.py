@@ -8,14 +8,6 @@ from tests.helpers import make_tiny_llama
 from tests.train_data import FORGET, OBLITERATED, RETAIN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _examples():
     rows = [{"prompt": p, "response": OBLITERATED[i % 4]} for i, (p, _) in enumerate(FORGET)]
     return rows + [{"prompt": p, "response": a} for p, a in RETAIN]

@@ -164,11 +164,12 @@ def lora_stats_from_metrics(metrics: Sequence[Mapping]) -> dict[str, dict[str, f
 
 
 def lora_stats_from_adapter(adapter_dir: str | Path) -> dict[str, dict[str, float]]:
-    """Per-module ‖ΔW‖_F and spectral norm of ΔW = s·B·A, computed densely from a PEFT adapter
-    folder (``adapter_config.json`` + ``adapter_model.safetensors``); ``{}`` when absent.
+    """Per-module ‖ΔW‖_F and spectral norm of ΔW = s·B·A from a PEFT adapter folder
+    (``adapter_config.json`` + ``adapter_model.safetensors``); ``{}`` when absent.
 
-    Used when the run logged no per-layer statistics; cheap for small models (one r-rank product
-    per module)."""
+    Used when the run logged no per-layer statistics. ΔW is never formed: with B = Q_B R_B and
+    Aᵀ = Q_A R_A (thin QR), ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ has the singular values of the r×r core
+    s·R_B·R_Aᵀ, so both norms cost O((n + d)·r²) per module."""
     import torch
     from safetensors.torch import load_file
 
@@ -188,9 +189,10 @@ def lora_stats_from_adapter(adapter_dir: str | Path) -> dict[str, dict[str, floa
         if b is None:
             continue
         module = name.split(".lora_A.")[0].replace("base_model.model.", "")
-        delta = scale * (b.double() @ a.double())
-        out["fro"][module] = float(torch.linalg.matrix_norm(delta, "fro"))
-        out["spectral"][module] = float(torch.linalg.matrix_norm(delta, 2))
+        core = scale * (torch.linalg.qr(b.double())[1] @ torch.linalg.qr(a.double().T)[1].T)
+        sv = torch.linalg.svdvals(core)
+        out["fro"][module] = float(sv.norm())
+        out["spectral"][module] = float(sv.max())
     return out if out["fro"] else {}
 
 
