@@ -44,15 +44,20 @@ MODES = ("snap-resample", "snap-fixed", "snap-refresh10")
 COMPARED = ("obliteration_rate", "retain_rougeL_recall", "general_rougeL_recall", "perplexity")
 
 
-def run_one(name: str, seed: int, settings: DemoSettings, demo_dir: Path, model: str, out: Path) -> dict:
-    """Train one configuration with one seed and evaluate it; returns the result record."""
+def run_one(name: str, seed: int, settings: DemoSettings, demo_dir: Path, model: str, out: Path,
+            overrides: dict | None = None, tag: str = "") -> dict:
+    """Train one configuration with one seed and evaluate it; returns the result record.
+
+    ``overrides`` (from ``--lam``, ``--lora-targets``, ...) replace both the demo settings and the
+    configuration's own values; ``tag`` is appended to the configuration's name (run folder and
+    ``config`` field), so tuned variants are stored beside the plain ones instead of skipped."""
     from snap_fast.eval.cli import load_for_eval
     from snap_fast.eval.evaluate import evaluate_model, read_jsonl
     from snap_fast.train.recipe import unlearn
 
-    cfg = {**asdict(settings), **CONFIGS[name], "seed": seed}
-    run_dir = out / f"{name}-s{seed}"
-    t0 = time.perf_counter()
+    cfg = {**asdict(settings), **CONFIGS[name], **(overrides or {}), "seed": seed}
+    run_dir = out / f"{name}{tag}-s{seed}"
+    t0, c0 = time.perf_counter(), time.process_time()
     result = unlearn({
         "model": model, "data": str(demo_dir / "data"), "out": str(run_dir / "run"), "method": cfg["method"],
         "lora": True, "lora_r": cfg["lora_r"], "lora_alpha": cfg["lora_alpha"], "lora_targets": cfg["lora_targets"],
@@ -61,18 +66,20 @@ def run_one(name: str, seed: int, settings: DemoSettings, demo_dir: Path, model:
         "reg_refresh_every": cfg["reg_refresh_every"], "n_projections": cfg["n_projections"],
         "max_length": cfg["max_length"], "seed": seed, "device": "cpu", "overwrite": True, "progress": True,
     })
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     steps = read_jsonl(run_dir / "run" / "metrics.jsonl")
     model_u, tok, ident = load_for_eval(model, result.final_dir / "adapter")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = evaluate_model(model_u, tok, demo_dir / "data", run_dir / "eval", identity=ident,
                              sets=("heldout_forget", "heldout_retain", "heldout_general"),
                              batch_size=settings.gen_batch_size, max_new_tokens=settings.max_new_tokens,
                              seed=0, progress=True)
     return {
-        "config": name, "seed": seed, "status": result.status, "train_s": train_s,
-        "settings": {k: cfg[k] for k in ("method", "lam", "reg_mode", "lr", "alpha", "max_steps", "batch_size")},
-        "eval_s": time.perf_counter() - t0,
+        "config": name + tag, "seed": seed, "status": result.status, "train_s": train_s,
+        "train_cpu_s": train_cpu_s,
+        "settings": {k: cfg[k] for k in ("method", "lam", "reg_mode", "lr", "alpha", "max_steps", "batch_size",
+                                         "lora_r", "lora_targets")},
+        "eval_s": time.perf_counter() - t0, "eval_cpu_s": time.process_time() - c0,
         "median_step_s": statistics.median(m["step_time_s"] for m in steps if "step_time_s" in m),
         "final_reg": steps[-1].get("reg"), **summary["headline"],
         "gibberish_rate": summary["sets"]["heldout_forget"]["gibberish_rate"],
@@ -162,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override the demo's step count")
     p.add_argument("--alpha", type=float, default=None, help="override the demo's retain weight α")
     p.add_argument("--lr", type=float, default=None, help="override the demo's learning rate")
+    p.add_argument("--lam", type=float, default=None, help="override the regularizer weight λ of every config")
+    p.add_argument("--lora-targets", default=None, help="override the LoRA target modules (e.g. q_proj,v_proj)")
+    p.add_argument("--lora-r", type=int, default=None, help="override the LoRA rank")
+    p.add_argument("--tag", default="", help="suffix for the config names of this invocation (tuning variants)")
+    p.add_argument("--out", default=None, help="results folder (default: <demo-dir>/quality)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--table", default=str(REPO / "benchmarks" / "results" / "quality_smollm2_cpu.md"))
     p.add_argument("--note", action="append", default=[], help="a line added under the table")
@@ -177,18 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or choose_threads())
     overrides = {k: v for k, v in (("max_steps", args.steps), ("alpha", args.alpha), ("lr", args.lr)) if v is not None}
     settings = replace(PRESETS["full"], **overrides)
-    out = demo_dir / "quality"
-    out.mkdir(exist_ok=True)
+    # applied over each configuration's own values (CONFIGS sets λ), not only over the demo's
+    run_overrides = {k: v for k, v in (("lam", args.lam), ("lora_targets", args.lora_targets),
+                                       ("lora_r", args.lora_r)) if v is not None}
+    out = Path(args.out) if args.out else demo_dir / "quality"
+    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     results = [json.loads(x) for x in results_path.read_text().splitlines() if x.strip()] if results_path.is_file() else []
     original = json.loads((demo_dir / "eval" / "original" / "summary.json").read_text())["headline"]
     # seeds second: every configuration's first seed before any second seed
     for seed in args.seeds:
         for name in args.only:
-            if any(r["config"] == name and r["seed"] == seed for r in results):
+            if any(r["config"] == name + args.tag and r["seed"] == seed for r in results):
                 continue
-            print(f"\n=== {name}, seed {seed} ===", flush=True)
-            rec = run_one(name, seed, settings, demo_dir, args.model, out)
+            print(f"\n=== {name}{args.tag}, seed {seed} ===", flush=True)
+            rec = run_one(name, seed, settings, demo_dir, args.model, out, run_overrides, args.tag)
             results.append(rec)
             with results_path.open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")

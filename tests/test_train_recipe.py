@@ -164,6 +164,10 @@ def test_every_method_runs_and_logs_its_terms(assets, tmp_path, method, extra):
     assert all(r["loss"] == r["loss"] for r in rows)  # finite (not NaN)
     if extra.get("lora", True):
         assert rows[-1]["lora/fro_norm"] > 0  # LoRA-delta statistics at the last step
+        # ... and per layer: the total Frobenius norm is the per-layer ones in quadrature.
+        per_layer = [v for k, v in rows[-1].items() if k.startswith("lora/") and k.count("/") >= 2 and k.endswith("/fro_norm")]
+        assert len(per_layer) == rows[-1]["lora/layers"] > 0
+        assert sum(v * v for v in per_layer) ** 0.5 == pytest.approx(rows[-1]["lora/fro_norm"], rel=1e-6)
     else:
         assert not any(k.startswith("lora/") for k in rows[-1])
     if method in ("npo", "snap-npo"):

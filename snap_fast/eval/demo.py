@@ -50,7 +50,7 @@ class DemoSettings:
     max_steps: int = 20
     batch_size: int = 4
     grad_accum: int = 1
-    alpha: float = 3.0  # 1.0 gave 40 % false refusals on held-out neighbours (see docs/demo.md)
+    alpha: float = 1.0  # α = 3 measured worse overall (docs/demo.md)
     lam: float = 0.1
     reg_mode: str = "resample"
     reg_refresh_every: int = 10

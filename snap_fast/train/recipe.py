@@ -260,28 +260,25 @@ def _optimizer_and_schedule(model, cfg: UnlearnConfig, total_steps: int):
 
 
 def _lora_stats(model) -> dict[str, float]:
-    """Whole-model LoRA-delta statistics as ``{"lora/<stat>": value}`` (empty without LoRA).
+    """LoRA-delta statistics as flat metrics (empty without LoRA).
 
-    Uses ``snap_fast.lora_delta_stats`` (or ``snap_fast.stats.lora_delta_stats``) when that API
-    exists; its ``"total"`` entry summarises all adapted layers (``fro_norm``, ``rel_change``…).
+    ``lora/<stat>`` holds the whole-model total and ``lora/<module>/<stat>`` each adapted layer,
+    from :func:`snap_fast.lora_delta_stats`; the report draws the per-layer figures from them.
     """
-    import snap_fast
+    from snap_fast.stats import lora_delta_stats
 
-    fn = getattr(snap_fast, "lora_delta_stats", None)
-    if fn is None:
-        try:
-            from snap_fast.stats import lora_delta_stats as fn
-        except ImportError:
-            return {}
     if not hasattr(model, "peft_config"):
         return {}
     try:
-        stats = fn(model)
+        stats = lora_delta_stats(model)
     except ValueError as exc:  # an adapter kind the statistics do not support: monitoring only
         warnings.warn(f"LoRA-delta statistics unavailable: {exc}", stacklevel=2)
         return {}
-    total = stats.get("total", stats) if isinstance(stats, dict) else {}
-    return {f"lora/{k}": float(v) for k, v in total.items() if isinstance(v, (int, float))}
+    flat: dict[str, float] = {}
+    for module, values in stats.items():
+        prefix = "lora/" if module == "total" else f"lora/{module}/"
+        flat.update({prefix + k: float(v) for k, v in values.items() if isinstance(v, (int, float))})
+    return flat
 
 
 def _tensorboard(run_dir: Path):
