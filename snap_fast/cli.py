@@ -22,7 +22,9 @@ SUBCOMMANDS = {
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, str | None]:
-    parser = argparse.ArgumentParser(prog="snap-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="snap-fast", description="Selective unlearning for LLMs with SNAP, with fast kernels."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, (module, help_text) in SUBCOMMANDS.items():
