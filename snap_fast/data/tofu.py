@@ -9,10 +9,11 @@ suffix every file is JSON Lines.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from .io import read_jsonl
 
 SPLITS = (
     "forget01", "forget05", "forget10", "retain90", "retain95", "retain99", "full",
@@ -38,18 +39,6 @@ def resolve_tofu_root(root: str | os.PathLike | None = None) -> Path:
         "TOFU data folder not found (tried: " + ", ".join(str(c) for c in candidates)
         + "); pass root= or set SNAP_FAST_TOFU"
     )
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-    return records
 
 
 def _companion(root: Path, split: str) -> Path | None:
@@ -79,9 +68,9 @@ def load_tofu(root: str | os.PathLike | None = None, split: str = "forget10") ->
     extra: dict[str, dict[str, Any]] = {}
     companion = _companion(root, split) if split != "retain_perturbed" else None
     if companion is not None:
-        extra = {r["question"]: r for r in _read(companion)}
+        extra = {r["question"]: r for r in read_jsonl(companion)}
     out = []
-    for i, rec in enumerate(_read(path)):
+    for i, rec in enumerate(read_jsonl(path)):
         if not isinstance(rec.get("question"), str) or "answer" not in rec:
             raise ValueError(f"{path}: record {i + 1} lacks question/answer")
         item: dict[str, Any] = {"id": f"tofu-{split}-{i}", "question": rec["question"], "answer": rec["answer"]}
