@@ -24,12 +24,11 @@ tests/test_distributed.py. Writes the markdown table to ``benchmarks/results/com
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+from snap_fast.data.io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -120,11 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(rows_for(name, shapes, args.n_projections, w) for w in worlds)
     text = render(rows, args.n_projections)
     print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.output.parent, prefix=".comm-", suffix=".md")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, args.output)
+    atomic_write_text(args.output, text)
     return 0
 
 

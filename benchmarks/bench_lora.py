@@ -26,13 +26,13 @@ runs the same code on tiny shapes (tests/test_lora.py checks the logic that way)
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from snap_fast.data.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -298,13 +298,6 @@ def gpu_section(device: str = "cuda", tiny: bool = False, repeats: int = 5) -> s
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default 3)")
@@ -316,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 1")
     text = run_cpu(args.repeats, args.backend, shape="tiny" if args.tiny else "smollm2")
     out = args.out or HERE / "results" / f"lora_{machine_name()}{'_tiny' if args.tiny else ''}.md"
-    _write_atomic(out, text)
+    atomic_write_text(out, text)
     print(text)
     print(f"written to {out}")
     return 0

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from snap_fast.data.io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import peer` when loaded by path
 
@@ -261,13 +262,6 @@ def _validate(args: argparse.Namespace) -> list[str]:
     return backends
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print the tables; write them; return 0."""
     from tqdm import tqdm
@@ -370,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     if output is None and full_size:
         output = RESULTS_DIR / f"cpu_{machine_name()}.md"
     if output is not None:
-        _write_atomic(Path(output), table)
+        atomic_write_text(Path(output), table)
         print(f"wrote {output}", file=sys.stderr)
     return 0
 

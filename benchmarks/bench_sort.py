@@ -25,16 +25,15 @@ Prints a markdown table; ``--output FILE`` also writes it (atomically).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from snap_fast.data.io import atomic_write_text
 
 from snap_fast import _ext
 from snap_fast.dispatch import match_sorted, sort_segments
@@ -160,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     table = run(args)
     print(table)
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.output.parent, prefix=args.output.name, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(table)
-        os.replace(tmp, args.output)
+        atomic_write_text(args.output, table)
     return 0
 
 

@@ -28,11 +28,11 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from snap_fast.data.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -214,14 +214,6 @@ def cpu_section(*, tiny: bool = False, steps: int = 5, warmup: int = 2, modes: l
     return head + to_markdown(rows, 15.0)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (default 5)")
@@ -245,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = args.out or (None if args.tiny else RESULTS / f"train_{machine.replace(' ', '_')}.md")
     if out is not None:
-        _write_atomic(out, text)
+        atomic_write_text(out, text)
         print(f"wrote {out}")
     return 0
 

@@ -38,7 +38,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from snap_fast.data.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -92,18 +92,6 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def slug(name: str) -> str:
@@ -553,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is None and not args.dry_run:
         out = RESULTS / f"gpu_{slug(name)}.md"
     if out is not None:
-        write_atomic(out, report.markdown())
+        atomic_write_text(out, report.markdown())
         print(f"\nwrote {out}")
     return 1 if report.failures else 0
 

@@ -46,7 +46,7 @@ def test_failing_section_is_reported_and_the_report_goes_on(tmp_path):
     assert "Failed sections: A" in text and "RuntimeError: kaput" in text
     assert "| x | y |\n|---|---|\n| 1 | z |" in text
     out = tmp_path / "sub" / "gpu_x.md"
-    gpu_check.write_atomic(out, text)
+    gpu_check.atomic_write_text(out, text)
     assert out.read_text() == text
     assert [p.name for p in out.parent.iterdir()] == ["gpu_x.md"]  # no temp file left behind
 

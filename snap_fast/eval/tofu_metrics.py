@@ -26,13 +26,15 @@ and its reference evaluation code (also used by open-unlearning). For a question
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
 from scipy import stats
+
+from snap_fast.data.io import read_jsonl
 
 from snap_fast.generation import generate_answers
 
@@ -61,21 +63,11 @@ def load_tofu_split(folder: str | Path, split: str, limit: int | None = None) ->
     path = Path(folder) / SPLIT_FILES[split]
     if not path.is_file():
         raise FileNotFoundError(f"TOFU file not found: {path}")
-    records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            for key in ("question", "answer", "perturbed_answer"):
-                if key not in rec:
-                    raise ValueError(f"{path}:{lineno}: missing key {key!r}")
-            records.append(rec)
-            if limit is not None and len(records) >= limit:
-                break
+    records = read_jsonl(path)[:limit] if limit is not None else read_jsonl(path)
+    for i, rec in enumerate(records, 1):
+        for key in ("question", "answer", "perturbed_answer"):
+            if key not in rec:
+                raise ValueError(f"{path}: record {i}: missing key {key!r}")
     return records
 
 

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+
 __all__ = [
-    "atomic_write_text",
     "last_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -43,21 +43,6 @@ __all__ = [
 STATE_FILE = "trainer_state.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rng_state() -> dict[str, Any]:
@@ -146,6 +131,19 @@ def save_checkpoint(
     return final
 
 
+def _model_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a full-fine-tuning checkpoint's ``model/*.safetensors`` files."""
+    from safetensors.torch import load_file
+
+    files = sorted((folder / "model").glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {folder} has no model weights (is it a LoRA run?)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
 def _load_weights(folder: Path, model: torch.nn.Module) -> None:
     from safetensors.torch import load_file
 
@@ -160,12 +158,7 @@ def _load_weights(folder: Path, model: torch.nn.Module) -> None:
         if unexpected:
             raise ValueError(f"checkpoint {folder}: adapter keys the model does not have: {unexpected[:5]}")
         return
-    files = sorted((folder / "model").glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint {folder} has no model weights (is it a LoRA run?)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    state = _model_weights(folder)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"checkpoint {folder}: weights the model does not have: {result.unexpected_keys[:5]}")
@@ -209,12 +202,7 @@ def read_full_weights(folder: str | os.PathLike, model: torch.nn.Module) -> dict
             raise ValueError(f"checkpoint {folder}: adapter does not match the model (unknown: {unknown[:3]}, "
                              f"missing: {missing[:3]})")
         return {by_saved[k]: v for k, v in saved.items()}
-    files = sorted((folder / "model").glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint {folder} has no model weights (is it a LoRA run?)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    state = _model_weights(folder)
     unknown = sorted(set(state) - set(params) - {n for n, _ in model.named_buffers()})
     if unknown:
         raise ValueError(f"checkpoint {folder}: weights the model does not have: {unknown[:5]}")

@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from snap_fast.data.io import atomic_write_text
+
 from . import losses
 from .checkpoint import (
     OPTIMIZER_FILE,
-    atomic_write_text,
     last_checkpoint,
     load_checkpoint,
     read_full_weights,
