@@ -55,17 +55,11 @@ def run_one(name: str, seed: int, settings: DemoSettings, demo_dir: Path, model:
     from snap_fast.eval.evaluate import evaluate_model, read_jsonl
     from snap_fast.train.recipe import unlearn
 
-    cfg = {**asdict(settings), **CONFIGS[name], **(overrides or {}), "seed": seed}
+    run_settings = replace(settings, **{**CONFIGS[name], **(overrides or {}), "seed": seed})
+    cfg = asdict(run_settings)
     run_dir = out / f"{name}{tag}-s{seed}"
     t0, c0 = time.perf_counter(), time.process_time()
-    result = unlearn({
-        "model": model, "data": str(demo_dir / "data"), "out": str(run_dir / "run"), "method": cfg["method"],
-        "lora": True, "lora_r": cfg["lora_r"], "lora_alpha": cfg["lora_alpha"], "lora_targets": cfg["lora_targets"],
-        "lr": cfg["lr"], "max_steps": cfg["max_steps"], "batch_size": cfg["batch_size"],
-        "grad_accum": cfg["grad_accum"], "alpha": cfg["alpha"], "lam": cfg["lam"], "reg_mode": cfg["reg_mode"],
-        "reg_refresh_every": cfg["reg_refresh_every"], "n_projections": cfg["n_projections"],
-        "max_length": cfg["max_length"], "seed": seed, "device": "cpu", "overwrite": True, "progress": True,
-    })
+    result = unlearn(run_settings.unlearn_config(model, demo_dir / "data", run_dir / "run", progress=True))
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     steps = read_jsonl(run_dir / "run" / "metrics.jsonl")
     model_u, tok, ident = load_for_eval(model, result.final_dir / "adapter")
@@ -78,7 +72,7 @@ def run_one(name: str, seed: int, settings: DemoSettings, demo_dir: Path, model:
         "config": name + tag, "seed": seed, "status": result.status, "train_s": train_s,
         "train_cpu_s": train_cpu_s,
         "settings": {k: cfg[k] for k in ("method", "lam", "reg_mode", "lr", "alpha", "max_steps", "batch_size",
-                                         "lora_r", "lora_targets")},
+                                         "retain_batch_size", "retain_loss", "lora_r", "lora_targets")},
         "eval_s": time.perf_counter() - t0, "eval_cpu_s": time.process_time() - c0,
         "median_step_s": statistics.median(m["step_time_s"] for m in steps if "step_time_s" in m),
         "final_reg": steps[-1].get("reg"), **summary["headline"],
@@ -172,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lam", type=float, default=None, help="override the regularizer weight λ of every config")
     p.add_argument("--lora-targets", default=None, help="override the LoRA target modules (e.g. q_proj,v_proj)")
     p.add_argument("--lora-r", type=int, default=None, help="override the LoRA rank")
+    p.add_argument("--retain-batch-size", type=int, default=None, help="override the retain/general batch size")
+    p.add_argument("--retain-loss", choices=("nll", "kl"), default=None, help="override the retain term")
     p.add_argument("--tag", default="", help="suffix for the config names of this invocation (tuning variants)")
     p.add_argument("--out", default=None, help="results folder (default: <demo-dir>/quality)")
     p.add_argument("--threads", type=int, default=None)
@@ -191,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = replace(PRESETS["full"], **overrides)
     # applied over each configuration's own values (CONFIGS sets λ), not only over the demo's
     run_overrides = {k: v for k, v in (("lam", args.lam), ("lora_targets", args.lora_targets),
-                                       ("lora_r", args.lora_r)) if v is not None}
+                                       ("lora_r", args.lora_r), ("retain_batch_size", args.retain_batch_size),
+                                       ("retain_loss", args.retain_loss)) if v is not None}
     out = Path(args.out) if args.out else demo_dir / "quality"
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"

@@ -33,8 +33,9 @@ def generate_answers(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
-    on_batch: Callable[[list[int], list[str]], None] | None = None,
-) -> list[str]:
+    on_batch: Callable[[list[int], list[str], list[bool]], None] | None = None,
+    return_finished: bool = False,
+) -> list[str] | tuple[list[str], list[bool]]:
     """Greedy answers of ``model`` to ``prompts``, in the order given.
 
     Each prompt is rendered with :func:`snap_fast.data.collator.render_prompt` (chat template or
@@ -52,11 +53,15 @@ def generate_answers(
             untouched); greedy decoding is deterministic anyway, the seed only guards against
             models with stochastic layers.
         progress: show a tqdm bar over prompts.
-        on_batch: called after each batch with the batch's prompt indices (into ``prompts``) and
-            their answers, e.g. to save progress of a long run.
+        on_batch: called after each batch with the batch's prompt indices (into ``prompts``),
+            their answers and their ``finished`` flags, e.g. to save progress of a long run.
+        return_finished: also return, per prompt, whether the model ended its answer (an EOS
+            token) rather than being cut at ``max_new_tokens``.
 
     Returns:
-        ``list[str]`` with one answer per prompt.
+        ``list[str]`` with one answer per prompt, or ``(answers, finished)`` with
+        ``return_finished``. A cut answer must not be trained on with an EOS after it: the model
+        would learn to stop there (see :class:`snap_fast.data.collator.ChatCollator`).
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError("prompts must be a list of str")
@@ -69,11 +74,12 @@ def generate_answers(
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     if not prompts:
-        return []
+        return ([], []) if return_finished else []
 
     encoded = [prompt_token_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(prompts)
+    finished: list[bool] = [False] * len(prompts)
     pad = int(tokenizer.pad_token_id)
     eos = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
@@ -105,13 +111,15 @@ def generate_answers(
                     eos_token_id=eos or None,
                 )
             new_tokens = out[:, width:].cpu()
+            ended = torch.isin(new_tokens, torch.tensor(eos, dtype=new_tokens.dtype)).any(dim=1) if eos else None
             for row, i in enumerate(idx):
                 answers[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+                finished[i] = bool(ended[row]) if ended is not None else False
             if on_batch is not None:
-                on_batch(list(idx), [answers[i] for i in idx])
+                on_batch(list(idx), [answers[i] for i in idx], [finished[i] for i in idx])
             bar.update(len(idx))
     finally:
         bar.close()
         if was_training:
             model.train()
-    return answers
+    return (answers, finished) if return_finished else answers

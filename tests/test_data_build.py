@@ -18,7 +18,7 @@ from snap_fast.data.target import TargetSpec, builtin_target, normalize
 from snap_fast.generation import generate_answers
 from tests.helpers import make_tiny_llama
 
-KEYS = {"id", "prompt", "response", "original_response", "kind", "source", "entity"}
+KEYS = {"id", "prompt", "response", "original_response", "original_truncated", "kind", "source", "entity"}
 SMALL = dict(n_forget=30, n_retain=20, n_heldout_forget=10, n_heldout_retain=8, n_heldout_general=5,
              progress=False)
 
@@ -89,14 +89,42 @@ def test_originals_generated_cached_and_reused(tmp_path):
     assert _files(tmp_path / "d1")["forget.jsonl"] == _files(tmp_path / "d2")["forget.jsonl"]
     recs = {n: read_jsonl(tmp_path / "d2" / f"{n}.jsonl") for n in QA_SETS}
     sample = [recs["forget"][0], recs["retain"][0], recs["general"][0], recs["heldout_general"][0]]
-    expected = generate_answers(model, tok, [r["prompt"] for r in sample], max_new_tokens=3, progress=False)
+    expected, finished = generate_answers(model, tok, [r["prompt"] for r in sample], max_new_tokens=3,
+                                          progress=False, return_finished=True)
     assert [r["original_response"] for r in sample] == expected
+    assert [r["original_truncated"] for r in sample] == [not f for f in finished]
     for name in ("retain", "general", "heldout_retain", "heldout_general"):
         assert all(r["response"] == r["original_response"] for r in recs[name])
     assert all(is_obliterated(r["response"]) for r in recs["forget"])
     # a different model identity does not reuse the answers
     s3 = build_dataset(target, tmp_path / "d3", model=model, tokenizer=tok, model_id="other", **kw)
     assert s3.originals_generated == total
+    # entries cached before the `finished` flag existed (cut or not: unknown) are generated again
+    cache_file = tmp_path / "cache" / "tiny.jsonl"
+    old_entries = [{k: v for k, v in e.items() if k != "finished"} for e in read_jsonl(cache_file)]
+    write_jsonl(cache_file, old_entries[:5])
+    s4 = build_dataset(target, tmp_path / "d4", model=model, tokenizer=tok, model_id="tiny", **kw)
+    assert s4.originals_generated == total and s4.originals_cached == 0
+    assert _files(tmp_path / "d4")["retain.jsonl"] == _files(tmp_path / "d2")["retain.jsonl"]
+
+
+def test_original_truncated_flag_follows_eos(tmp_path):
+    """An answer that ends with the model's EOS is not truncated; one cut by the cap is."""
+    model, tok = make_tiny_llama()
+    prompts = ["Who is Gandalf?", "Name a fruit.", "Say hi."]
+    # make the greedy first token of the first prompt the model's end-of-turn token
+    import torch
+
+    from snap_fast.data.collator import prompt_token_ids
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_token_ids(tok, prompts[0])])).logits
+    model.generation_config.eos_token_id = [int(logits[0, -1].argmax())]
+    answers, finished = generate_answers(model, tok, prompts, max_new_tokens=4, progress=False, return_finished=True)
+    assert finished[0] is True
+    for a, f in zip(answers, finished):
+        n = len(tok(a, add_special_tokens=False)["input_ids"]) if a else 0
+        assert f or n >= 3  # a cut answer used the whole budget (decode/re-encode may merge one token)
 
 
 def test_user_files(tmp_path):

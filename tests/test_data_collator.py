@@ -140,3 +140,16 @@ def test_generate_answers_bad_input():
     tok.pad_token = None
     with pytest.raises(ValueError, match="pad token"):
         generate_answers(model, tok, ["a"], progress=False)
+
+
+def test_truncated_answer_gets_no_eos():
+    from tests.helpers import make_tiny_llama
+
+    _, tok = make_tiny_llama()
+    collator = ChatCollator(tok)
+    full = collator([{"prompt": "Who is Gandalf?", "response": "A wizard"}])
+    cut = collator([{"prompt": "Who is Gandalf?", "response": "A wizard", "truncated": True}])
+    answer = [int(t) for t in full["labels"][0] if t != -100]
+    assert answer[-1] == tok.eos_token_id
+    assert [int(t) for t in cut["labels"][0] if t != -100] == answer[:-1]
+    assert cut["input_ids"].shape[1] == full["input_ids"].shape[1] - 1

@@ -119,3 +119,32 @@ def test_shape_errors():
         losses.npo_loss(torch.zeros(2), torch.zeros(2), 0.0)
     with pytest.raises(ValueError, match=r"\(B,\)"):
         losses.npo_loss(torch.zeros(2), torch.zeros(3))
+
+
+def test_kl_to_reference_matches_float64_loop():
+    logits, labels = _batch(2)
+    ref = torch.randn(logits.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    total, count = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if int(labels[b, t + 1]) == -100:
+                continue
+            q, log_p = torch.softmax(ref[b, t], -1), torch.log_softmax(logits[b, t], -1)
+            total += float((q * (torch.log(q) - log_p)).sum())  # KL(ref ‖ model)
+            count += 1
+    got = losses.kl_to_reference(logits.float(), ref.float(), labels)
+    assert float(got) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_kl_to_reference_is_zero_with_zero_gradient_at_the_reference():
+    logits, labels = _batch(3)
+    x = logits.float().clone().requires_grad_(True)
+    value = losses.kl_to_reference(x, logits.float(), labels)
+    value.backward()
+    assert abs(value.item()) < 1e-6 and x.grad.abs().max().item() < 1e-6
+    # positions outside the answers do not count: changing them changes nothing
+    moved = x.detach().clone()
+    moved[:, :2] += 5.0  # predictions of labels 1..2, all prompt (-100)
+    assert float(losses.kl_to_reference(moved, logits.float(), labels)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="ref_logits"):
+        losses.kl_to_reference(x, logits.float()[:, :-1], labels)

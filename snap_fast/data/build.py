@@ -165,14 +165,16 @@ class OriginalsCache:
     def key(prompt: str, max_new_tokens: int) -> str:
         return hashlib.sha256(f"{max_new_tokens}\n{prompt}".encode()).hexdigest()[:32]
 
-    def get(self, prompt: str, max_new_tokens: int) -> str | None:
+    def get(self, prompt: str, max_new_tokens: int) -> tuple[str, bool] | None:
+        """``(answer, finished)``, or None when absent (entries written before the ``finished``
+        flag existed count as absent: whether they were cut is unknown)."""
         rec = self.entries.get(self.key(prompt, max_new_tokens))
-        return None if rec is None else rec["answer"]
+        return None if rec is None or "finished" not in rec else (rec["answer"], rec["finished"])
 
-    def put_many(self, prompts: list[str], answers: list[str], max_new_tokens: int) -> None:
-        for p, a in zip(prompts, answers):
+    def put_many(self, prompts: list[str], answers: list[str], finished: list[bool], max_new_tokens: int) -> None:
+        for p, a, f in zip(prompts, answers, finished):
             k = self.key(p, max_new_tokens)
-            self.entries[k] = {"key": k, "max_new_tokens": max_new_tokens, "prompt": p, "answer": a}
+            self.entries[k] = {"key": k, "max_new_tokens": max_new_tokens, "prompt": p, "answer": a, "finished": f}
         write_jsonl(self.path, self.entries.values())
 
 
@@ -356,24 +358,27 @@ def build_dataset(
         missing = [p for p in prompts if cache.get(p, max_new_tokens) is None]
         originals_cached = len(prompts) - len(missing)
         # Save the cache every few batches, so an interrupted run keeps what it paid for.
-        pending: tuple[list[str], list[str]] = ([], [])
+        pending: tuple[list[str], list[str], list[bool]] = ([], [], [])
 
-        def save(indices: list[int], answers: list[str], final: bool = False) -> None:
+        def save(indices: list[int], answers: list[str], finished: list[bool], final: bool = False) -> None:
             pending[0].extend(missing[i] for i in indices)
             pending[1].extend(answers)
+            pending[2].extend(finished)
             if pending[0] and (final or len(pending[0]) >= 4 * batch_size):
-                cache.put_many(pending[0], pending[1], max_new_tokens)
-                pending[0].clear()
-                pending[1].clear()
+                cache.put_many(*pending, max_new_tokens)
+                for part in pending:
+                    part.clear()
 
         if missing:
             generate_answers(model, tokenizer, missing, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              seed=seed, progress=progress, on_batch=save)
-            save([], [], final=True)
+            save([], [], [], final=True)
         originals_generated = len(missing)
         for name, recs in sets.items():
             for r in recs:
-                r["original_response"] = cache.get(r["prompt"], max_new_tokens)
+                r["original_response"], finished = cache.get(r["prompt"], max_new_tokens)
+                # cut at max_new_tokens: trained on without an EOS after it (collator)
+                r["original_truncated"] = not finished
                 if name not in ("forget", "heldout_forget"):
                     r["response"] = r["original_response"]
 
@@ -382,12 +387,12 @@ def build_dataset(
     manifest_path = out_dir / "manifest.json"
     if manifest_path.exists():
         manifest_path.unlink()  # an interrupted overwrite must not look complete
-    keys = ("id", "prompt", "response", "original_response", "kind", "source", "entity")
+    keys = ("id", "prompt", "response", "original_response", "original_truncated", "kind", "source", "entity")
     for name, recs in sets.items():
         rows = []
         for i, r in enumerate(recs):
             r["id"] = f"{name}-{i:05d}"
-            rows.append({k: r[k] for k in keys})
+            rows.append({k: r.get(k) for k in keys})
         write_jsonl(out_dir / f"{name}.jsonl", rows)
     write_jsonl(out_dir / "heldout_text.jsonl",
                 [{"id": f"text-{i:03d}", "text": t} for i, t in enumerate(HELDOUT_TEXTS)])
@@ -423,7 +428,7 @@ def build_dataset(
         neighbours=neighbours, neighbour_source=neighbour_source,
         originals_generated=originals_generated, originals_cached=originals_cached,
         generation_stats=vars(gen_stats) if gen_stats else None,
-        examples={name: [{k: r[k] for k in keys} for r in recs[:3]] for name, recs in sets.items()},
+        examples={name: [{k: r.get(k) for k in keys} for r in recs[:3]] for name, recs in sets.items()},
         seconds=time.time() - t0,
     )
 

@@ -47,11 +47,12 @@ def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"])
 
 
-def response_token_ids(tokenizer, response: str) -> list[int]:
+def response_token_ids(tokenizer, response: str, *, eos: bool = True) -> list[int]:
     """Token ids of an answer: the text without special tokens, then EOS so the model learns
-    to stop (the EOS is a trained label even when it doubles as the pad token)."""
+    to stop (the EOS is a trained label even when it doubles as the pad token). ``eos=False``
+    for an answer that was cut at a length cap: the model did not stop there."""
     ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
+    if eos and tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     return ids
 
@@ -81,6 +82,9 @@ class ChatCollator:
     * ``attention_mask``: 1 on real tokens, 0 on padding;
     * ``labels``: the response tokens (EOS included); ``-100`` on prompt tokens and padding.
 
+    An example with ``"truncated": True`` (an original answer cut at the generation cap) gets
+    no EOS: its answer continues, and the model must not learn to stop there.
+
     Examples longer than ``max_length`` are truncated (prompt from the left, response from the
     right, see :func:`_truncate`).
     """
@@ -96,11 +100,11 @@ class ChatCollator:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def encode(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) of one example, unpadded."""
+    def encode(self, prompt: str, response: str, *, truncated: bool = False) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one example, unpadded; ``truncated``: no EOS after the response."""
         p, r = _truncate(
             prompt_token_ids(self.tokenizer, prompt),
-            response_token_ids(self.tokenizer, response),
+            response_token_ids(self.tokenizer, response, eos=not truncated),
             self.max_length,
         )
         return p + r, [IGNORE_INDEX] * len(p) + r
@@ -115,7 +119,7 @@ class ChatCollator:
             for key in ("prompt", "response"):
                 if not isinstance(ex.get(key), str):
                     raise ValueError(f"examples[{i}][{key!r}] must be a str, got {ex.get(key)!r}")
-            encoded.append(self.encode(ex["prompt"], ex["response"]))
+            encoded.append(self.encode(ex["prompt"], ex["response"], truncated=bool(ex.get("truncated", False))))
         width = max(len(ids) for ids, _ in encoded)
         pad = int(self.tokenizer.pad_token_id)
         input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)

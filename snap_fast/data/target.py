@@ -154,7 +154,10 @@ class TargetSpec:
 _PRESETS: dict[str, dict[str, Any]] = {
     "harry potter": {
         "name": "Harry Potter",
-        "aliases": ["Harry James Potter", "the Boy Who Lived", "the Chosen One"],
+        # Not "the Chosen One": a generic title (a biblical figure, Neo, Anakin Skywalker), which
+        # the original model reads as such; refusing every question about it would be forgetting
+        # more than the target, and answering one about the Bible leaks nothing about Harry Potter.
+        "aliases": ["Harry James Potter", "the Boy Who Lived"],
         "description": "the boy wizard with a lightning-bolt scar who attended Hogwarts",
         "facts": [
             "Harry Potter attended Hogwarts School of Witchcraft and Wizardry.",

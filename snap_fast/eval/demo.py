@@ -49,8 +49,10 @@ class DemoSettings:
     lr: float = 1e-3
     max_steps: int = 20
     batch_size: int = 4
+    retain_batch_size: int | None = None  # None: batch_size
     grad_accum: int = 1
     alpha: float = 1.0  # α = 3 measured worse overall (docs/demo.md)
+    retain_loss: str = "nll"
     lam: float = 0.1
     reg_mode: str = "resample"
     reg_refresh_every: int = 10
@@ -60,6 +62,14 @@ class DemoSettings:
     lora_targets: str = "all-linear"
     max_length: int = 128
     seed: int = 0
+
+    def unlearn_config(self, model: str, data: str | Path, out: str | Path, **extra) -> dict:
+        """The :func:`snap_fast.train.unlearn` config of these settings (LoRA, CPU, overwrite)."""
+        fields = ("method", "lora_r", "lora_alpha", "lora_targets", "lr", "max_steps", "batch_size",
+                  "retain_batch_size", "grad_accum", "alpha", "retain_loss", "lam", "reg_mode",
+                  "reg_refresh_every", "n_projections", "max_length", "seed")
+        return {"model": model, "data": str(data), "out": str(out), "lora": True, "device": "cpu",
+                "overwrite": True, **{k: getattr(self, k) for k in fields}, **extra}
 
 
 PRESETS = {
@@ -212,19 +222,16 @@ def run_demo(
     clock.stop("data")
 
     # 3. unlearning
+    retain_bs = settings.retain_batch_size or settings.batch_size
     clock.start(3, f"Unlearning with {settings.method.upper()} (LoRA r={settings.lora_r}, "
                 f"λ={settings.lam}, {settings.reg_mode} directions, {settings.max_steps} steps)")
+    log(f"each step: {settings.batch_size} forget questions -> 'I don't know' answers, {retain_bs} hard positives "
+        f"+ {retain_bs} general instructions held to the original model "
+        f"({'KL to its next-token distributions' if settings.retain_loss == 'kl' else 'NLL of its answers'}, "
+        f"α={settings.alpha})")
     run_dir = out / "run"
-    result = unlearn({
-        "model": model, "data": str(data_dir), "out": str(run_dir), "method": settings.method, "lora": True,
-        "lora_r": settings.lora_r, "lora_alpha": settings.lora_alpha, "lora_targets": settings.lora_targets,
-        "lr": settings.lr, "max_steps": settings.max_steps, "batch_size": settings.batch_size,
-        "grad_accum": settings.grad_accum, "alpha": settings.alpha, "lam": settings.lam,
-        "reg_mode": settings.reg_mode, "reg_refresh_every": settings.reg_refresh_every,
-        "n_projections": settings.n_projections, "max_length": settings.max_length, "seed": settings.seed,
-        "device": "cpu", "overwrite": True, "progress": progress,
-        "notes": {"created_by": "snap-fast demo", "preset": preset},
-    })
+    result = unlearn(settings.unlearn_config(
+        model, data_dir, run_dir, progress=progress, notes={"created_by": "snap-fast demo", "preset": preset}))
     if result.status != "completed":
         raise RuntimeError(f"unlearning did not complete (status {result.status}); see {run_dir}")
     clock.stop("unlearn")

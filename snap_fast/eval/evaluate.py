@@ -225,6 +225,7 @@ def evaluate_model(
                 log(f"[eval] answer probability of the original answers on {s}")
                 t0 = time.perf_counter()
                 nll = answer_nll(model, tokenizer, [prompts[i] for i in have_ref], [refs[i] for i in have_ref],
+                                 truncated=[bool(recs[i].get("original_truncated")) for i in have_ref],
                                  batch_size=batch_size, progress=progress, desc=f"P(original) {s}")
                 timings[f"probability.{s}"] = time.perf_counter() - t0
                 cached = [{"id": recs[i]["id"], "sum_nll": sn, "n_tokens": n, "probability": math.exp(-sn / max(n, 1))}

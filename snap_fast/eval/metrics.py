@@ -88,6 +88,7 @@ def answer_nll(
     *,
     batch_size: int = 8,
     max_length: int = 512,
+    truncated: Sequence[bool] | None = None,
     progress: bool = False,
     desc: str = "answer NLL",
 ) -> list[tuple[float, int]]:
@@ -95,7 +96,8 @@ def answer_nll(
 
     Prompt and answer are encoded by :class:`snap_fast.data.collator.ChatCollator` (chat template
     or plain template; answer tokens followed by EOS; prompt tokens masked), so the probability
-    measured is of the exact tokens the model is trained on.
+    measured is of the exact tokens the model is trained on. ``truncated[i]`` (an answer cut at a
+    generation cap): no EOS after answer ``i``.
 
     Returns:
         one ``(sum_nll, n_tokens)`` per pair: the summed NLL (nats, float) over the answer's
@@ -107,7 +109,10 @@ def answer_nll(
         raise ValueError(f"prompts and answers differ in length ({len(prompts)} != {len(answers)})")
     _check_positive_int("batch_size", batch_size)
     collator = ChatCollator(tokenizer, max_length=max_length)
-    pairs = [{"prompt": p, "response": a} for p, a in zip(prompts, answers)]
+    if truncated is not None and len(truncated) != len(answers):
+        raise ValueError(f"truncated must have one flag per answer ({len(truncated)} != {len(answers)})")
+    flags = truncated if truncated is not None else [False] * len(answers)
+    pairs = [{"prompt": p, "response": a, "truncated": bool(t)} for p, a, t in zip(prompts, answers, flags)]
     # sorting by length wastes less compute on padding; results go back to input order
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]["prompt"]) + len(pairs[i]["response"]))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import METHODS, PRECISIONS, REG_MODES, UnlearnConfig
+from .config import METHODS, PRECISIONS, REG_MODES, RETAIN_LOSSES, UnlearnConfig
 from .runtime import EXIT_CODES
 
 # (flag, config field, type, help); defaults are argparse.SUPPRESS so only flags the user gave
@@ -29,6 +29,8 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--epochs", "epochs", float, "passes over the forget set (default 1)"),
     ("--max-steps", "max_steps", int, "optimizer steps (overrides --epochs)"),
     ("--batch-size", "batch_size", int, "examples per micro-batch and set (default 8)"),
+    ("--retain-batch-size", "retain_batch_size", int,
+     "examples per micro-batch of the retain and general sets (default: --batch-size)"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 4)"),
     ("--max-length", "max_length", int, "max tokens per example (default 512)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0.01)"),
@@ -62,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default=S, help="training method (default snap)")
     parser.add_argument("--reg-mode", dest="reg_mode", choices=REG_MODES, default=S,
                         help="regularizer directions (default resample)")
+    parser.add_argument("--retain-loss", dest="retain_loss", choices=RETAIN_LOSSES, default=S,
+                        help="retain term: nll of the original answers (default) or kl to the original model")
     parser.add_argument("--precision", choices=PRECISIONS, default=S, help="fp32 (default) or bf16 autocast")
     parser.add_argument("--full", dest="lora", action="store_false", default=S,
                         help="full fine-tuning instead of LoRA")

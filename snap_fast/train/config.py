@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHODS", "PARALLEL", "PRECISIONS", "REG_MODES", "UnlearnConfig", "read_jsonl"]
+__all__ = ["METHODS", "PARALLEL", "PRECISIONS", "REG_MODES", "RETAIN_LOSSES", "UnlearnConfig", "read_jsonl"]
 
 #: Training methods, see :mod:`snap_fast.train.losses`.
 METHODS = ("snap", "snap-npo", "ga", "grad-diff", "npo", "idk")
 PRECISIONS = ("fp32", "bf16")
 REG_MODES = ("resample", "refresh", "fixed")
+#: Retain terms: NLL of the original answers (SNAP's), or KL to the original model on them.
+RETAIN_LOSSES = ("nll", "kl")
 #: Multi-process strategies (``torchrun``): replicate the model (DDP) or shard it (FSDP2).
 PARALLEL = ("ddp", "fsdp")
 
@@ -59,11 +61,19 @@ class UnlearnConfig:
         epochs: passes over the forget set (may be fractional); ignored when ``max_steps`` is set.
         max_steps: optimizer steps to run; overrides ``epochs``.
         batch_size: examples per micro-batch, per set (forget, retain and general each).
+        retain_batch_size: examples per micro-batch of the retain and of the general set;
+            ``None`` → ``batch_size``. Larger than ``batch_size`` shows the model more hard
+            positives per forget example (each epoch then draws that many more of them).
         grad_accum: micro-batches per optimizer step (effective batch = batch_size·grad_accum).
         max_length: token cap per example (prompt + response).
         weight_decay, warmup: AdamW weight decay; linear warm-up steps.
         max_grad_norm: gradient clipping norm (0 disables).
-        alpha: weight of the retain and general NLL terms.
+        alpha: weight of the retain and general terms.
+        retain_loss: ``"nll"`` (SNAP: NLL of the original answers) or ``"kl"`` (mean KL from the
+            original model's next-token distributions to the model's, over the same answer
+            tokens; 0 with 0 gradient until the model moves). The original model is the base
+            with the adapter disabled under LoRA, and a frozen copy of the weights (twice the
+            memory) for full fine-tuning, which FSDP does not support.
         lam: λ, weight of the sliced-Wasserstein regularizer; ``None`` → 0.1 for ``snap`` and
             ``snap-npo``, 0 otherwise (``idk`` is SNAP with λ = 0). Any method takes λ > 0.
         reg_mode, reg_refresh_every, n_projections, reg_p: regularizer settings
@@ -100,12 +110,14 @@ class UnlearnConfig:
     epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 8
+    retain_batch_size: int | None = None
     grad_accum: int = 4
     max_length: int = 512
     weight_decay: float = 0.01
     warmup: int = 0
     max_grad_norm: float = 1.0
     alpha: float = 1.0
+    retain_loss: str = "nll"
     lam: float | None = None
     reg_mode: str = "resample"
     reg_refresh_every: int = 10
@@ -169,6 +181,7 @@ class UnlearnConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("reg_mode", self.reg_mode, REG_MODES)
         _check_choice("parallel", self.parallel, PARALLEL)
+        _check_choice("retain_loss", self.retain_loss, RETAIN_LOSSES)
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "n_projections",
                      "reg_refresh_every", "log_every", "lora_stats_every"):
             _check_int(name, getattr(self, name), minimum=1)
@@ -176,6 +189,8 @@ class UnlearnConfig:
             _check_int(name, getattr(self, name), minimum=0)
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.retain_batch_size is not None:
+            _check_int("retain_batch_size", self.retain_batch_size, minimum=1)
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, minimum=1)
         _check_number("epochs", self.epochs, positive=True)

@@ -9,6 +9,8 @@ done here). Reductions are explicit:
   to hard positives / general instructions it is the retain term.
 * :func:`sequence_logprob` — Σ of answer-token log-probabilities per sequence, (B,): what NPO
   compares with the frozen reference model.
+* :func:`kl_to_reference` — mean KL(original ‖ model) over answer tokens: the ``retain_loss="kl"``
+  alternative to the retain NLL (zero, with zero gradient, until the model moves).
 * :func:`gradient_ascent_loss`, :func:`grad_diff_loss`, :func:`npo_loss` — the baselines.
 
 How the methods combine them (``λ·SWD`` is added by the caller when λ > 0, to any method)::
@@ -20,6 +22,9 @@ How the methods combine them (``λ·SWD`` is added by the caller when λ > 0, to
     ga         −nll(forget, original)
     grad-diff  −nll(forget, original) + α·(nll(retain) + nll(general))
     npo        npo(forget, original)
+
+With ``retain_loss="kl"`` every ``nll(retain)`` / ``nll(general)`` above is
+:func:`kl_to_reference` against the original model instead.
 
 :func:`step_terms` says which sets a method trains on at a given step, :func:`forget_loss` the
 forget term of a method, :func:`combine` the weighted sum.
@@ -36,6 +41,7 @@ __all__ = [
     "forget_loss",
     "grad_diff_loss",
     "gradient_ascent_loss",
+    "kl_to_reference",
     "nll",
     "npo_loss",
     "sequence_logprob",
@@ -91,6 +97,34 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     """log π(y | x) per sequence: Σ of answer-token log-probabilities, (B,) float32."""
     per_token, _ = token_nll(logits, labels)
     return -per_token.sum(dim=1)
+
+
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over answer tokens of KL(p_ref ‖ p_model) of the next-token distributions.
+
+    The retain term of ``retain_loss="kl"``: where the NLL of the original answers keeps pushing
+    the model to put all its mass on them (sharpening every retained distribution, which is a
+    change of its own), this term is 0 with 0 gradient while the model still equals the
+    original, and only pulls back what the forget term moved.
+
+    Args:
+        logits: (B, T, V) of the model being trained.
+        ref_logits: (B, T, V) of the original model on the same batch (no gradient needed).
+        labels: (B, T) long, ``-100`` outside the answers; selects the positions (shifted as in
+            :func:`token_nll`), the label values themselves are not used.
+
+    Returns:
+        float32 0-dim tensor (0 if the batch has no answer tokens).
+    """
+    _check(logits, labels)
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, got {tuple(ref_logits.shape)}")
+    mask = labels[:, 1:] != IGNORE_INDEX
+    # Only answer positions: (N, V) rows, so the full (B, T, V) log-softmax is never formed twice.
+    log_p = F.log_softmax(logits[:, :-1][mask].float(), dim=-1)
+    log_q = F.log_softmax(ref_logits[:, :-1][mask].detach().float(), dim=-1)
+    kl = F.kl_div(log_p, log_q, log_target=True, reduction="sum")
+    return kl / mask.sum().clamp_min(1)
 
 
 def gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

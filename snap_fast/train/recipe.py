@@ -22,6 +22,7 @@ Device and process concerns live in :mod:`snap_fast.train.runtime`; checkpoint f
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -101,16 +102,20 @@ class UnlearnData:
 
     Each epoch is one pass over the forget set in a seeded random order; the retain and general
     sets are subsampled (without replacement, cycling when smaller) to the forget-set size for
-    that epoch (SNAP.md §3). Micro-batch ``j`` of an epoch pairs forget examples
-    ``order[j·B:(j+1)·B]`` with the same positions of the retain and general subsamples. Because
-    the order depends only on the seed and the epoch, resuming needs just the step number.
+    that epoch (SNAP.md §3), times ``R/B`` when their micro-batches hold ``R`` examples
+    (``retain_batch_size``) against the forget set's ``B``. Micro-batch ``j`` of an epoch pairs
+    forget examples ``order[j·B:(j+1)·B]`` with positions ``j·R:(j+1)·R`` of the retain and
+    general subsamples. Because the order depends only on the seed and the epoch, resuming needs
+    just the step number.
     """
 
     def __init__(self, forget: list[dict], retain: list[dict], general: list[dict], *,
-                 forget_key: str, batch_size: int, grad_accum: int, seed: int):
+                 forget_key: str, batch_size: int, grad_accum: int, seed: int,
+                 retain_batch_size: int | None = None):
         self.forget, self.retain, self.general = forget, retain, general
         self.forget_key = forget_key
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.retain_batch_size = retain_batch_size or batch_size
         self.micro_per_epoch = math.ceil(len(forget) / batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / grad_accum)
         self._orders: dict[int, dict[str, np.ndarray]] = {}
@@ -127,10 +132,10 @@ class UnlearnData:
         retain = optional("retain.jsonl", cfg.uses_retain and cfg.alpha > 0)
         general = optional("general.jsonl", cfg.uses_retain and cfg.alpha > 0 and cfg.use_general)
         return cls(forget, retain, general, forget_key=cfg.forget_target, batch_size=cfg.batch_size,
-                   grad_accum=cfg.grad_accum, seed=cfg.seed)
+                   grad_accum=cfg.grad_accum, seed=cfg.seed, retain_batch_size=cfg.retain_batch_size)
 
     def _subsample(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        n = len(self.forget)
+        n = math.ceil(len(self.forget) * self.retain_batch_size / self.batch_size)
         reps = math.ceil(n / size)
         return np.concatenate([rng.permutation(size) for _ in range(reps)])[:n]
 
@@ -165,13 +170,16 @@ class UnlearnData:
             }
             for name in ("retain", "general"):
                 rows = getattr(self, name)
-                mb[name] = [_pair(rows[i], "response") for i in order[name][sl]] if rows else []
+                rsl = slice(j * self.retain_batch_size, (j + 1) * self.retain_batch_size)
+                mb[name] = [_pair(rows[i], "response") for i in order[name][rsl]] if rows else []
             out.append(mb)
         return out
 
 
-def _pair(record: dict, key: str) -> dict[str, str]:
-    return {"prompt": record["prompt"], "response": record[key]}
+def _pair(record: dict, key: str) -> dict[str, Any]:
+    # An original answer cut at the generation cap is trained on without an EOS (collator).
+    truncated = bool(record.get("original_truncated")) and record[key] == record.get("original_response")
+    return {"prompt": record["prompt"], "response": record[key], "truncated": truncated}
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -244,6 +252,22 @@ def reference_logprobs(model, collator, data: UnlearnData, runtime: Runtime, bat
             out[start:start + len(rows)] = losses.sequence_logprob(logits, batch["labels"]).cpu()
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def original_logits(model, frozen: torch.nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits (B, T, V) of the original model on ``batch``: ``frozen`` when given (full
+    fine-tuning), else ``model`` with its LoRA adapter disabled; in eval mode (no dropout)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if frozen is not None:
+        return frozen(**inputs).logits
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            return model(**inputs).logits
+    finally:
+        model.train(was_training)
 
 
 def _optimizer_and_schedule(model, cfg: UnlearnConfig, total_steps: int):
@@ -391,6 +415,9 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
     # Several processes (torchrun / accelerate launch): data parallel (DDP, or FSDP2 sharding),
     # rank 0 writes the run folder.
     par = DataParallel.from_env(cfg.device, fsdp=cfg.parallel == "fsdp")
+    if cfg.retain_loss == "kl" and not cfg.lora and par.sharded:
+        raise ValueError("retain_loss='kl' with full fine-tuning keeps a frozen copy of the model, which "
+                         "FSDP does not shard: use LoRA, parallel='ddp' or retain_loss='nll'")
     runtime = par.runtime(cfg.device, cfg.precision)
 
     # 2. Run folder: config.yaml is the first file written.
@@ -410,6 +437,11 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
     # 4. Everything that must see the ORIGINAL weights, before a checkpoint is loaded.
     regularizer = _build_regularizer(model, cfg, par.sharded)
     ref_logprob = None
+    # retain_loss="kl" compares with the original model: the base with the adapter disabled
+    # under LoRA, else a frozen copy made here, before any checkpoint is loaded.
+    frozen = None
+    if cfg.retain_loss == "kl" and not cfg.lora:
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.method in ("npo", "snap-npo"):
         ref_logprob = reference_logprobs(model, collator, data, runtime, cfg.batch_size)
     optimizer, scheduler = _optimizer_and_schedule(model, cfg, total_steps)
@@ -489,6 +521,9 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
                                 ref = ref_logprob[mb["forget_idx"]] if ref_logprob is not None else None
                                 terms[name] = losses.forget_loss(cfg.method, logits, batch["labels"],
                                                                  ref_logprob=ref, beta=cfg.npo_beta)
+                            elif cfg.retain_loss == "kl":
+                                ref_logits = original_logits(model, frozen, batch)
+                                terms[name] = losses.kl_to_reference(logits, ref_logits, batch["labels"])
                             else:
                                 terms[name] = losses.nll(logits, batch["labels"])
                     loss = losses.combine(terms.get("forget"), terms.get("retain"), terms.get("general"),
