@@ -118,14 +118,16 @@ def recommend(results: list[dict]) -> str:
 
 def write_table(results: list[dict], original: dict, settings: DemoSettings, path: Path, notes: list[str]) -> None:
     """Markdown table: one row per configuration (mean ± half-spread over seeds)."""
-    budgets = {json.dumps({k: r["settings"][k] for k in ("lr", "alpha", "max_steps", "batch_size")})
-               for r in results if "settings" in r}
+    budget_keys = ("lr", "alpha", "max_steps", "batch_size", "retain_batch_size", "retain_loss")
+    budgets = {json.dumps({k: r["settings"].get(k) for k in budget_keys}) for r in results if "settings" in r}
     if len(budgets) > 1:
         notes = [f"WARNING: rows were trained with different budgets: {sorted(budgets)}", *notes]
     lines = [
         "# Quality comparison on the demo (SmolLM2-135M-Instruct forgets Harry Potter, CPU)", "",
         (f"Same budget for every row: LoRA r={settings.lora_r} ({settings.lora_targets}), {settings.max_steps} steps, "
-        f"batch {settings.batch_size}, lr {settings.lr}, α={settings.alpha}, max_length {settings.max_length}; "
+        f"{settings.batch_size} forget + {settings.retain_batch_size or settings.batch_size} hard-positive + "
+        f"{settings.retain_batch_size or settings.batch_size} general examples per step, lr {settings.lr}, "
+        f"retain term {settings.retain_loss} (α={settings.alpha}), max_length {settings.max_length}; "
         f"evaluated on the demo's held-out sets (greedy, {settings.max_new_tokens} new tokens). "
         "Values: mean ± half the spread over seeds."), "",
         ("| config | seeds | obliteration (held-out forget) | ROUGE-L hard positives | ROUGE-L general "
@@ -142,6 +144,8 @@ def write_table(results: list[dict], original: dict, settings: DemoSettings, pat
 
         def cell(key: str, fmt: str = ".2f", rows: list[dict] = rows) -> str:
             m, n = _stats(rows, key)
+            if m is not None and abs(m) >= 1e5:  # a destroyed model's perplexity
+                fmt = ".2e"
             return "–" if m is None else (f"{m:{fmt}} ± {n:{fmt}}" if len(rows) > 1 else f"{m:{fmt}}")
 
         lines.append(f"| {name} | {','.join(str(r['seed']) for r in rows)} | {cell('obliteration_rate')} | "

@@ -36,6 +36,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert [m["step"] for m in metrics] == list(range(1, tiny.max_steps + 1))
     assert (out / "run" / "final" / "adapter" / "adapter_config.json").is_file()
     summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["preset"] == "tiny"  # the CLI passes the preset's settings: still named
     assert set(summary["timings_s"]) >= {"load", "data", "unlearn", "eval", "report", "total"}
     assert summary["original"]["perplexity"] > 1.0 and summary["unlearned"]["perplexity"] > 1.0
     assert (tmp_path / "answers").is_dir()  # original answers cached where asked

@@ -136,6 +136,10 @@ def test_fluency_flags_gibberish_and_passes_prose():
     assert not fluency_stats(prose)["gibberish"]
     assert not fluency_stats("I'm not familiar with that person.")["gibberish"]
     assert not fluency_stats("Paris.")["gibberish"]  # too short to judge
+    assert not fluency_stats("1945.")["gibberish"]  # few characters: not judged by letters either
+    collapsed = fluency_stats("SBFS!!!!" + "." * 72)  # one "word", 80 characters, 4 letters
+    assert collapsed["n_words"] == 1 and collapsed["alpha_ratio"] == pytest.approx(4 / 80)
+    assert collapsed["gibberish"]
     loop = fluency_stats("the the the the the the the the the the")
     # 8 trigrams, all "the the the": 7 repeat an earlier one
     assert loop["repeated_trigram_ratio"] == pytest.approx(7 / 8) and loop["gibberish"]

@@ -195,7 +195,10 @@ def perplexity(model, tokenizer, texts: Sequence[str], **kwargs) -> float:
 # one phrase ("the the the ..."), strings of symbols, and runs of non-words. A fluent English
 # answer has few repeated trigrams, is mostly letters, and its words are mostly pronounceable.
 FLUENCY_THRESHOLDS = {
-    "min_words": 4,  # shorter answers are never flagged: too little text to judge
+    "min_words": 4,  # shorter answers are not judged by the word statistics: too few words
+    # ...but this many non-space characters with too few letters is flagged whatever the word
+    # count ("SBFS!!!!......" is one "word"; NPO's collapsed answers look like that)
+    "min_chars": 20,
     "max_repeated_trigram_ratio": 0.5,  # share of word trigrams that repeat an earlier trigram
     "min_alpha_ratio": 0.6,  # letters / non-space characters
     "max_nonword_ratio": 0.35,  # share of words that are not plausible words
@@ -213,7 +216,8 @@ def fluency_stats(text: str) -> dict:
 
     Returns ``{"n_words", "repeated_trigram_ratio", "alpha_ratio", "nonword_ratio",
     "word_entropy_bits", "gibberish"}``; ``gibberish`` is True when any threshold of
-    :data:`FLUENCY_THRESHOLDS` is crossed (and the text has at least ``min_words`` words).
+    :data:`FLUENCY_THRESHOLDS` is crossed (word statistics need at least ``min_words`` words;
+    the letter ratio also applies to any text of ``min_chars`` non-space characters).
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -231,12 +235,12 @@ def fluency_stats(text: str) -> dict:
     )
     counts = Counter(letters)
     entropy = -sum(c / len(letters) * math.log2(c / len(letters)) for c in counts.values()) if letters else 0.0
-    gibberish = len(words) >= th["min_words"] and (
+    gibberish = (len(words) >= th["min_words"] and (
         repeated > th["max_repeated_trigram_ratio"]
         or alpha < th["min_alpha_ratio"]
         or nonword > th["max_nonword_ratio"]
         or (len(words) >= 8 and entropy < th["min_word_entropy_bits"])
-    )
+    )) or (len(chars) >= th["min_chars"] and alpha < th["min_alpha_ratio"])
     return {
         "n_words": len(words),
         "repeated_trigram_ratio": repeated,
