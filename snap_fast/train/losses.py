@@ -118,7 +118,9 @@ def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torc
     """
     _check(logits, labels)
     if ref_logits.shape != logits.shape:
-        raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, got {tuple(ref_logits.shape)}")
+        raise ValueError(
+            f"ref_logits must have the shape of logits {tuple(logits.shape)}, got {tuple(ref_logits.shape)}"
+        )
     mask = labels[:, 1:] != IGNORE_INDEX
     # Only answer positions: (N, V) rows, so the full (B, T, V) log-softmax is never formed twice.
     log_p = F.log_softmax(logits[:, :-1][mask].float(), dim=-1)
