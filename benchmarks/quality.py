@@ -122,11 +122,12 @@ def write_table(results: list[dict], original: dict, settings: DemoSettings, pat
     budgets = {json.dumps({k: r["settings"].get(k) for k in budget_keys}) for r in results if "settings" in r}
     if len(budgets) > 1:
         notes = [f"WARNING: rows were trained with different budgets: {sorted(budgets)}", *notes]
+    retain_bs = settings.retain_batch_size or settings.batch_size
     lines = [
         "# Quality comparison on the demo (SmolLM2-135M-Instruct forgets Harry Potter, CPU)", "",
         (f"Same budget for every row: LoRA r={settings.lora_r} ({settings.lora_targets}), {settings.max_steps} steps, "
-        f"{settings.batch_size} forget + {settings.retain_batch_size or settings.batch_size} hard-positive + "
-        f"{settings.retain_batch_size or settings.batch_size} general examples per step, lr {settings.lr}, "
+        f"{settings.batch_size} forget + {retain_bs} hard-positive + {retain_bs} general examples per step, "
+        f"lr {settings.lr}, "
         f"retain term {settings.retain_loss} (α={settings.alpha}), max_length {settings.max_length}; "
         f"evaluated on the demo's held-out sets (greedy, {settings.max_new_tokens} new tokens). "
         "Values: mean ± half the spread over seeds."), "",

@@ -236,35 +236,32 @@ def _build_regularizer(model: torch.nn.Module, cfg: UnlearnConfig, sharded: bool
 def reference_logprobs(model, collator, data: UnlearnData, runtime: Runtime, batch_size: int) -> torch.Tensor:
     """log π_ref(y|x) of every forget example under the original model, (N,) float32 on CPU.
 
-    Computed once, before training changes any weight (for LoRA with the adapter disabled,
-    which is the original model whatever the adapter holds), in eval mode (no dropout).
+    Computed once, before training changes any weight (see :func:`original_logits`).
     """
-    was_training = model.training
-    model.eval()
-    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     out = torch.empty(len(data.forget))
-    with adapter_off:
-        for start in range(0, len(data.forget), batch_size):
-            rows = data.forget[start:start + batch_size]
-            batch = runtime.to_device(collator([_pair(r, data.forget_key) for r in rows]))
-            with runtime.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out[start:start + len(rows)] = losses.sequence_logprob(logits, batch["labels"]).cpu()
-    model.train(was_training)
+    for start in range(0, len(data.forget), batch_size):
+        rows = data.forget[start:start + batch_size]
+        batch = runtime.to_device(collator([_pair(r, data.forget_key) for r in rows]))
+        with runtime.autocast():
+            logits = original_logits(model, None, batch)
+        out[start:start + len(rows)] = losses.sequence_logprob(logits, batch["labels"]).cpu()
     return out
 
 
 @torch.no_grad()
 def original_logits(model, frozen: torch.nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits (B, T, V) of the original model on ``batch``: ``frozen`` when given (full
-    fine-tuning), else ``model`` with its LoRA adapter disabled; in eval mode (no dropout)."""
+    """Logits (B, T, V) of the original model on ``batch``, in eval mode (no dropout):
+    ``frozen`` when given (a copy kept for full fine-tuning), else ``model`` with its LoRA
+    adapter disabled (the original model whatever the adapter holds) or, without an adapter,
+    ``model`` itself (only the original before training changes a weight)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if frozen is not None:
         return frozen(**inputs).logits
     was_training = model.training
     model.eval()
+    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     try:
-        with model.disable_adapter():
+        with adapter_off:
             return model(**inputs).logits
     finally:
         model.train(was_training)
