@@ -148,3 +148,23 @@ def test_kl_to_reference_is_zero_with_zero_gradient_at_the_reference():
     assert float(losses.kl_to_reference(moved, logits.float(), labels)) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="ref_logits"):
         losses.kl_to_reference(x, logits.float()[:, :-1], labels)
+
+
+def test_kl_from_precomputed_reference_rows_matches_the_float64_loop():
+    """The recipe's cached path: per-example answer log-probabilities of the reference,
+    concatenated in batch order, give the KL of the per-batch path (float64 loop as reference)."""
+    logits, labels = _batch(4)
+    ref = torch.randn(logits.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    rows = torch.cat([losses.answer_logprobs(ref[b:b + 1].float(), labels[b:b + 1]) for b in range(3)])
+    assert rows.shape == (int((labels[:, 1:] != -100).sum()), logits.shape[-1])
+    total, count = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if int(labels[b, t + 1]) != -100:
+                q, log_p = torch.softmax(ref[b, t], -1), torch.log_softmax(logits[b, t], -1)
+                total += float((q * (torch.log(q) - log_p)).sum())
+                count += 1
+    got = losses.kl_to_reference_logprobs(logits.float(), rows, labels)
+    assert float(got) == pytest.approx(total / count, rel=1e-5)
+    with pytest.raises(ValueError, match="ref_logprobs must be"):
+        losses.kl_to_reference_logprobs(logits.float(), rows[:-1], labels)

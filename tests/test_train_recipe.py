@@ -276,3 +276,65 @@ def test_kl_retain_term_starts_at_zero_and_holds_the_original_distribution(asset
     if not lora:
         unlearn(_config(assets, tmp_path / "free", alpha=0.0, use_general=False, **common))
         assert kl_to_original(tmp_path / "kept") < 0.5 * kl_to_original(tmp_path / "free")
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_kl_reference_cache_matches_the_per_step_original_forward(assets, tmp_path, lora):
+    """The original's answer log-probabilities cached before training (default) and the
+    original model run on every batch (``reference_cache_gib=0``: adapter disabled, or a frozen
+    copy for full FT) give the same losses at every step and the same trained weights."""
+    from safetensors.torch import load_file
+
+    common = {"lora": lora, "lr": 5e-2 if lora else 1e-2, "max_steps": 4, "retain_loss": "kl",
+              "retain_batch_size": 6, "alpha": 10.0, "lam": 0.0}
+    for name, gib in (("cached", 2.0), ("per_step", 0.0)):
+        assert unlearn(_config(assets, tmp_path / name, reference_cache_gib=gib, **common)).status == "completed"
+    cached, per_step = _metrics(tmp_path / "cached"), _metrics(tmp_path / "per_step")
+    assert max(m["loss_retain"] for m in cached[1:]) > 1e-4  # the term is live, not trivially equal
+    for a, b in zip(cached, per_step, strict=True):
+        for key in ("loss_forget", "loss_retain", "loss_general"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    weights = "adapter/adapter_model.safetensors" if lora else "merged/model.safetensors"
+    wa, wb = (load_file(tmp_path / run / "final" / weights) for run in ("cached", "per_step"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+def test_answer_window_keeps_every_position_a_loss_reads():
+    from snap_fast.train.recipe import answer_window
+
+    labels = torch.full((2, 9), -100)
+    labels[0, 5:8] = 7  # answer tokens at 5..7, predicted from positions 4..6
+    labels[1, 3:5] = 7  # the earliest answer token: position 3, predicted from position 2
+    assert answer_window(labels) == 9 - 2
+    assert answer_window(torch.full((2, 4), -100)) == 4  # no answer: keep everything
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_logits_on_the_answer_window_give_the_whole_sequence_results(assets, tmp_path, monkeypatch, model):
+    """The LM head on the answer window only (``logits_to_keep``) vs on every position: the same
+    losses at every step and the same trained weights (NLL forget, KL retain per step)."""
+    from safetensors.torch import load_file
+
+    from snap_fast.train import recipe
+
+    common = {"model": assets[model], "lora": False, "lr": 1e-2, "max_steps": 3, "retain_loss": "kl",
+              "reference_cache_gib": 0.0, "alpha": 5.0, "lam": 0.1}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from snap_fast.data.collator import ChatCollator
+
+    assert recipe.accepts_logits_to_keep(AutoModelForCausalLM.from_pretrained(assets[model]))
+    labels = ChatCollator(AutoTokenizer.from_pretrained(assets[model]))(
+        [{"prompt": p, "response": r} for p, r in RETAIN])["labels"]
+    assert recipe.answer_window(labels) < labels.shape[1] - 3  # the window really drops positions
+    unlearn(_config(assets, tmp_path / "window", **common))
+    monkeypatch.setattr(recipe, "accepts_logits_to_keep", lambda model: False)
+    unlearn(_config(assets, tmp_path / "whole", **common))
+    for a, b in zip(_metrics(tmp_path / "window"), _metrics(tmp_path / "whole"), strict=True):
+        for key in ("loss_forget", "loss_retain", "loss_general", "reg"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    wa, wb = (load_file(tmp_path / run / "final" / "merged" / "model.safetensors") for run in ("window", "whole"))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)

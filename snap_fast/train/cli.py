@@ -37,6 +37,8 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--warmup", "warmup", int, "linear warm-up steps (default 0)"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm, 0 = off (default 1.0)"),
     ("--alpha", "alpha", float, "weight of the retain / general terms (default 1.0)"),
+    ("--reference-cache-gib", "reference_cache_gib", float,
+     "--retain-loss kl: cache the original's answer log-probabilities up to this size (default 2)"),
     ("--lam", "lam", float, "λ, regularizer weight (default 0.1 for snap/snap-npo, else 0)"),
     ("--n-projections", "n_projections", int, "regularizer directions L (default 100)"),
     ("--reg-refresh-every", "reg_refresh_every", int, "K for --reg-mode refresh (default 10)"),

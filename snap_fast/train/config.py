@@ -73,7 +73,13 @@ class UnlearnConfig:
             original model's next-token distributions to the model's, over the same answer
             tokens; 0 with 0 gradient until the model moves). The original model is the base
             with the adapter disabled under LoRA, and a frozen copy of the weights (twice the
-            memory) for full fine-tuning, which FSDP does not support.
+            memory) for full fine-tuning, which FSDP does not support. Both are needed only
+            when the original's answer-token log-probabilities exceed ``reference_cache_gib``.
+        reference_cache_gib: with ``retain_loss="kl"``, the original model's log-probabilities
+            at every retain/general answer position (answer tokens × vocabulary × 4 bytes) are
+            computed once before training and kept in CPU memory when they take at most this
+            many GiB, which saves one forward of the original model per retain/general batch
+            (and the frozen copy under full fine-tuning); 0 never caches.
         lam: λ, weight of the sliced-Wasserstein regularizer; ``None`` → 0.1 for ``snap`` and
             ``snap-npo``, 0 otherwise (``idk`` is SNAP with λ = 0). Any method takes λ > 0.
         reg_mode, reg_refresh_every, n_projections, reg_p: regularizer settings
@@ -118,6 +124,7 @@ class UnlearnConfig:
     max_grad_norm: float = 1.0
     alpha: float = 1.0
     retain_loss: str = "nll"
+    reference_cache_gib: float = 2.0
     lam: float | None = None
     reg_mode: str = "resample"
     reg_refresh_every: int = 10
@@ -194,7 +201,7 @@ class UnlearnConfig:
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, minimum=1)
         _check_number("epochs", self.epochs, positive=True)
-        for name in ("weight_decay", "max_grad_norm", "alpha", "lora_dropout"):
+        for name in ("weight_decay", "max_grad_norm", "alpha", "lora_dropout", "reference_cache_gib"):
             _check_number(name, getattr(self, name), positive=False)
         _check_number("npo_beta", self.npo_beta, positive=True)
         _check_number("reg_p", self.reg_p, positive=True)

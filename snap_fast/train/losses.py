@@ -10,7 +10,9 @@ done here). Reductions are explicit:
 * :func:`sequence_logprob` — Σ of answer-token log-probabilities per sequence, (B,): what NPO
   compares with the frozen reference model.
 * :func:`kl_to_reference` — mean KL(original ‖ model) over answer tokens: the ``retain_loss="kl"``
-  alternative to the retain NLL (zero, with zero gradient, until the model moves).
+  alternative to the retain NLL (zero, with zero gradient, until the model moves);
+  :func:`kl_to_reference_logprobs` takes the original's log-probabilities precomputed
+  (:func:`answer_logprobs`), as the recipe does when they fit in memory.
 * :func:`gradient_ascent_loss`, :func:`grad_diff_loss`, :func:`npo_loss` — the baselines.
 
 How the methods combine them (``λ·SWD`` is added by the caller when λ > 0, to any method)::
@@ -37,11 +39,13 @@ import torch.nn.functional as F
 
 __all__ = [
     "IGNORE_INDEX",
+    "answer_logprobs",
     "combine",
     "forget_loss",
     "grad_diff_loss",
     "gradient_ascent_loss",
     "kl_to_reference",
+    "kl_to_reference_logprobs",
     "nll",
     "npo_loss",
     "sequence_logprob",
@@ -123,10 +127,44 @@ def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torc
         )
     mask = labels[:, 1:] != IGNORE_INDEX
     # Only answer positions: (N, V) rows, so the full (B, T, V) log-softmax is never formed twice.
-    log_p = F.log_softmax(logits[:, :-1][mask].float(), dim=-1)
     log_q = F.log_softmax(ref_logits[:, :-1][mask].detach().float(), dim=-1)
-    kl = F.kl_div(log_p, log_q, log_target=True, reduction="sum")
-    return kl / mask.sum().clamp_min(1)
+    return kl_to_reference_logprobs(logits, log_q, labels)
+
+
+def answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities at the answer positions, (N, V) float32.
+
+    Row order is the batch's row-major order of answer tokens (sequence by sequence, left to
+    right), N the number of answer tokens after the causal shift: what
+    :func:`kl_to_reference_logprobs` takes as its reference.
+    """
+    _check(logits, labels)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return F.log_softmax(logits[:, :-1][mask].float(), dim=-1)
+
+
+def kl_to_reference_logprobs(logits: torch.Tensor, ref_logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`kl_to_reference` with the original model's log-probabilities given directly.
+
+    Args:
+        logits: (B, T, V) of the model being trained.
+        ref_logprobs: (N, V) log-probabilities of the original model at the N answer positions
+            of ``labels``, in :func:`answer_logprobs` order (e.g. computed once before training
+            and concatenated per example: with right padding an example's rows do not depend on
+            the batch it is in).
+        labels: (B, T) long, ``-100`` outside the answers.
+
+    Returns:
+        float32 0-dim tensor: mean over the N positions of KL(ref ‖ model) (0 if N = 0).
+    """
+    log_p = answer_logprobs(logits, labels)
+    if ref_logprobs.shape != log_p.shape:
+        raise ValueError(
+            f"ref_logprobs must be (answer tokens, V) = {tuple(log_p.shape)} for these labels, "
+            f"got {tuple(ref_logprobs.shape)}"
+        )
+    kl = F.kl_div(log_p, ref_logprobs.detach().float(), log_target=True, reduction="sum")
+    return kl / max(log_p.shape[0], 1)
 
 
 def gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
@@ -154,8 +155,9 @@ class UnlearnData:
         return {"epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch}
 
     def micro_batches(self, step: int) -> list[dict[str, Any]]:
-        """Micro-batches of optimizer step ``step``: dicts with ``forget_idx`` (indices into
-        the forget set) and ``forget``/``retain``/``general`` lists of {"prompt","response"}."""
+        """Micro-batches of optimizer step ``step``: dicts with ``forget``/``retain``/``general``
+        lists of {"prompt","response"} and ``forget_idx`` (long tensor), ``retain_idx``,
+        ``general_idx`` (int arrays): their indices into the sets."""
         pos = self.position(step)
         order = self.epoch_order(pos["epoch"])
         first = pos["step_in_epoch"] * self.grad_accum
@@ -171,6 +173,7 @@ class UnlearnData:
             for name in ("retain", "general"):
                 rows = getattr(self, name)
                 rsl = slice(j * self.retain_batch_size, (j + 1) * self.retain_batch_size)
+                mb[name + "_idx"] = order[name][rsl] if rows else order[name][:0]
                 mb[name] = [_pair(rows[i], "response") for i in order[name][rsl]] if rows else []
             out.append(mb)
         return out
@@ -248,13 +251,38 @@ def reference_logprobs(model, collator, data: UnlearnData, runtime: Runtime, bat
     return out
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (PEFT-wrapped) model's forward takes ``logits_to_keep`` (transformers ≥ 4.50)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def answer_window(labels: torch.Tensor) -> int:
+    """How many trailing positions of a batch the losses read: from the one that predicts the
+    batch's earliest answer token to the end (HF's ``logits_to_keep``).
+
+    Every loss here reads logits only where they predict an answer token, so the LM head (a
+    V × d matmul per position, V = 49 152 for SmolLM2) and the softmax can skip the prompt. With
+    ``labels[:, -keep:]`` beside logits of the last ``keep`` positions, the losses' causal shift
+    pairs the same logits and labels as on the whole sequence.
+    """
+    answer = (labels[:, 1:] != losses.IGNORE_INDEX).any(dim=0)
+    if not bool(answer.any()):
+        return labels.shape[1]
+    return labels.shape[1] - int(answer.nonzero()[0])
+
+
 @torch.no_grad()
-def original_logits(model, frozen: torch.nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def original_logits(model, frozen: torch.nn.Module | None, batch: dict[str, torch.Tensor],
+                    keep: int | None = None) -> torch.Tensor:
     """Logits (B, T, V) of the original model on ``batch``, in eval mode (no dropout):
     ``frozen`` when given (a copy kept for full fine-tuning), else ``model`` with its LoRA
     adapter disabled (the original model whatever the adapter holds) or, without an adapter,
-    ``model`` itself (only the original before training changes a weight)."""
+    ``model`` itself (only the original before training changes a weight). ``keep``: only the
+    last ``keep`` positions (B, keep, V), see :func:`answer_window`."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if keep is not None:
+        inputs["logits_to_keep"] = keep
     if frozen is not None:
         return frozen(**inputs).logits
     was_training = model.training
@@ -265,6 +293,56 @@ def original_logits(model, frozen: torch.nn.Module | None, batch: dict[str, torc
             return model(**inputs).logits
     finally:
         model.train(was_training)
+
+
+def _answer_positions(collator, record: dict) -> int:
+    """Answer positions of one retain/general example as the collator labels it (after the shift)."""
+    _, labels = collator.encode(record["prompt"], record["response"], truncated=record.get("truncated", False))
+    return sum(1 for label in labels[1:] if label != losses.IGNORE_INDEX)
+
+
+def _vocab_size(model) -> int:
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+@torch.no_grad()
+def reference_answer_logprobs(model, collator, data: UnlearnData,
+                              runtime: Runtime, batch_size: int, limit_gib: float,
+                              progress: bool = True) -> dict[str, list[torch.Tensor]] | None:
+    """The original model's next-token log-probabilities at every answer position of the retain
+    and general sets, computed once, before training changes ``model``: ``{"retain": [...], "general": [...]}``, one (n_i, V)
+    float32 CPU tensor per example (n_i its answer tokens, :func:`losses.answer_logprobs`
+    order), or None when they would take more than ``limit_gib`` GiB (then every step runs the
+    original model on its batch instead).
+
+    Why: ``retain_loss="kl"`` otherwise spends one extra forward per retain/general batch on
+    the original model, about a quarter of a LoRA step; the answers are fixed, so are these.
+    With right padding an example's rows do not depend on its batch, so per-example rows
+    concatenated in batch order equal what the per-step forward gives.
+    """
+    sets = {name: [_pair(r, "response") for r in getattr(data, name)] for name in ("retain", "general")}
+    positions = sum(_answer_positions(collator, r) for rows in sets.values() for r in rows)
+    if positions * _vocab_size(model) * 4 > limit_gib * 2**30:
+        return None
+    from tqdm.auto import tqdm
+
+    total = sum(len(rows) for rows in sets.values())
+    out: dict[str, list[torch.Tensor]] = {}
+    with tqdm(total=total, desc="original model (KL reference)", unit="example",
+              disable=not progress or not runtime.is_main_process, dynamic_ncols=True) as bar:
+        for name, rows in sets.items():
+            out[name] = []
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                batch = runtime.to_device(collator(chunk))
+                with runtime.autocast():
+                    logits = original_logits(model, None, batch)
+                for row in range(len(chunk)):
+                    rows_of = slice(row, row + 1)
+                    out[name].append(losses.answer_logprobs(logits[rows_of], batch["labels"][rows_of]).cpu())
+                bar.update(len(chunk))
+    return out
 
 
 def _optimizer_and_schedule(model, cfg: UnlearnConfig, total_steps: int):
@@ -436,9 +514,14 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
     ref_logprob = None
     # retain_loss="kl" compares with the original model: the base with the adapter disabled
     # under LoRA, else a frozen copy made here, before any checkpoint is loaded.
-    frozen = None
-    if cfg.retain_loss == "kl" and not cfg.lora:
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    frozen = ref_answers = None
+    if cfg.retain_loss == "kl" and (data.retain or data.general):
+        # Before any weight changes (and before a checkpoint is loaded), so ``model`` itself is
+        # the original even without an adapter to disable.
+        ref_answers = reference_answer_logprobs(model, collator, data, runtime, cfg.retain_batch_size
+                                                or cfg.batch_size, cfg.reference_cache_gib, cfg.progress)
+        if ref_answers is None and not cfg.lora:
+            frozen = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.method in ("npo", "snap-npo"):
         ref_logprob = reference_logprobs(model, collator, data, runtime, cfg.batch_size)
     optimizer, scheduler = _optimizer_and_schedule(model, cfg, total_steps)
@@ -488,6 +571,7 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
     # 6. The loop.
     trainable = [p for p in model.parameters() if p.requires_grad]
     forward_model = par.wrap(model)  # DistributedDataParallel under several processes (not FSDP2)
+    trim_logits = accepts_logits_to_keep(model)  # LM head on the answer window only
     writer = _tensorboard(run_dir) if runtime.is_main_process else None
     from tqdm.auto import tqdm
 
@@ -513,13 +597,21 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
                         for name in sets:
                             batch = runtime.to_device(collator(mb[name]))
                             tokens += int(batch["attention_mask"].sum()) if weight else 0
-                            logits = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                            keep = answer_window(batch["labels"]) if trim_logits else None
+                            logits = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                   **({"logits_to_keep": keep} if keep else {})).logits
+                            if keep:
+                                batch["labels"] = batch["labels"][:, -keep:]
                             if name == "forget":
                                 ref = ref_logprob[mb["forget_idx"]] if ref_logprob is not None else None
                                 terms[name] = losses.forget_loss(cfg.method, logits, batch["labels"],
                                                                  ref_logprob=ref, beta=cfg.npo_beta)
+                            elif cfg.retain_loss == "kl" and ref_answers is not None:
+                                ref = torch.cat([ref_answers[name][i] for i in mb[name + "_idx"]])
+                                terms[name] = losses.kl_to_reference_logprobs(logits, ref.to(logits.device),
+                                                                              batch["labels"])
                             elif cfg.retain_loss == "kl":
-                                ref_logits = original_logits(model, frozen, batch)
+                                ref_logits = original_logits(model, frozen, batch, keep)
                                 terms[name] = losses.kl_to_reference(logits, ref_logits, batch["labels"])
                             else:
                                 terms[name] = losses.nll(logits, batch["labels"])
