@@ -76,6 +76,20 @@ def test_pattern_path_deterministic_and_well_formed(tmp_path):
     assert ds.num_rows == 30 and set(ds.column_names) == KEYS
 
 
+def test_heldout_sets_do_not_depend_on_the_training_set_sizes(tmp_path):
+    """Runs with more forget / retain / general examples are evaluated on the same questions."""
+    target = builtin_target("Harry Potter")
+    build_dataset(target, tmp_path / "small", generate_originals=False, seed=2, **SMALL)
+    build_dataset(target, tmp_path / "big", generate_originals=False, seed=2,
+                  **{**SMALL, "n_forget": 60, "n_retain": 40, "n_general": 10})
+    for name in ("heldout_forget", "heldout_retain", "heldout_general"):
+        small, big = (read_jsonl(tmp_path / d / f"{name}.jsonl") for d in ("small", "big"))
+        assert [r["prompt"] for r in small] == [r["prompt"] for r in big], name
+    # the training sets did change: the first 30 forget questions are the same, then more follow
+    small, big = (read_jsonl(tmp_path / d / "forget.jsonl") for d in ("small", "big"))
+    assert len(big) == 60 and [r["prompt"] for r in big[:30]] == [r["prompt"] for r in small]
+
+
 def test_originals_generated_cached_and_reused(tmp_path):
     model, tok = make_tiny_llama()
     target = TargetSpec("Harry Potter", neighbours=["Frodo Baggins", "Gandalf"])

@@ -280,7 +280,12 @@ def build_dataset(
     user_records = _read_user_forget(user_forget, target) if user_forget is not None else []
     user_general = load_instruction_file(general_file) if general_file is not None else []
 
-    rng = random.Random(seed)
+    def rng_for(part: str) -> random.Random:
+        # One stream per set: a held-out set depends on the seed and its own size only, not on
+        # how many training examples were drawn before it (runs with a larger forget set are
+        # evaluated on the same questions).
+        return random.Random(f"{seed}:{part}")
+
     llm = ModelGenerator(model, tokenizer, progress=progress) if generator == "self" else (
         None if isinstance(generator, str) else generator)
 
@@ -308,17 +313,20 @@ def build_dataset(
         questions, gen_stats = generate_questions(llm, target, seen)
         generated = [_record(q, "generated", llm.source, target.name, name_used=target.mentioned_in(q))
                      for q in questions]
-    rng.shuffle(generated)
+    rng_for("generated").shuffle(generated)
     n_gen_heldout = int(len(generated) * _HELDOUT_GENERATED_SHARE)
     generated_heldout, generated_train = generated[:n_gen_heldout], generated[n_gen_heldout:]
     pattern_train = _dedupe(_pattern_questions(target.name, forms, target.description, target.category, False), seen)
-    pool = _interleave(generated_train + pattern_train, "kind", rng)
+    pool = _interleave(generated_train + pattern_train, "kind", rng_for("forget"))
     forget = user_records + pool[: max(0, n_forget - len(user_records))]
     heldout_pool = _dedupe(_pattern_questions(target.name, forms, target.description, target.category, True), seen)
-    heldout_forget = (generated_heldout + _interleave(heldout_pool, "kind", rng))[:n_heldout_forget]
-    for r in forget + heldout_forget:
-        if r["response"] is None:
-            r["response"] = obliterated_response(r["_name"], rng)
+    heldout_forget = (generated_heldout + _interleave(heldout_pool, "kind", rng_for("heldout_forget")))[
+        :n_heldout_forget]
+    for records, part in ((forget, "responses"), (heldout_forget, "heldout_responses")):
+        responses_rng = rng_for(part)
+        for r in records:
+            if r["response"] is None:
+                r["response"] = obliterated_response(r["_name"], responses_rng)
 
     # ---- hard positives: neighbour questions (never mentioning the target) ----
     def neighbour_questions(heldout: bool) -> list[dict[str, Any]]:
@@ -326,14 +334,15 @@ def build_dataset(
         for nb in neighbours:
             recs += [r for r in _pattern_questions(nb, [nb], None, None, heldout)
                      if target.mentioned_in(r["prompt"]) is None]
-        return _interleave(_dedupe(recs, seen), "entity", rng, within="kind")
+        return _interleave(_dedupe(recs, seen), "entity", rng_for("heldout_retain" if heldout else "retain"),
+                           within="kind")
 
     retain = neighbour_questions(False)[:n_retain]
     heldout_retain = neighbour_questions(True)[:n_heldout_retain]
 
     # ---- general instructions ----
     builtin_general = list(GENERAL_INSTRUCTIONS)
-    rng.shuffle(builtin_general)
+    rng_for("general").shuffle(builtin_general)
     heldout_general = [_record(p, "general", "builtin", None) for p in builtin_general[:n_heldout_general]]
     general = [_record(p, "general", "builtin", None) for p in builtin_general[n_heldout_general:]]
     general += [_record(r["prompt"], "general", "user", None) for r in user_general]
