@@ -311,10 +311,10 @@ def reference_answer_logprobs(model, collator, data: UnlearnData,
                               runtime: Runtime, batch_size: int, limit_gib: float,
                               progress: bool = True) -> dict[str, list[torch.Tensor]] | None:
     """The original model's next-token log-probabilities at every answer position of the retain
-    and general sets, computed once, before training changes ``model``: ``{"retain": [...], "general": [...]}``, one (n_i, V)
-    float32 CPU tensor per example (n_i its answer tokens, :func:`losses.answer_logprobs`
-    order), or None when they would take more than ``limit_gib`` GiB (then every step runs the
-    original model on its batch instead).
+    and general sets, computed once, before training changes ``model``: ``{"retain": [...],
+    "general": [...]}``, one (n_i, V) float32 CPU tensor per example (n_i its answer tokens, in
+    :func:`losses.answer_logprobs` order), or None when they would take more than ``limit_gib``
+    GiB (then every step runs the original model on its batch instead).
 
     Why: ``retain_loss="kl"`` otherwise spends one extra forward per retain/general batch on
     the original model, about a quarter of a LoRA step; the answers are fixed, so are these.
@@ -512,8 +512,9 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
     # 4. Everything that must see the ORIGINAL weights, before a checkpoint is loaded.
     regularizer = _build_regularizer(model, cfg, par.sharded)
     ref_logprob = None
-    # retain_loss="kl" compares with the original model: the base with the adapter disabled
-    # under LoRA, else a frozen copy made here, before any checkpoint is loaded.
+    # retain_loss="kl" compares with the original model: its answer log-probabilities cached
+    # here when they fit, else per batch the base with the adapter disabled under LoRA, or a
+    # frozen copy made here, before any checkpoint is loaded.
     frozen = ref_answers = None
     if cfg.retain_loss == "kl" and (data.retain or data.general):
         # Before any weight changes (and before a checkpoint is loaded), so ``model`` itself is
