@@ -338,9 +338,9 @@ def reference_answer_logprobs(model, collator, data: UnlearnData,
                 batch = runtime.to_device(collator(chunk))
                 with runtime.autocast():
                     logits = original_logits(model, None, batch)
-                for row in range(len(chunk)):
-                    rows_of = slice(row, row + 1)
-                    out[name].append(losses.answer_logprobs(logits[rows_of], batch["labels"][rows_of]).cpu())
+                # One log-softmax for the chunk, split per example (rows are in row-major order).
+                counts = (batch["labels"][:, 1:] != losses.IGNORE_INDEX).sum(dim=1).tolist()
+                out[name] += list(losses.answer_logprobs(logits, batch["labels"]).cpu().split(counts))
                 bar.update(len(chunk))
     return out
 
@@ -513,12 +513,11 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
     regularizer = _build_regularizer(model, cfg, par.sharded)
     ref_logprob = None
     # retain_loss="kl" compares with the original model: its answer log-probabilities cached
-    # here when they fit, else per batch the base with the adapter disabled under LoRA, or a
-    # frozen copy made here, before any checkpoint is loaded.
+    # here when they fit (before any checkpoint is loaded, so ``model`` itself is the original
+    # even without an adapter to disable), else per batch the base with the adapter disabled
+    # under LoRA, or a frozen copy made here.
     frozen = ref_answers = None
     if cfg.retain_loss == "kl" and (data.retain or data.general):
-        # Before any weight changes (and before a checkpoint is loaded), so ``model`` itself is
-        # the original even without an adapter to disable.
         ref_answers = reference_answer_logprobs(model, collator, data, runtime, cfg.retain_batch_size
                                                 or cfg.batch_size, cfg.reference_cache_gib, cfg.progress)
         if ref_answers is None and not cfg.lora:
@@ -607,7 +606,7 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
                                 ref = ref_logprob[mb["forget_idx"]] if ref_logprob is not None else None
                                 terms[name] = losses.forget_loss(cfg.method, logits, batch["labels"],
                                                                  ref_logprob=ref, beta=cfg.npo_beta)
-                            elif cfg.retain_loss == "kl" and ref_answers is not None:
+                            elif ref_answers is not None:  # retain_loss="kl", cached reference
                                 ref = torch.cat([ref_answers[name][i] for i in mb[name + "_idx"]])
                                 terms[name] = losses.kl_to_reference_logprobs(logits, ref.to(logits.device),
                                                                               batch["labels"])
