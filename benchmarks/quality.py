@@ -72,7 +72,8 @@ def run_one(name: str, seed: int, settings: DemoSettings, demo_dir: Path, model:
         "config": name + tag, "seed": seed, "status": result.status, "train_s": train_s,
         "train_cpu_s": train_cpu_s,
         "settings": {k: cfg[k] for k in ("method", "lam", "reg_mode", "lr", "alpha", "max_steps", "batch_size",
-                                         "retain_batch_size", "retain_loss", "lora_r", "lora_targets")},
+                                         "retain_batch_size", "general_batch_size", "retain_loss", "lora_r",
+                                         "lora_targets")},
         "eval_s": time.perf_counter() - t0, "eval_cpu_s": time.process_time() - c0,
         "median_step_s": statistics.median(m["step_time_s"] for m in steps if "step_time_s" in m),
         "final_reg": steps[-1].get("reg"), **summary["headline"],
@@ -118,15 +119,17 @@ def recommend(results: list[dict]) -> str:
 
 def write_table(results: list[dict], original: dict, settings: DemoSettings, path: Path, notes: list[str]) -> None:
     """Markdown table: one row per configuration (mean ± half-spread over seeds)."""
-    budget_keys = ("lr", "alpha", "max_steps", "batch_size", "retain_batch_size", "retain_loss")
+    budget_keys = ("lr", "alpha", "max_steps", "batch_size", "retain_batch_size", "general_batch_size",
+                   "retain_loss")
     budgets = {json.dumps({k: r["settings"].get(k) for k in budget_keys}) for r in results if "settings" in r}
     if len(budgets) > 1:
         notes = [f"WARNING: rows were trained with different budgets: {sorted(budgets)}", *notes]
     retain_bs = settings.retain_batch_size or settings.batch_size
+    general_bs = settings.general_batch_size or retain_bs
     lines = [
         "# Quality comparison on the demo (SmolLM2-135M-Instruct forgets Harry Potter, CPU)", "",
         (f"Same budget for every row: LoRA r={settings.lora_r} ({settings.lora_targets}), {settings.max_steps} steps, "
-        f"{settings.batch_size} forget + {retain_bs} hard-positive + {retain_bs} general examples per step, "
+        f"{settings.batch_size} forget + {retain_bs} hard-positive + {general_bs} general examples per step, "
         f"lr {settings.lr}, "
         f"retain term {settings.retain_loss} (α={settings.alpha}), max_length {settings.max_length}; "
         f"evaluated on the demo's held-out sets (greedy, {settings.max_new_tokens} new tokens). "
@@ -171,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lam", type=float, default=None, help="override the regularizer weight λ of every config")
     p.add_argument("--lora-targets", default=None, help="override the LoRA target modules (e.g. q_proj,v_proj)")
     p.add_argument("--lora-r", type=int, default=None, help="override the LoRA rank")
-    p.add_argument("--retain-batch-size", type=int, default=None, help="override the retain/general batch size")
+    p.add_argument("--batch-size", type=int, default=None, help="override the forget batch size")
+    p.add_argument("--retain-batch-size", type=int, default=None, help="override the retain batch size")
+    p.add_argument("--general-batch-size", type=int, default=None, help="override the general batch size")
     p.add_argument("--retain-loss", choices=("nll", "kl"), default=None, help="override the retain term")
     p.add_argument("--tag", default="", help="suffix for the config names of this invocation (tuning variants)")
     p.add_argument("--out", default=None, help="results folder (default: <demo-dir>/quality)")
@@ -188,11 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (demo_dir / "data" / "manifest.json").is_file():
         raise FileNotFoundError(f"--demo-dir: {demo_dir}/data is not a finished data folder; run `snap-fast demo` first")
     torch.set_num_threads(args.threads or choose_threads())
-    overrides = {k: v for k, v in (("max_steps", args.steps), ("alpha", args.alpha), ("lr", args.lr)) if v is not None}
+    overrides = {k: v for k, v in (("max_steps", args.steps), ("alpha", args.alpha), ("lr", args.lr),
+                                   ("batch_size", args.batch_size)) if v is not None}
     settings = replace(PRESETS["full"], **overrides)
     # applied over each configuration's own values (CONFIGS sets λ), not only over the demo's
     run_overrides = {k: v for k, v in (("lam", args.lam), ("lora_targets", args.lora_targets),
                                        ("lora_r", args.lora_r), ("retain_batch_size", args.retain_batch_size),
+                                       ("general_batch_size", args.general_batch_size),
                                        ("retain_loss", args.retain_loss)) if v is not None}
     out = Path(args.out) if args.out else demo_dir / "quality"
     out.mkdir(parents=True, exist_ok=True)

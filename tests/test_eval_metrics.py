@@ -151,6 +151,21 @@ def test_fluency_flags_gibberish_and_passes_prose():
     assert fluency_stats("red blue green pink red blue green pink")["word_entropy_bits"] == pytest.approx(2.0)
 
 
+def test_fluency_flags_plausible_nonsense_by_function_words():
+    # NPO's collapse: pronounceable words, few repeats, mostly letters, but no sentence
+    npo = "Slag bastaz Roma bastaz bastaz Roma SAUGHTOOPS JE SAKE,,,, JE DAMBURG JE JE JE SAXBABLES"
+    stats = fluency_stats(npo)
+    assert stats["nonword_ratio"] <= 0.35 and stats["alpha_ratio"] >= 0.6  # the other checks pass it
+    assert stats["function_word_ratio"] == 0.0 and stats["gibberish"]
+    # contractions count through their stem: I'm, but, I, don't, that = 5 of 9 words
+    prose = fluency_stats("I'm sorry, but I don't know that famous wizard.")
+    assert prose["function_word_ratio"] == pytest.approx(5 / 9) and not prose["gibberish"]
+    # a code block is not prose: the same words are judged by function words only outside a fence
+    listing = "alpha beta gamma delta\nepsilon zeta theta kappa"
+    assert fluency_stats(listing)["gibberish"]
+    assert not fluency_stats(f"```text\n{listing}\n```")["gibberish"]
+
+
 # ------------------------------------------------------------------------ classifier and leaks
 @pytest.mark.parametrize("answer", [
     "I don't know who that is.",

@@ -53,6 +53,8 @@ def _cfg(assets, tmp_path, **kw):
     ({"reference_cache_gib": -1.0}, ValueError, "reference_cache_gib must be >= 0"),
     ({"reference_cache_gib": "2"}, TypeError, "reference_cache_gib must be a number"),
     ({"retain_batch_size": 2.5}, TypeError, "retain_batch_size must be an int"),
+    ({"general_batch_size": 0}, ValueError, "general_batch_size must be >= 1"),
+    ({"general_batch_size": "4"}, TypeError, "general_batch_size must be an int"),
     ({"precision": "fp8"}, ValueError, "unknown precision"),
     ({"max_steps": 0}, ValueError, "max_steps must be >= 1"),
     ({"lr": 0.0}, ValueError, "lr must be > 0"),

@@ -210,12 +210,18 @@ def test_tokenizer_without_pad_token_is_handled(assets, tmp_path):
     assert last_checkpoint(tmp_path / "run").name == "step-1"
 
 
-def test_retain_batch_size_draws_more_hard_positives_per_step():
-    from snap_fast.train.recipe import UnlearnData
-
+def _toy_sets() -> tuple[list[dict], list[dict], list[dict]]:
+    """10 forget, 7 retain and 3 general examples, named by set and index."""
     forget = [{"prompt": f"f{i}", "response": "no"} for i in range(10)]
     retain = [{"prompt": f"r{i}", "response": "yes"} for i in range(7)]
     general = [{"prompt": f"g{i}", "response": "ok"} for i in range(3)]
+    return forget, retain, general
+
+
+def test_retain_batch_size_draws_more_hard_positives_per_step():
+    from snap_fast.train.recipe import UnlearnData
+
+    forget, retain, general = _toy_sets()
 
     def data(rbs):
         return UnlearnData(forget, retain, general, forget_key="response", batch_size=4, grad_accum=1, seed=0,
@@ -235,6 +241,29 @@ def test_retain_batch_size_draws_more_hard_positives_per_step():
                 for step in range(3) for mb in d.micro_batches(step)]
 
     assert prompts(data(None)) == prompts(data(4))
+
+
+def test_general_batch_size_is_independent_of_the_retain_batch_size():
+    from snap_fast.train.recipe import UnlearnData
+
+    forget, retain, general = _toy_sets()
+
+    def data(gbs):
+        return UnlearnData(forget, retain, general, forget_key="response", batch_size=4, grad_accum=1, seed=0,
+                           retain_batch_size=8, general_batch_size=gbs)
+
+    narrow = data(2)
+    micro = [mb for step in range(3) for mb in narrow.micro_batches(step)]
+    assert [(len(m["forget"]), len(m["retain"]), len(m["general"])) for m in micro] == [(4, 8, 2), (4, 8, 2), (2, 4, 1)]
+    # 5 general examples per epoch (10 forget × 2/4): the first pass is a permutation of all 3
+    drawn = [r["prompt"] for m in micro for r in m["general"]]
+    assert len(drawn) == 5 and sorted(drawn[:3]) == sorted(r["prompt"] for r in general)
+    # indices match the examples, and the retain draw is the one of the default (general = retain)
+    for m in micro:
+        assert [general[i]["prompt"] for i in m["general_idx"]] == [r["prompt"] for r in m["general"]]
+    default = [mb for step in range(3) for mb in data(None).micro_batches(step)]
+    assert [len(m["general"]) for m in default] == [8, 8, 4]
+    assert [[r["prompt"] for r in m["retain"]] for m in micro] == [[r["prompt"] for r in m["retain"]] for m in default]
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])

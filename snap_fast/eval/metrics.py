@@ -203,7 +203,23 @@ FLUENCY_THRESHOLDS = {
     "min_alpha_ratio": 0.6,  # letters / non-space characters
     "max_nonword_ratio": 0.35,  # share of words that are not plausible words
     "min_word_entropy_bits": 1.5,  # Shannon entropy of the word distribution (>= 8 words only)
+    # share of words that are English function words (>= 8 words, no code fence). Running English
+    # prose has 30-50 %; NPO's collapsed answers ("Roma bastaz JE SAB ...") are made of plausible
+    # but meaningless words that pass the checks above and have almost none.
+    "min_function_word_ratio": 0.1,
 }
+
+# Closed-class English words (articles, pronouns, auxiliaries, prepositions, conjunctions), plus
+# the stems left by splitting contractions at the apostrophe ("don't" -> "don").
+_FUNCTION_WORDS = frozenset("""
+a an the and or but if of to in on at by for with from into onto about as than then so not no nor
+is are was were be been being am do does did has have had will would can could should may might
+must shall i you he she it we they me him her us them my your his its our their this that these
+those there here what which who whom whose when where why how all any some each every one more
+most other such only own also just very too up out over after before because while during through
+between under again once don doesn didn isn aren wasn weren won can couldn shouldn wouldn haven
+hasn let
+""".split())
 
 _WORD_RE = re.compile(r"\S+")
 # a plausible word: letters (with inner ' or -), optionally wrapped in punctuation, with a vowel
@@ -215,9 +231,11 @@ def fluency_stats(text: str) -> dict:
     """Statistics behind the gibberish flag.
 
     Returns ``{"n_words", "repeated_trigram_ratio", "alpha_ratio", "nonword_ratio",
-    "word_entropy_bits", "gibberish"}``; ``gibberish`` is True when any threshold of
-    :data:`FLUENCY_THRESHOLDS` is crossed (word statistics need at least ``min_words`` words;
-    the letter ratio also applies to any text of ``min_chars`` non-space characters).
+    "word_entropy_bits", "function_word_ratio", "gibberish"}``; ``gibberish`` is True when any
+    threshold of :data:`FLUENCY_THRESHOLDS` is crossed (word statistics need at least
+    ``min_words`` words; the letter ratio also applies to any text of ``min_chars`` non-space
+    characters). The function-word check assumes English prose: it is skipped for text with a
+    Markdown code fence.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -233,6 +251,8 @@ def fluency_stats(text: str) -> dict:
         if words
         else 0.0
     )
+    bare = [w for w in letters if w]
+    function = sum(w.split("'")[0] in _FUNCTION_WORDS for w in bare) / len(bare) if bare else 1.0
     counts = Counter(letters)
     entropy = -sum(c / len(letters) * math.log2(c / len(letters)) for c in counts.values()) if letters else 0.0
     gibberish = (len(words) >= th["min_words"] and (
@@ -240,6 +260,7 @@ def fluency_stats(text: str) -> dict:
         or alpha < th["min_alpha_ratio"]
         or nonword > th["max_nonword_ratio"]
         or (len(words) >= 8 and entropy < th["min_word_entropy_bits"])
+        or (len(words) >= 8 and "```" not in text and function < th["min_function_word_ratio"])
     )) or (len(chars) >= th["min_chars"] and alpha < th["min_alpha_ratio"])
     return {
         "n_words": len(words),
@@ -247,6 +268,7 @@ def fluency_stats(text: str) -> dict:
         "alpha_ratio": alpha,
         "nonword_ratio": nonword,
         "word_entropy_bits": entropy,
+        "function_word_ratio": function,
         "gibberish": bool(gibberish),
     }
 

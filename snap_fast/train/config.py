@@ -61,9 +61,12 @@ class UnlearnConfig:
         epochs: passes over the forget set (may be fractional); ignored when ``max_steps`` is set.
         max_steps: optimizer steps to run; overrides ``epochs``.
         batch_size: examples per micro-batch, per set (forget, retain and general each).
-        retain_batch_size: examples per micro-batch of the retain and of the general set;
-            ``None`` → ``batch_size``. Larger than ``batch_size`` shows the model more hard
-            positives per forget example (each epoch then draws that many more of them).
+        retain_batch_size: examples per micro-batch of the retain set; ``None`` →
+            ``batch_size``. Larger than ``batch_size`` shows the model more hard positives per
+            forget example (each epoch then draws that many more of them).
+        general_batch_size: examples per micro-batch of the general set; ``None`` →
+            ``retain_batch_size``. General instructions are far from the target and their KL
+            stays small, so a smaller general batch frees compute for hard positives.
         grad_accum: micro-batches per optimizer step (effective batch = batch_size·grad_accum).
         max_length: token cap per example (prompt + response).
         weight_decay, warmup: AdamW weight decay; linear warm-up steps.
@@ -117,6 +120,7 @@ class UnlearnConfig:
     max_steps: int | None = None
     batch_size: int = 8
     retain_batch_size: int | None = None
+    general_batch_size: int | None = None
     grad_accum: int = 4
     max_length: int = 512
     weight_decay: float = 0.01
@@ -196,8 +200,9 @@ class UnlearnConfig:
             _check_int(name, getattr(self, name), minimum=0)
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-        if self.retain_batch_size is not None:
-            _check_int("retain_batch_size", self.retain_batch_size, minimum=1)
+        for name in ("retain_batch_size", "general_batch_size"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, minimum=1)
         _check_number("epochs", self.epochs, positive=True)

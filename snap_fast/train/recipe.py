@@ -104,19 +104,21 @@ class UnlearnData:
     Each epoch is one pass over the forget set in a seeded random order; the retain and general
     sets are subsampled (without replacement, cycling when smaller) to the forget-set size for
     that epoch (SNAP.md §3), times ``R/B`` when their micro-batches hold ``R`` examples
-    (``retain_batch_size``) against the forget set's ``B``. Micro-batch ``j`` of an epoch pairs
-    forget examples ``order[j·B:(j+1)·B]`` with positions ``j·R:(j+1)·R`` of the retain and
-    general subsamples. Because the order depends only on the seed and the epoch, resuming needs
-    just the step number.
+    (``retain_batch_size``, ``general_batch_size``) against the forget set's ``B``. Micro-batch
+    ``j`` of an epoch pairs forget examples ``order[j·B:(j+1)·B]`` with positions
+    ``j·R:(j+1)·R`` of each of the retain and general subsamples (each with its own ``R``).
+    Because the order depends only on the seed and the epoch, resuming needs just the step number.
     """
 
     def __init__(self, forget: list[dict], retain: list[dict], general: list[dict], *,
                  forget_key: str, batch_size: int, grad_accum: int, seed: int,
-                 retain_batch_size: int | None = None):
+                 retain_batch_size: int | None = None, general_batch_size: int | None = None):
         self.forget, self.retain, self.general = forget, retain, general
         self.forget_key = forget_key
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.retain_batch_size = retain_batch_size or batch_size
+        self.general_batch_size = general_batch_size or self.retain_batch_size
+        self._set_batch = {"retain": self.retain_batch_size, "general": self.general_batch_size}
         self.micro_per_epoch = math.ceil(len(forget) / batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / grad_accum)
         self._orders: dict[int, dict[str, np.ndarray]] = {}
@@ -133,10 +135,11 @@ class UnlearnData:
         retain = optional("retain.jsonl", cfg.uses_retain and cfg.alpha > 0)
         general = optional("general.jsonl", cfg.uses_retain and cfg.alpha > 0 and cfg.use_general)
         return cls(forget, retain, general, forget_key=cfg.forget_target, batch_size=cfg.batch_size,
-                   grad_accum=cfg.grad_accum, seed=cfg.seed, retain_batch_size=cfg.retain_batch_size)
+                   grad_accum=cfg.grad_accum, seed=cfg.seed, retain_batch_size=cfg.retain_batch_size,
+                   general_batch_size=cfg.general_batch_size)
 
-    def _subsample(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        n = math.ceil(len(self.forget) * self.retain_batch_size / self.batch_size)
+    def _subsample(self, rng: np.random.Generator, size: int, per_batch: int) -> np.ndarray:
+        n = math.ceil(len(self.forget) * per_batch / self.batch_size)
         reps = math.ceil(n / size)
         return np.concatenate([rng.permutation(size) for _ in range(reps)])[:n]
 
@@ -146,7 +149,8 @@ class UnlearnData:
             order = {"forget": rng.permutation(len(self.forget))}
             for name in ("retain", "general"):
                 rows = getattr(self, name)
-                order[name] = self._subsample(rng, len(rows)) if rows else np.zeros(0, dtype=np.int64)
+                order[name] = (self._subsample(rng, len(rows), self._set_batch[name]) if rows
+                               else np.zeros(0, dtype=np.int64))
             self._orders = {epoch: order}  # only the current epoch is ever needed again
         return self._orders[epoch]
 
@@ -172,9 +176,10 @@ class UnlearnData:
             }
             for name in ("retain", "general"):
                 rows = getattr(self, name)
-                rsl = slice(j * self.retain_batch_size, (j + 1) * self.retain_batch_size)
-                mb[name + "_idx"] = order[name][rsl] if rows else order[name][:0]
-                mb[name] = [_pair(rows[i], "response") for i in order[name][rsl]] if rows else []
+                per_batch = self._set_batch[name]
+                drawn = order[name][j * per_batch : (j + 1) * per_batch]
+                mb[name + "_idx"] = drawn
+                mb[name] = [_pair(rows[i], "response") for i in drawn]
             out.append(mb)
         return out
 
@@ -518,8 +523,8 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
     # under LoRA, or a frozen copy made here.
     frozen = ref_answers = None
     if cfg.retain_loss == "kl" and (data.retain or data.general):
-        ref_answers = reference_answer_logprobs(model, collator, data, runtime, cfg.retain_batch_size
-                                                or cfg.batch_size, cfg.reference_cache_gib, cfg.progress)
+        ref_answers = reference_answer_logprobs(model, collator, data, runtime, data.retain_batch_size,
+                                                cfg.reference_cache_gib, cfg.progress)
         if ref_answers is None and not cfg.lora:
             frozen = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.method in ("npo", "snap-npo"):
