@@ -217,7 +217,7 @@ is are was were be been being am do does did has have had will would can could s
 must shall i you he she it we they me him her us them my your his its our their this that these
 those there here what which who whom whose when where why how all any some each every one more
 most other such only own also just very too up out over after before because while during through
-between under again once don doesn didn isn aren wasn weren won can couldn shouldn wouldn haven
+between under again once don doesn didn isn aren wasn weren won couldn shouldn wouldn haven
 hasn let
 """.split())
 
