@@ -229,7 +229,19 @@ class _Interrupt(Exception):
 
 
 def scenario_ddp_unlearn(out: Path, config: dict, stop_after: int) -> dict:
-    """``snap_fast.train.unlearn`` under DDP, stopped after ``stop_after`` steps, then resumed."""
+    """``snap_fast.train.unlearn`` under DDP, stopped after ``stop_after`` steps, then resumed.
+
+    Rank 1 starts late, once rank 0 has created the run folder (rank 0 then waits for it in the
+    broadcast of the folder's status): the order a loaded machine produces by chance, which made
+    rank 1 refuse the "existing" folder before rank 0 alone checked it.
+    """
+    if dist.get_rank() != 0:
+        created = Path(config["out"]) / "config.yaml"
+        deadline = time.monotonic() + TIMEOUT_S
+        while not created.is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 did not create {created} within {TIMEOUT_S} s")
+            time.sleep(0.05)
     return _unlearn_stopped_and_resumed(config, stop_after)
 
 

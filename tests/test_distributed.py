@@ -141,8 +141,10 @@ def launched(tmp_path_factory):
     for config in (_train_config(tmp, "run_single"), _lora_config(tmp, "run_single_lora")):
         assert unlearn(config).status == "completed"
     die_codes = die.finish(deadline_s=300)
-    for rank, (code, log) in enumerate(main.finish(deadline_s=400)):
-        assert code == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    # Every failed rank's log: the first rank to fail is often not the one that reports first.
+    failed = [f"rank {rank} failed (exit {code}):\n{log[-3000:]}"
+              for rank, (code, log) in enumerate(main.finish(deadline_s=400)) if code != 0]
+    assert not failed, "\n\n".join(failed)
     return tmp, die_codes, time.monotonic() - started
 
 

@@ -181,8 +181,13 @@ class UnlearnConfig:
         return self.method in RETAIN_METHODS
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
+    def validate(self, *, run_folder: bool = True) -> None:
         """Check every field, the model spec and the data folder; raise before heavy work.
+
+        Args:
+            run_folder: also check ``out`` against what is on disk (see
+                :meth:`_validate_run_folder`). Several processes skip it: rank 0 checks and
+                creates the folder alone, and another rank may start after it already exists.
 
         Raises:
             ValueError / TypeError naming the offending field (``FileNotFoundError``, a
@@ -233,7 +238,10 @@ class UnlearnConfig:
         ):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         self._validate_model()
-        self._validate_out()
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise ValueError("out (the run folder) must be given")
+        if run_folder:
+            self._validate_run_folder()
         self._validate_data()
 
     def _validate_model(self) -> None:
@@ -246,9 +254,8 @@ class UnlearnConfig:
         except FileNotFoundError as exc:
             raise ValueError(f"model: {exc}") from None
 
-    def _validate_out(self) -> None:
-        if not isinstance(self.out, str) or not self.out.strip():
-            raise ValueError("out (the run folder) must be given")
+    def _validate_run_folder(self) -> None:
+        """Check that ``out`` may be created, resumed or replaced (``resume`` / ``overwrite``)."""
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"out: {out} exists and is not a folder")

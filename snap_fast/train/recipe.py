@@ -491,7 +491,9 @@ def unlearn(config: UnlearnConfig | dict, *, on_step: StepCallback | None = None
     if not isinstance(config, UnlearnConfig):
         raise TypeError(f"config must be an UnlearnConfig or dict, got {type(config).__name__}")
     cfg = config.resolved()
-    cfg.validate()
+    # Under several processes rank 0 alone checks and writes the run folder: a slower rank may
+    # get here after rank 0 has created it.
+    cfg.validate(run_folder=os.environ.get("RANK", "0") == "0")
     # Several processes (torchrun / accelerate launch): data parallel (DDP, or FSDP2 sharding),
     # rank 0 writes the run folder.
     par = DataParallel.from_env(cfg.device, fsdp=cfg.parallel == "fsdp")
