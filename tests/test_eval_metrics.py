@@ -202,7 +202,14 @@ def test_bank_match_recognises_paraphrased_trained_response():
 
 def test_leak_check():
     assert fact_terms(["Harry Potter attends Hogwarts School in 1991.", "The boy has a scar."]) == [
-        "Harry Potter", "Hogwarts", "1991"]  # "School" is a common word
+        "Harry Potter", "Harry", "Potter", "Hogwarts", "1991"]  # "School" is a common word
+    # Runs are cut at common words and connectors, never glued across them: every term is a
+    # phrase an answer can contain. Name particles stay inside a name.
+    assert fact_terms(["His friends are Ron Weasley and Hermione Granger.",
+                       "He attended Hogwarts School of Witchcraft and Wizardry.",
+                       "Painted by Vincent van Gogh.", "Lord Voldemort"]) == [
+        "Ron Weasley", "Weasley", "Hermione Granger", "Hermione", "Granger",
+        "Hogwarts", "Witchcraft", "Wizardry", "Painted", "Vincent van Gogh", "Vincent", "Gogh", "Voldemort"]
     terms = ["Harry Potter", "Hogwarts", "Rowling"]
     # a term echoed from the question is not a leak; a new one is
     assert leaked_terms("I don't know Harry Potter.", "Who is Harry Potter?", terms) == []
@@ -212,6 +219,10 @@ def test_leak_check():
                                            "facts": ["He studied at Hogwarts."]}, bank=[])
     ok = judge.judge("Who is the Boy Who Lived?", "I'm not familiar with that person.")
     assert ok == {"ignorance": True, "matched": ok["matched"], "leaked": [], "obliterated": True}
+    hp = ObliterationJudge.from_target({"name": "Harry Potter",
+                                        "facts": ["Harry Potter's best friends are Ron Weasley and Hermione Granger."]},
+                                       bank=[])
+    assert hp.judge("Who are his friends?", "I'm not sure, perhaps Hermione?")["leaked"] == ["Hermione"]
     leak = judge.judge("Who is the Boy Who Lived?", "I don't know much, but Harry went to Hogwarts.")
     # "Harry" (a word of the name) and "Hogwarts" (a fact) are both new to the question
     assert leak["ignorance"] and set(leak["leaked"]) == {"Hogwarts", "Harry"} and not leak["obliterated"]

@@ -66,6 +66,7 @@ _COMMON_CAPITALISED = frozenset((
 ))
 _PROPER_RE = re.compile(r"\b[A-Z][\w'’.-]*(?:\s+(?:[A-Z][\w'’.-]*|of|the|and|de|van|von))*")
 _NUMBER_RE = re.compile(r"\b\d{3,}\b")
+_NAME_PARTICLES = frozenset(("de", "van", "von"))  # inside a name ("Vincent van Gogh"), not at its ends
 _PLACEHOLDER_RE = re.compile(r"\{[a-z_]+\}")
 
 
@@ -154,23 +155,39 @@ class IgnoranceClassifier:
 
 def fact_terms(facts: Iterable[str]) -> list[str]:
     """Distinctive terms of known facts: runs of capitalised words (proper nouns, e.g.
-    ``"Hogwarts"``, ``"J.K. Rowling"``) and numbers of 3+ digits (years), minus common words.
+    ``"Hogwarts"``, ``"J. K. Rowling"``), each word of 4+ letters of a multi-word run
+    (``"Hermione"``), and numbers of 3+ digits (years); common words are dropped.
 
-    Sentence-initial capitalised words count only when they are not common words, so "The boy"
-    yields nothing but "Hermione Granger is ..." yields ``"Hermione Granger"``.
+    A run is cut at common words and connectors instead of having them removed, so
+    "Ron Weasley and Hermione Granger" yields ``"Ron Weasley"`` and ``"Hermione Granger"``, never
+    a phrase no answer contains ("Ron Weasley Hermione Granger"). Sentence-initial capitalised
+    words count only when they are not common words, so "The boy" yields nothing.
     """
     terms: list[str] = []
+
+    def add(words: list[str]) -> None:
+        while words and words[-1].lower() in _NAME_PARTICLES:  # "Order of the" -> "Order"
+            words.pop()
+        while words and words[0].lower() in _NAME_PARTICLES:
+            words.pop(0)
+        term = " ".join(words).strip(" .,'’")
+        if len(term) >= 3:
+            terms.append(term)
+        if len(words) > 1:
+            terms.extend(w.strip(".,'’") for w in words if len(w.strip(".,'’")) >= 4)
+
     for fact in facts:
         if not isinstance(fact, str):
             raise TypeError(f"facts must be strings, got {type(fact).__name__}")
         for m in _PROPER_RE.finditer(fact):
-            words = [w for w in m.group(0).split() if w.lower().strip(".'’") not in _COMMON_CAPITALISED]
-            # strip trailing connector words left by the greedy pattern ("Order of the")
-            while words and words[-1].lower() in {"of", "the", "and", "de", "van", "von"}:
-                words.pop()
-            term = " ".join(words).strip(" .,'’")
-            if len(term) >= 3:
-                terms.append(term)
+            run: list[str] = []
+            for word in m.group(0).split():
+                if word.lower().strip(".'’") in _COMMON_CAPITALISED:
+                    add(run)
+                    run = []
+                else:
+                    run.append(word)
+            add(run)
         terms.extend(_NUMBER_RE.findall(fact))
     return list(dict.fromkeys(terms))
 
