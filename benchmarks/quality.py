@@ -13,7 +13,11 @@ and the table is written to ``benchmarks/results/quality_<machine>.md``.
 Default-mode rule (issue 7): the fastest regularizer mode whose metrics match ``resample`` within
 run-to-run noise. Noise of a metric = half the spread (max - min) between the seeds of a
 configuration; two configurations match on a metric when their means differ by no more than the
-larger of their noises (plus 0.02 absolute, the resolution of 40-question rates).
+larger of their noises (plus 0.02 absolute, the resolution of 40-question rates). "Fastest" is
+decided by the one cost that differs between the modes' steps, the regularizer call (forward +
+backward), timed back to back in one process on the demo's LoRA shapes (:func:`time_modes`,
+cached in ``<out>/mode_timing.json``): step times of separate runs differ more with the machine's
+load than between modes.
 """
 
 from __future__ import annotations
@@ -89,11 +93,50 @@ def _stats(rows: list[dict], key: str) -> tuple[float | None, float]:
     return statistics.mean(vals), (max(vals) - min(vals)) / 2
 
 
-def recommend(results: list[dict]) -> str:
-    """The default-mode recommendation by the rule in the module docstring (a sentence)."""
+def time_modes(settings: DemoSettings, repeats: int = 5, shape: str = "smollm2") -> dict[str, float]:
+    """Milliseconds per regularizer call (forward + backward) of each mode in :data:`MODES`.
+
+    Measured in one process on a random-init model of the demo's shapes with LoRA of the demo's
+    rank on every linear layer (``shape="tiny"``: the same code on tiny shapes), the modes
+    interleaved in rotating order over ``repeats`` rounds; medians. ``refresh`` is timed over
+    windows of ``reg_refresh_every`` calls, so its redraws are amortised as in training.
+    """
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_lora import lora_llama, lora_params
+    from bench_regularizer import time_calls
+
+    from snap_fast.regularizer import SlicedWassersteinRegularizer
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    model = lora_llama(shape, settings.lora_r)
+    params = lora_params(model)
+    regs = {}
+    for name in MODES:
+        mode_settings = replace(settings, **{k: v for k, v in CONFIGS[name].items() if k != "method"})
+        reg = SlicedWassersteinRegularizer(model, n_projections=mode_settings.n_projections,
+                                           mode=mode_settings.reg_mode, refresh_every=mode_settings.reg_refresh_every)
+        window = mode_settings.reg_refresh_every if mode_settings.reg_mode == "refresh" else 1
+        regs[name] = (reg, window)
+    seconds: dict[str, list[float]] = {name: [] for name in MODES}
+    for i in range(repeats):
+        for name in MODES[i % len(MODES):] + MODES[: i % len(MODES)]:
+            reg, window = regs[name]
+            seconds[name].append(time_calls(reg, params, 1, window)[0])
+    return {name: 1e3 * statistics.median(t) for name, t in seconds.items()}
+
+
+def recommend(results: list[dict], reg_ms: dict[str, float] | None) -> str:
+    """The default-mode recommendation by the rule in the module docstring (a sentence).
+
+    ``reg_ms``: :func:`time_modes`' milliseconds per regularizer call; ``None`` (not timed yet)
+    gives no recommendation rather than one from step times of separate runs.
+    """
     by = {m: [r for r in results if r["config"] == m] for m in MODES}
     if not by["snap-resample"]:
         return "no recommendation: snap-resample was not run"
+    if reg_ms is None:
+        return "no recommendation: the modes' regularizer calls were not timed (run without --no-timing)"
     base = by["snap-resample"]
     matching = []
     for mode, rows in by.items():
@@ -106,18 +149,21 @@ def recommend(results: list[dict]) -> str:
             if m0 is None or m1 is None or abs(m1 - m0) > max(n0, n1) + 0.02:
                 ok = False
         if ok:
-            matching.append((statistics.median(r["median_step_s"] for r in rows), mode, len(rows)))
+            matching.append((reg_ms[mode], mode))
     if not matching:
         return "no mode matches resample"
     matching.sort()
-    step_s, mode, _n = matching[0]
+    mode = matching[0][1]
     caveat = "" if all(len(by[m]) >= 2 for m in MODES if by[m]) else \
         " (some modes ran with one seed only, so their noise is unmeasured: provisional)"
-    return (f"recommended default: {mode} (median step {step_s:.2f} s; matches resample on obliteration "
-            f"and hard-positive ROUGE-L within run-to-run noise){caveat}")
+    timed = ", ".join(f"{m} {reg_ms[m]:.0f} ms" for m in MODES)
+    return (f"recommended default: {mode} (matches resample on obliteration and hard-positive ROUGE-L within "
+            f"run-to-run noise, and has the cheapest regularizer call of the matching modes; forward + backward "
+            f"per call, back to back in one process: {timed}){caveat}")
 
 
-def write_table(results: list[dict], original: dict, settings: DemoSettings, path: Path, notes: list[str]) -> None:
+def write_table(results: list[dict], original: dict, settings: DemoSettings, path: Path, notes: list[str],
+                reg_ms: dict[str, float] | None = None) -> None:
     """Markdown table: one row per configuration (mean ± half-spread over seeds)."""
     budget_keys = ("lr", "alpha", "max_steps", "batch_size", "retain_batch_size", "general_batch_size",
                    "retain_loss")
@@ -156,10 +202,30 @@ def write_table(results: list[dict], original: dict, settings: DemoSettings, pat
                      f"{cell('retain_rougeL_recall')} | {cell('general_rougeL_recall')} | {cell('perplexity')} | "
                      f"{cell('gibberish_rate')} | {cell('retain_ignorance_rate')} | {cell('median_step_s')} | "
                      f"{cell('train_s', '.0f')} |")
-    lines += ["", recommend(results), ""] + notes
+    lines += ["", recommend(results, reg_ms), ""] + notes
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def _mode_timing(settings: DemoSettings, out: Path, retime: bool) -> dict[str, float]:
+    """:func:`time_modes` for these settings, reused from ``<out>/mode_timing.json`` when it was
+    measured for the same settings and thread count (written atomically)."""
+    import torch
+
+    from snap_fast.data.io import write_json
+
+    key = {"lora_r": settings.lora_r, "n_projections": settings.n_projections,
+           "reg_refresh_every": settings.reg_refresh_every, "threads": torch.get_num_threads()}
+    path = out / "mode_timing.json"
+    if path.is_file() and not retime:
+        cached = json.loads(path.read_text())
+        if cached.get("settings") == key:
+            return cached["reg_ms"]
+    print("timing the regularizer call of each mode, back to back in one process ...", flush=True)
+    reg_ms = time_modes(settings)
+    write_json(path, {"settings": key, "reg_ms": reg_ms})
+    return reg_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--table", default=str(REPO / "benchmarks" / "results" / "quality_smollm2_cpu.md"))
     p.add_argument("--note", action="append", default=[], help="a line added under the table")
+    p.add_argument("--no-timing", action="store_true",
+                   help="skip timing the modes' regularizer calls (about a minute; no recommendation then)")
+    p.add_argument("--retime", action="store_true", help="time the regularizer calls again instead of reusing "
+                   "<out>/mode_timing.json")
     args = p.parse_args(argv)
 
     import torch
@@ -218,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(json.dumps(rec) + "\n")
             write_table(results, original, settings, Path(args.table), args.note)
             print(json.dumps(rec), flush=True)
-    write_table(results, original, settings, Path(args.table), args.note)
-    print(recommend(results))
+    reg_ms = None if args.no_timing else _mode_timing(replace(settings, **{k: v for k, v in run_overrides.items()
+                                                                          if k == "lora_r"}), out, args.retime)
+    write_table(results, original, settings, Path(args.table), args.note, reg_ms)
+    print(recommend(results, reg_ms))
     return 0
 
 

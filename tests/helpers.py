@@ -8,11 +8,14 @@ are random-weight Llama / GPT-2 built from small configs with a fixed seed.
     model, tokenizer = make_tiny_llama()          # chat template, pad token = EOS
     model, tokenizer = make_tiny_gpt2()           # no chat template (plain prompt template)
     folder = save_tiny_model(tmp_path / "m")      # a from_pretrained-loadable folder
+    bench = load_benchmark("bench_train")         # a script of benchmarks/ as a module
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -137,3 +140,14 @@ def save_tiny_model(folder: str | Path, kind: str = "llama", **kwargs) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` imported as the module ``name`` (registered in
+    ``sys.modules``: dataclasses look their module up there); benchmarks/ is not a package."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -6,18 +6,12 @@ script on toy shapes on the CPU.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
-spec = importlib.util.spec_from_file_location("gpu_check", PATH)
-gpu_check = importlib.util.module_from_spec(spec)
-sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up there
-spec.loader.exec_module(gpu_check)
+from tests.helpers import load_benchmark
+
+gpu_check = load_benchmark("gpu_check")
 
 
 def _numel(shapes):

@@ -8,9 +8,6 @@ copies of A and B are compared with the regularizer's gradients on PEFT's factor
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from lora_models import dense_delta, expected_scaling, factors_of, lora_layers, peft_model
@@ -18,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 
 from snap_fast import SlicedWassersteinRegularizer, sliced_wasserstein_reference
 from snap_fast.lora import LoraTerm, build_lora_terms
+from tests.helpers import load_benchmark
 
 L = 8
 TOL = 1e-5
@@ -253,10 +251,7 @@ def test_inactive_adapter_layers_use_the_active_one():
 
 def test_gpu_section_logic_on_tiny_cpu_model():
     """The GPU hook of benchmarks/bench_lora.py runs end to end on tiny CPU shapes."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_lora.py"
-    spec = importlib.util.spec_from_file_location("bench_lora_under_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_lora")
     text = bench.gpu_section(device="cpu", tiny=True, repeats=1)
     rows = [ln.split("|")[1:-1] for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| mode")]
     assert [r[0].split()[0] for r in rows] == ["resample", "refresh", "fixed"]
