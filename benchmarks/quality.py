@@ -77,7 +77,7 @@ def run_one(name: str, seed: int, settings: DemoSettings, demo_dir: Path, model:
         "train_cpu_s": train_cpu_s,
         "settings": {k: cfg[k] for k in ("method", "lam", "reg_mode", "lr", "alpha", "max_steps", "batch_size",
                                          "retain_batch_size", "general_batch_size", "retain_loss", "lora_r",
-                                         "lora_targets")},
+                                         "lora_targets", "lora_layers")},
         "eval_s": time.perf_counter() - t0, "eval_cpu_s": time.process_time() - c0,
         "median_step_s": statistics.median(m["step_time_s"] for m in steps if "step_time_s" in m),
         "final_reg": steps[-1].get("reg"), **summary["headline"],
@@ -166,7 +166,7 @@ def write_table(results: list[dict], original: dict, settings: DemoSettings, pat
                 reg_ms: dict[str, float] | None = None) -> None:
     """Markdown table: one row per configuration (mean ± half-spread over seeds)."""
     budget_keys = ("lr", "alpha", "max_steps", "batch_size", "retain_batch_size", "general_batch_size",
-                   "retain_loss")
+                   "retain_loss", "lora_layers")
     budgets = {json.dumps({k: r["settings"].get(k) for k in budget_keys}) for r in results if "settings" in r}
     if len(budgets) > 1:
         notes = [f"WARNING: rows were trained with different budgets: {sorted(budgets)}", *notes]
@@ -174,7 +174,8 @@ def write_table(results: list[dict], original: dict, settings: DemoSettings, pat
     general_bs = settings.general_batch_size or retain_bs
     lines = [
         "# Quality comparison on the demo (SmolLM2-135M-Instruct forgets Harry Potter, CPU)", "",
-        (f"Same budget for every row: LoRA r={settings.lora_r} ({settings.lora_targets}), {settings.max_steps} steps, "
+        (f"Same budget for every row: LoRA r={settings.lora_r} ({settings.lora_targets}"
+        f"{', layers ' + settings.lora_layers if settings.lora_layers else ''}), {settings.max_steps} steps, "
         f"{settings.batch_size} forget + {retain_bs} hard-positive + {general_bs} general examples per step, "
         f"lr {settings.lr}, "
         f"retain term {settings.retain_loss} (α={settings.alpha}), max_length {settings.max_length}; "
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help="override the demo's learning rate")
     p.add_argument("--lam", type=float, default=None, help="override the regularizer weight λ of every config")
     p.add_argument("--lora-targets", default=None, help="override the LoRA target modules (e.g. q_proj,v_proj)")
+    p.add_argument("--lora-layers", default=None, help="override the decoder layers with adapters (e.g. 15-29)")
     p.add_argument("--lora-r", type=int, default=None, help="override the LoRA rank")
     p.add_argument("--batch-size", type=int, default=None, help="override the forget batch size")
     p.add_argument("--retain-batch-size", type=int, default=None, help="override the retain batch size")
@@ -268,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = replace(PRESETS["full"], **overrides)
     # applied over each configuration's own values (CONFIGS sets λ), not only over the demo's
     run_overrides = {k: v for k, v in (("lam", args.lam), ("lora_targets", args.lora_targets),
+                                       ("lora_layers", args.lora_layers),
                                        ("lora_r", args.lora_r), ("retain_batch_size", args.retain_batch_size),
                                        ("general_batch_size", args.general_batch_size),
                                        ("retain_loss", args.retain_loss)) if v is not None}

@@ -67,6 +67,11 @@ def _cfg(assets, tmp_path, **kw):
     ({"merge": True, "lora": False}, ValueError, "merge only applies to LoRA"),
     ({"data": "/tmp/no-such-data-folder"}, ValueError, "data: folder not found"),
     ({"out": ""}, ValueError, "out"),
+    ({"lora_layers": "1-"}, ValueError, "lora_layers must look like '15-29'"),
+    ({"lora_layers": "3-1"}, ValueError, "lora_layers must look like"),
+    ({"lora_layers": [0, -1]}, ValueError, "lora_layers must be >= 0"),
+    ({"lora_layers": []}, ValueError, "lora_layers must be None, a range"),
+    ({"lora_layers": "1", "lora": False}, ValueError, "lora_layers only applies to LoRA"),
 ])
 def test_bad_input_fails_before_loading(assets, tmp_path, no_model_loading, overrides, exc, message):
     with pytest.raises(exc, match=message):
@@ -112,6 +117,8 @@ def test_defaults_resolve_and_yaml_round_trip(tmp_path):
     assert UnlearnConfig(data="d", out="o", method="idk").resolved().lam == 0.0
     assert UnlearnConfig(data="d", out="o", method="ga", lam=0.2).resolved().lam == 0.2
     assert UnlearnConfig(lora_targets="q_proj, v_proj").resolved().lora_targets == ["q_proj", "v_proj"]
+    assert UnlearnConfig(lora_layers="15-17").resolved().lora_layers == [15, 16, 17]
+    assert UnlearnConfig(lora_layers="4, 0-1").resolved().lora_layers == [0, 1, 4]
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
     assert UnlearnConfig.from_yaml(path) == cfg

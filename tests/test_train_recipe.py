@@ -200,6 +200,33 @@ def test_merged_model_and_adapter_load_back(assets, tmp_path):
     assert (final / "tokenizer_config.json").is_file()
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_lora_layers_adapt_only_the_chosen_decoder_layers(assets, tmp_path, kind):
+    """``lora_layers="1"`` on a 2-layer model: adapters (every linear module "all-linear" would
+    adapt) only in layer 1, and they train; an index past the last layer is refused by name."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    layer_of = {"llama": "layers.{}.", "gpt2": "h.{}."}[kind]
+    everywhere = tmp_path / "all"
+    unlearn(_config(assets, everywhere, model=assets[kind], max_steps=2, lr=5e-2))
+    result = unlearn(_config(assets, tmp_path / "run", model=assets[kind], max_steps=2, lr=5e-2, lora_layers="1"))
+    assert result.status == "completed"
+
+    def adapted_modules(run):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets[kind]), run / "final" / "adapter")
+        return {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}, model
+
+    all_modules, _ = adapted_modules(everywhere)
+    modules, model = adapted_modules(tmp_path / "run")
+    assert modules and all(layer_of.format(1) in n for n in modules)
+    assert modules == {n for n in all_modules if layer_of.format(1) in n}  # the same module kinds
+    moved = {n for n, p in model.named_parameters() if "lora_B" in n and p.abs().max() > 0}
+    assert moved and all(layer_of.format(1) in n for n in moved)
+    with pytest.raises(ValueError, match=r"lora_layers: \[2\] out of range; .* has 2 decoder layers \(0-1\)"):
+        unlearn(_config(assets, tmp_path / "bad", model=assets[kind], max_steps=1, lora_layers=[1, 2]))
+
+
 def test_tokenizer_without_pad_token_is_handled(assets, tmp_path):
     folder = save_tiny_model(tmp_path / "nopad", "gpt2", pad_token=False)
     from transformers import AutoTokenizer

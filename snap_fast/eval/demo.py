@@ -68,13 +68,14 @@ class DemoSettings:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: str = "all-linear"
+    lora_layers: str | None = None  # None: every decoder layer
     max_length: int = 128
     seed: int = 0
 
     def unlearn_config(self, model: str, data: str | Path, out: str | Path, **extra) -> dict:
         """The :func:`snap_fast.train.unlearn` config of these settings (LoRA, CPU, overwrite)."""
-        fields = ("method", "lora_r", "lora_alpha", "lora_targets", "lr", "max_steps", "batch_size",
-                  "retain_batch_size", "general_batch_size", "grad_accum", "alpha", "retain_loss", "lam",
+        fields = ("method", "lora_r", "lora_alpha", "lora_targets", "lora_layers", "lr", "max_steps",
+                  "batch_size", "retain_batch_size", "general_batch_size", "grad_accum", "alpha", "retain_loss", "lam",
                   "reg_mode", "reg_refresh_every", "n_projections", "max_length", "seed")
         return {"model": model, "data": str(data), "out": str(out), "lora": True, "device": "cpu",
                 "overwrite": True, **{k: getattr(self, k) for k in fields}, **extra}

@@ -50,6 +50,7 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--lora-alpha", "lora_alpha", int, "LoRA alpha (default 16)"),
     ("--lora-dropout", "lora_dropout", float, "LoRA dropout (default 0)"),
     ("--lora-targets", "lora_targets", str, "all-linear (default) or comma-separated module names"),
+    ("--lora-layers", "lora_layers", str, "decoder layers with adapters: all (default), 15-29, 0,2,4"),
     ("--seed", "seed", int, "seed (default 0)"),
     ("--log-every", "log_every", int, "steps between metrics lines (default 1)"),
     ("--save-every", "save_every", int, "steps between checkpoints, 0 = end only (default 0)"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ class UnlearnConfig:
         lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator, dropout.
         lora_targets: PEFT ``target_modules``: ``"all-linear"`` or a comma-separated / list of
             module names (e.g. ``"q_proj,v_proj"``).
+        lora_layers: the decoder layers that get adapters (PEFT ``layers_to_transform``):
+            ``None`` (all), an inclusive range ``"15-29"``, or a comma-separated / list of
+            indices. The layers below the lowest adapted one need no backward pass, so a step
+            gets cheaper (upper 15 of SmolLM2-135M's 30 layers: about 20 % on the CPU).
         lr: peak learning rate; ``None`` → 1e-4 with LoRA, 1e-5 for full fine-tuning.
         epochs: passes over the forget set (may be fractional); ignored when ``max_steps`` is set.
         max_steps: optimizer steps to run; overrides ``epochs``.
@@ -115,6 +120,7 @@ class UnlearnConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: str | list[str] = "all-linear"
+    lora_layers: str | list[int] | None = None
     lr: float | None = None
     epochs: float = 1.0
     max_steps: int | None = None
@@ -168,6 +174,8 @@ class UnlearnConfig:
             out.device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(out.lora_targets, str) and out.lora_targets != "all-linear":
             out.lora_targets = [t.strip() for t in out.lora_targets.split(",") if t.strip()]
+        if isinstance(out.lora_layers, str):
+            out.lora_layers = _parse_layers(out.lora_layers)
         return out
 
     @property
@@ -231,6 +239,14 @@ class UnlearnConfig:
             raise ValueError("merge only applies to LoRA runs (full fine-tuning already saves the whole model)")
         if not isinstance(self.lora_targets, (str, list)) or not self.lora_targets:
             raise ValueError(f"lora_targets must be 'all-linear' or module names, got {self.lora_targets!r}")
+        if self.lora_layers is not None:
+            layers = _parse_layers(self.lora_layers) if isinstance(self.lora_layers, str) else self.lora_layers
+            if not isinstance(layers, list) or not layers:
+                raise ValueError(f"lora_layers must be None, a range like '15-29' or layer indices, got {layers!r}")
+            for i in layers:
+                _check_int("lora_layers", i, minimum=0)
+            if not self.lora:
+                raise ValueError("lora_layers only applies to LoRA runs (lora=True)")
         if self.reg_backend is not None:
             _check_choice("reg_backend", self.reg_backend, ("torch", "triton", "cpp"))
         if not isinstance(self.device, str) or not (
@@ -361,6 +377,17 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
     return rows
+
+
+def _parse_layers(text: str) -> list[int]:
+    """``"15-29"`` (inclusive) or ``"0,2,4"`` (or a mix, ``"0,10-12"``) -> sorted layer indices."""
+    layers: set[int] = set()
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(f"lora_layers must look like '15-29' or '0,2,4', got {text!r}")
+        layers.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return sorted(layers)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -208,18 +208,37 @@ def _load_and_wrap(cfg: UnlearnConfig, runtime: Runtime):
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
+        targets = cfg.lora_targets
+        if cfg.lora_layers is not None:
+            n_layers = model.config.num_hidden_layers
+            outside = [i for i in cfg.lora_layers if i >= n_layers]
+            if outside:
+                raise ValueError(f"lora_layers: {outside} out of range; {cfg.model!r} has {n_layers} decoder "
+                                 f"layers (0-{n_layers - 1})")
+            if targets == "all-linear":  # PEFT takes layers_to_transform with module names only
+                targets = _linear_module_names(model)
         # LoRA's A factors are drawn here: seeding makes them (and so the regularizer's initial
         # state) the same on a resume as in the original run.
         torch.manual_seed(cfg.seed)
         model = get_peft_model(model, LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_targets, task_type="CAUSAL_LM",
+            target_modules=targets, layers_to_transform=cfg.lora_layers, task_type="CAUSAL_LM",
         ))
     else:
         for p in model.parameters():
             p.requires_grad_(True)
     model.train()
     return model, tokenizer
+
+
+def _linear_module_names(model: torch.nn.Module) -> list[str]:
+    """What PEFT's ``"all-linear"`` adapts, as module names: the linear layers (GPT-2's
+    ``Conv1D`` included) other than the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head})
 
 
 def _build_regularizer(model: torch.nn.Module, cfg: UnlearnConfig, sharded: bool):
