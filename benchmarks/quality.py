@@ -175,7 +175,8 @@ def write_table(results: list[dict], original: dict, settings: DemoSettings, pat
     lines = [
         "# Quality comparison on the demo (SmolLM2-135M-Instruct forgets Harry Potter, CPU)", "",
         (f"Same budget for every row: LoRA r={settings.lora_r} ({settings.lora_targets}"
-        f"{', layers ' + settings.lora_layers if settings.lora_layers else ''}), {settings.max_steps} steps, "
+        f"{f', layers {settings.lora_layers}' if settings.lora_layers is not None else ''}), "
+        f"{settings.max_steps} steps, "
         f"{settings.batch_size} forget + {retain_bs} hard-positive + {general_bs} general examples per step, "
         f"lr {settings.lr}, "
         f"retain term {settings.retain_loss} (α={settings.alpha}), max_length {settings.max_length}; "

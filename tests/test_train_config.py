@@ -68,6 +68,8 @@ def _cfg(assets, tmp_path, **kw):
     ({"data": "/tmp/no-such-data-folder"}, ValueError, "data: folder not found"),
     ({"out": ""}, ValueError, "out"),
     ({"lora_layers": "1-"}, ValueError, "lora_layers must look like '15-29'"),
+    ({"lora_layers": 1.5}, ValueError, r"lora_layers as a fraction must be in \(0, 1\]"),
+    ({"lora_layers": "0.0"}, ValueError, "lora_layers as a fraction"),
     ({"lora_layers": "3-1"}, ValueError, "lora_layers must look like"),
     ({"lora_layers": [0, -1]}, ValueError, "lora_layers must be >= 0"),
     ({"lora_layers": []}, ValueError, "lora_layers must be None, a range"),
@@ -119,6 +121,7 @@ def test_defaults_resolve_and_yaml_round_trip(tmp_path):
     assert UnlearnConfig(lora_targets="q_proj, v_proj").resolved().lora_targets == ["q_proj", "v_proj"]
     assert UnlearnConfig(lora_layers="15-17").resolved().lora_layers == [15, 16, 17]
     assert UnlearnConfig(lora_layers="4, 0-1").resolved().lora_layers == [0, 1, 4]
+    assert UnlearnConfig(lora_layers="0.5").resolved().lora_layers == 0.5  # resolved at model load
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
     assert UnlearnConfig.from_yaml(path) == cfg

@@ -212,6 +212,8 @@ def test_lora_layers_adapt_only_the_chosen_decoder_layers(assets, tmp_path, kind
     unlearn(_config(assets, everywhere, model=assets[kind], max_steps=2, lr=5e-2))
     result = unlearn(_config(assets, tmp_path / "run", model=assets[kind], max_steps=2, lr=5e-2, lora_layers="1"))
     assert result.status == "completed"
+    # a fraction counts from the top: the upper half of 2 layers is layer 1
+    unlearn(_config(assets, tmp_path / "half", model=assets[kind], max_steps=2, lr=5e-2, lora_layers=0.5))
 
     def adapted_modules(run):
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets[kind]), run / "final" / "adapter")
@@ -219,6 +221,7 @@ def test_lora_layers_adapt_only_the_chosen_decoder_layers(assets, tmp_path, kind
 
     all_modules, _ = adapted_modules(everywhere)
     modules, model = adapted_modules(tmp_path / "run")
+    assert adapted_modules(tmp_path / "half")[0] == modules
     assert modules and all(layer_of.format(1) in n for n in modules)
     assert modules == {n for n in all_modules if layer_of.format(1) in n}  # the same module kinds
     moved = {n for n, p in model.named_parameters() if "lora_B" in n and p.abs().max() > 0}

@@ -59,9 +59,11 @@ class UnlearnConfig:
         lora_targets: PEFT ``target_modules``: ``"all-linear"`` or a comma-separated / list of
             module names (e.g. ``"q_proj,v_proj"``).
         lora_layers: the decoder layers that get adapters (PEFT ``layers_to_transform``):
-            ``None`` (all), an inclusive range ``"15-29"``, or a comma-separated / list of
-            indices. The layers below the lowest adapted one need no backward pass, so a step
-            gets cheaper (upper 15 of SmolLM2-135M's 30 layers: about 20 % on the CPU).
+            ``None`` (all), an inclusive range ``"15-29"``, a comma-separated / list of
+            indices, or a fraction in (0, 1] such as ``0.5`` (``"0.5"``): that share of the
+            layers, counted from the top (rounded, at least one). The layers below the lowest
+            adapted one need no backward pass, so a step gets cheaper (upper 15 of
+            SmolLM2-135M's 30 layers: about 20 % on the CPU).
         lr: peak learning rate; ``None`` → 1e-4 with LoRA, 1e-5 for full fine-tuning.
         epochs: passes over the forget set (may be fractional); ignored when ``max_steps`` is set.
         max_steps: optimizer steps to run; overrides ``epochs``.
@@ -120,7 +122,7 @@ class UnlearnConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: str | list[str] = "all-linear"
-    lora_layers: str | list[int] | None = None
+    lora_layers: str | list[int] | float | None = None
     lr: float | None = None
     epochs: float = 1.0
     max_steps: int | None = None
@@ -241,10 +243,15 @@ class UnlearnConfig:
             raise ValueError(f"lora_targets must be 'all-linear' or module names, got {self.lora_targets!r}")
         if self.lora_layers is not None:
             layers = _parse_layers(self.lora_layers) if isinstance(self.lora_layers, str) else self.lora_layers
-            if not isinstance(layers, list) or not layers:
-                raise ValueError(f"lora_layers must be None, a range like '15-29' or layer indices, got {layers!r}")
-            for i in layers:
-                _check_int("lora_layers", i, minimum=0)
+            if isinstance(layers, float):
+                if not 0 < layers <= 1:
+                    raise ValueError(f"lora_layers as a fraction must be in (0, 1], got {layers}")
+            elif not isinstance(layers, list) or not layers:
+                raise ValueError(f"lora_layers must be None, a range like '15-29', layer indices or a fraction, "
+                                 f"got {layers!r}")
+            else:
+                for i in layers:
+                    _check_int("lora_layers", i, minimum=0)
             if not self.lora:
                 raise ValueError("lora_layers only applies to LoRA runs (lora=True)")
         if self.reg_backend is not None:
@@ -379,13 +386,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _parse_layers(text: str) -> list[int]:
-    """``"15-29"`` (inclusive) or ``"0,2,4"`` (or a mix, ``"0,10-12"``) -> sorted layer indices."""
+def _parse_layers(text: str) -> list[int] | float:
+    """``"15-29"`` (inclusive) or ``"0,2,4"`` (or a mix, ``"0,10-12"``) -> sorted layer indices;
+    ``"0.5"`` -> the fraction 0.5 (resolved against the model's layer count when it is loaded)."""
+    if re.fullmatch(r"\s*\d*\.\d+\s*", text):
+        return float(text)
     layers: set[int] = set()
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise ValueError(f"lora_layers must look like '15-29' or '0,2,4', got {text!r}")
+            raise ValueError(f"lora_layers must look like '15-29', '0,2,4' or '0.5', got {text!r}")
         layers.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
     return sorted(layers)
 

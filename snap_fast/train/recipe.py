@@ -208,10 +208,12 @@ def _load_and_wrap(cfg: UnlearnConfig, runtime: Runtime):
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        targets = cfg.lora_targets
-        if cfg.lora_layers is not None:
+        targets, layers = cfg.lora_targets, cfg.lora_layers
+        if layers is not None:
             n_layers = model.config.num_hidden_layers
-            outside = [i for i in cfg.lora_layers if i >= n_layers]
+            if isinstance(layers, float):  # the top share of the layers
+                layers = list(range(n_layers - max(1, round(layers * n_layers)), n_layers))
+            outside = [i for i in layers if i >= n_layers]
             if outside:
                 raise ValueError(f"lora_layers: {outside} out of range; {cfg.model!r} has {n_layers} decoder "
                                  f"layers (0-{n_layers - 1})")
@@ -222,7 +224,7 @@ def _load_and_wrap(cfg: UnlearnConfig, runtime: Runtime):
         torch.manual_seed(cfg.seed)
         model = get_peft_model(model, LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=targets, layers_to_transform=cfg.lora_layers, task_type="CAUSAL_LM",
+            target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM",
         ))
     else:
         for p in model.parameters():
