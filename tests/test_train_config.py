@@ -112,6 +112,19 @@ def test_existing_run_folder_needs_resume_or_overwrite(assets, tmp_path, no_mode
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_lora_layer_indices():
+    from snap_fast.train.config import lora_layer_indices
+
+    assert lora_layer_indices(None, 30) is None
+    assert lora_layer_indices(0.5, 30) == list(range(15, 30))
+    assert lora_layer_indices(1.0, 30) == list(range(30))
+    assert lora_layer_indices(0.01, 2) == [1]  # at least one layer, the top one
+    assert lora_layer_indices(1 / 3, 30) == list(range(20, 30))
+    assert lora_layer_indices([0, 4], 5) == [0, 4]
+    with pytest.raises(ValueError, match=r"lora_layers: \[5\] out of range; the model has 5 decoder layers"):
+        lora_layer_indices([0, 5], 5)
+
+
 def test_defaults_resolve_and_yaml_round_trip(tmp_path):
     cfg = UnlearnConfig(data="d", out="o").resolved()
     assert (cfg.lr, cfg.lam, cfg.method, cfg.lora_r, cfg.reg_mode) == (1e-4, 0.1, "snap", 8, "resample")

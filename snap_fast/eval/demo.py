@@ -180,6 +180,7 @@ def run_demo(
     from snap_fast.data.build import build_dataset
     from snap_fast.data.target import builtin_target
     from snap_fast.models import load_model, model_identity
+    from snap_fast.train.config import lora_layer_indices
     from snap_fast.train.recipe import unlearn
 
     from .cli import load_for_eval
@@ -236,7 +237,10 @@ def run_demo(
     # 3. unlearning
     retain_bs = settings.retain_batch_size or settings.batch_size
     general_bs = settings.general_batch_size or retain_bs
-    clock.start(3, f"Unlearning with {settings.method.upper()} (LoRA r={settings.lora_r}, "
+    n_layers = base.config.num_hidden_layers
+    layers = lora_layer_indices(settings.lora_layers, n_layers)
+    adapted = f"layers {layers[0]}-{layers[-1]} of 0-{n_layers - 1}" if layers else f"all {n_layers} layers"
+    clock.start(3, f"Unlearning with {settings.method.upper()} (LoRA r={settings.lora_r} on {adapted}, "
                 f"λ={settings.lam}, {settings.reg_mode} directions, {settings.max_steps} steps)")
     log(f"each step: {settings.batch_size} forget questions -> 'I don't know' answers, {retain_bs} hard positives "
         f"+ {general_bs} general instructions held to the original model "

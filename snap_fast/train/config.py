@@ -386,6 +386,24 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def lora_layer_indices(lora_layers: list[int] | float | None, n_layers: int) -> list[int] | None:
+    """The decoder layers a resolved ``lora_layers`` adapts in a model of ``n_layers`` layers
+    (``None``: all). A fraction takes the top share, rounded, at least one layer.
+
+    Raises:
+        ValueError: an index past the last layer.
+    """
+    if lora_layers is None:
+        return None
+    if isinstance(lora_layers, float):
+        return list(range(n_layers - max(1, round(lora_layers * n_layers)), n_layers))
+    outside = [i for i in lora_layers if i >= n_layers]
+    if outside:
+        raise ValueError(f"lora_layers: {outside} out of range; the model has {n_layers} decoder layers "
+                         f"(0-{n_layers - 1})")
+    return list(lora_layers)
+
+
 def _parse_layers(text: str) -> list[int] | float:
     """``"15-29"`` (inclusive) or ``"0,2,4"`` (or a mix, ``"0,10-12"``) -> sorted layer indices;
     ``"0.5"`` -> the fraction 0.5 (resolved against the model's layer count when it is loaded)."""

@@ -52,7 +52,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import UnlearnConfig, read_jsonl
+from .config import UnlearnConfig, lora_layer_indices, read_jsonl
 from .distributed import DataParallel
 from .runtime import EXIT_CODES, Runtime, StopSignals, seed_everything
 
@@ -208,17 +208,10 @@ def _load_and_wrap(cfg: UnlearnConfig, runtime: Runtime):
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        targets, layers = cfg.lora_targets, cfg.lora_layers
-        if layers is not None:
-            n_layers = model.config.num_hidden_layers
-            if isinstance(layers, float):  # the top share of the layers
-                layers = list(range(n_layers - max(1, round(layers * n_layers)), n_layers))
-            outside = [i for i in layers if i >= n_layers]
-            if outside:
-                raise ValueError(f"lora_layers: {outside} out of range; {cfg.model!r} has {n_layers} decoder "
-                                 f"layers (0-{n_layers - 1})")
-            if targets == "all-linear":  # PEFT takes layers_to_transform with module names only
-                targets = _linear_module_names(model)
+        targets = cfg.lora_targets
+        layers = lora_layer_indices(cfg.lora_layers, model.config.num_hidden_layers)
+        if layers is not None and targets == "all-linear":  # PEFT takes layers_to_transform with names only
+            targets = _linear_module_names(model)
         # LoRA's A factors are drawn here: seeding makes them (and so the regularizer's initial
         # state) the same on a resume as in the original run.
         torch.manual_seed(cfg.seed)
