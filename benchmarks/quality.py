@@ -97,9 +97,11 @@ def time_modes(settings: DemoSettings, repeats: int = 5, shape: str = "smollm2")
     """Milliseconds per regularizer call (forward + backward) of each mode in :data:`MODES`.
 
     Measured in one process on a random-init model of the demo's shapes with LoRA of the demo's
-    rank on every linear layer (``shape="tiny"``: the same code on tiny shapes), the modes
-    interleaved in rotating order over ``repeats`` rounds; medians. ``refresh`` is timed over
-    windows of ``reg_refresh_every`` calls, so its redraws are amortised as in training.
+    rank on every linear layer of every decoder layer (``shape="tiny"``: the same code on tiny
+    shapes; each mode's cost is a sum over the adapted layers, so adapting fewer scales all modes
+    alike), the modes interleaved in rotating order over ``repeats`` rounds; medians.
+    ``refresh`` is timed over windows of ``reg_refresh_every`` calls, so its redraws are
+    amortised as in training.
     """
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_lora import lora_llama, lora_params

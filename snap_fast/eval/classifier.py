@@ -166,7 +166,7 @@ def fact_terms(facts: Iterable[str]) -> list[str]:
     terms: list[str] = []
 
     def add(words: list[str]) -> None:
-        while words and words[-1].lower() in _NAME_PARTICLES:  # "Order of the" -> "Order"
+        while words and words[-1].lower() in _NAME_PARTICLES:  # a particle belongs inside a name
             words.pop()
         while words and words[0].lower() in _NAME_PARTICLES:
             words.pop(0)
