@@ -370,16 +370,19 @@ def test_answer_window_keeps_every_position_a_loss_reads():
     assert answer_window(torch.full((2, 4), -100)) == 4  # no answer: keep everything
 
 
+@pytest.mark.parametrize("cache_gib", [0.0, 2.0], ids=["per_step", "cached"])
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
-def test_logits_on_the_answer_window_give_the_whole_sequence_results(assets, tmp_path, monkeypatch, model):
+def test_logits_on_the_answer_window_give_the_whole_sequence_results(assets, tmp_path, monkeypatch, model,
+                                                                      cache_gib):
     """The LM head on the answer window only (``logits_to_keep``) vs on every position: the same
-    losses at every step and the same trained weights (NLL forget, KL retain per step)."""
+    losses at every step and the same trained weights (NLL forget; KL retain against the
+    original run per step, or against its log-probabilities cached before training)."""
     from safetensors.torch import load_file
 
     from snap_fast.train import recipe
 
     common = {"model": assets[model], "lora": False, "lr": 1e-2, "max_steps": 3, "retain_loss": "kl",
-              "reference_cache_gib": 0.0, "alpha": 5.0, "lam": 0.1}
+              "reference_cache_gib": cache_gib, "alpha": 5.0, "lam": 0.1}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from snap_fast.data.collator import ChatCollator

@@ -347,6 +347,7 @@ def reference_answer_logprobs(model, collator, data: UnlearnData,
     from tqdm.auto import tqdm
 
     total = sum(len(rows) for rows in sets.values())
+    trim = accepts_logits_to_keep(model)  # LM head on the answer window only, as in the steps
     out: dict[str, list[torch.Tensor]] = {}
     with tqdm(total=total, desc="original model (KL reference)", unit="example",
               disable=not progress or not runtime.is_main_process, dynamic_ncols=True) as bar:
@@ -355,11 +356,15 @@ def reference_answer_logprobs(model, collator, data: UnlearnData,
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
                 batch = runtime.to_device(collator(chunk))
+                labels = batch["labels"]
+                keep = answer_window(labels) if trim else None
                 with runtime.autocast():
-                    logits = original_logits(model, None, batch)
+                    logits = original_logits(model, None, batch, keep)
+                if keep is not None:
+                    labels = labels[:, -keep:]
                 # One log-softmax for the chunk, split per example (rows are in row-major order).
-                counts = (batch["labels"][:, 1:] != losses.IGNORE_INDEX).sum(dim=1).tolist()
-                out[name] += list(losses.answer_logprobs(logits, batch["labels"]).cpu().split(counts))
+                counts = (labels[:, 1:] != losses.IGNORE_INDEX).sum(dim=1).tolist()
+                out[name] += list(losses.answer_logprobs(logits, labels).cpu().split(counts))
                 bar.update(len(chunk))
     return out
 
