@@ -52,8 +52,7 @@ def run_one(name: str, seed: int, settings: DemoSettings, demo_dir: Path, model:
             overrides: dict | None = None, tag: str = "") -> dict:
     """Train one configuration with one seed and evaluate it; returns the result record.
 
-    ``overrides`` (from ``--lam``, ``--lora-targets``, ...) replace both the demo settings and the
-    configuration's own values; ``tag`` is appended to the configuration's name (run folder and
+    ``overrides`` (``--lam``) replace both the demo settings and the configuration's own values; ``tag`` is appended to the configuration's name (run folder and
     ``config`` field), so tuned variants are stored beside the plain ones instead of skipped."""
     from snap_fast.eval.cli import load_for_eval
     from snap_fast.eval.evaluate import evaluate_model, read_jsonl
@@ -269,14 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"--demo-dir: {demo_dir}/data is not a finished data folder; run `snap-fast demo` first")
     torch.set_num_threads(args.threads or choose_threads())
     overrides = {k: v for k, v in (("max_steps", args.steps), ("alpha", args.alpha), ("lr", args.lr),
-                                   ("batch_size", args.batch_size)) if v is not None}
-    settings = replace(PRESETS["full"], **overrides)
-    # applied over each configuration's own values (CONFIGS sets λ), not only over the demo's
-    run_overrides = {k: v for k, v in (("lam", args.lam), ("lora_targets", args.lora_targets),
-                                       ("lora_layers", args.lora_layers),
-                                       ("lora_r", args.lora_r), ("retain_batch_size", args.retain_batch_size),
-                                       ("general_batch_size", args.general_batch_size),
-                                       ("retain_loss", args.retain_loss)) if v is not None}
+                                   ("batch_size", args.batch_size), ("lora_targets", args.lora_targets),
+                                   ("lora_layers", args.lora_layers), ("lora_r", args.lora_r),
+                                   ("retain_batch_size", args.retain_batch_size),
+                                   ("general_batch_size", args.general_batch_size),
+                                   ("retain_loss", args.retain_loss)) if v is not None}
+    settings = replace(PRESETS["full"], **overrides)  # the table's header describes these
+    # λ is applied over each configuration's own value (CONFIGS sets it), not only over the demo's
+    run_overrides = {"lam": args.lam} if args.lam is not None else {}
     out = Path(args.out) if args.out else demo_dir / "quality"
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
@@ -294,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(json.dumps(rec) + "\n")
             write_table(results, original, settings, Path(args.table), args.note)
             print(json.dumps(rec), flush=True)
-    reg_ms = None if args.no_timing else _mode_timing(replace(settings, **{k: v for k, v in run_overrides.items()
-                                                                          if k == "lora_r"}), out, args.retime)
+    reg_ms = None if args.no_timing else _mode_timing(settings, out, args.retime)
     write_table(results, original, settings, Path(args.table), args.note, reg_ms)
     print(recommend(results, reg_ms))
     return 0

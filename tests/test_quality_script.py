@@ -73,3 +73,33 @@ def test_mode_timing_is_cached_per_settings(quality, tmp_path, monkeypatch):
     quality._mode_timing(replace(settings, lora_r=4), tmp_path, retime=False)  # other settings: measured
     quality._mode_timing(replace(settings, lora_r=4), tmp_path, retime=True)  # asked: measured again
     assert calls == [settings.lora_r, 4, 4]
+
+
+def test_overrides_reach_the_runs_and_the_table_header(quality, tmp_path, monkeypatch):
+    """``--retain-batch-size`` and the like change every run's settings and the table's budget
+    line; ``--lam`` replaces each configuration's own λ (run_one is stubbed: no training)."""
+    demo = tmp_path / "demo"
+    (demo / "data").mkdir(parents=True)
+    (demo / "data" / "manifest.json").write_text("{}")
+    (demo / "eval" / "original").mkdir(parents=True)
+    (demo / "eval" / "original" / "summary.json").write_text('{"headline": {"perplexity": 30.0}}')
+    seen = []
+
+    def fake_run_one(name, seed, settings, demo_dir, model, out, overrides, tag):
+        seen.append((name, settings, overrides))
+        return {**_row(name, seed, 0.9, 0.8, 1.0), "settings": {}}
+
+    monkeypatch.setattr(quality, "run_one", fake_run_one)
+    table = tmp_path / "t.md"
+    assert quality.main(["--demo-dir", str(demo), "--out", str(tmp_path / "q"), "--table", str(table),
+                         "--only", "snap-fixed", "ga", "--seeds", "0", "--no-timing", "--threads", "1",
+                         "--retain-batch-size", "12", "--general-batch-size", "2", "--lora-layers", "15-29",
+                         "--lora-r", "4", "--lam", "0.5"]) == 0
+    assert [name for name, _, _ in seen] == ["snap-fixed", "ga"]
+    for _, settings, overrides in seen:
+        assert (settings.retain_batch_size, settings.general_batch_size, settings.lora_layers,
+                settings.lora_r) == (12, 2, "15-29", 4)
+        assert overrides == {"lam": 0.5}
+    header = table.read_text().splitlines()[2]
+    assert "LoRA r=4 (all-linear, layers 15-29)" in header
+    assert "4 forget + 12 hard-positive + 2 general examples per step" in header
