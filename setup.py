@@ -21,13 +21,13 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"snap_fast.kernels": "kernels", "snap_fast.csrc": "csrc"},
-    package_data={"snap_fast.csrc": ["*.cpp", "*.cu", "*.h"], "snap_fast.data": ["resources/*"]},
+    package_data={"snap_fast.csrc": ["*.cpp", "*.cu", "*.h"], "snap_fast.data": ["resources/*", "resources/tofu_sample/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "numpy>=1.24",
-        "transformers>=4.46",
+        "transformers>=4.46,<6",  # 6.0 removes gradient_checkpointing_*, still called by PEFT
         "peft>=0.13",
         "accelerate>=0.34",
         "datasets>=2.20",

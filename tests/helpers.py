@@ -151,3 +151,49 @@ def load_benchmark(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def update_relative_error(trained_a: dict, trained_b: dict, initial: dict) -> float:
+    """‖Δa − Δb‖ / ‖Δb‖ over all tensors together, Δ = trained − initial, in float64.
+
+    How two training runs that should be the same computation compare. Element-wise closeness is
+    the wrong test for Adam-type optimizers: an element whose gradient is at fp32 rounding level
+    is scaled by 1/(√v + ε) to a step of up to ``lr`` in one run and not the other, so a few
+    elements may differ by far more than rounding while the update as a whole agrees to ~1e-6.
+    """
+    if trained_a.keys() != trained_b.keys():
+        raise ValueError(f"different tensors: {sorted(trained_a.keys() ^ trained_b.keys())}")
+    num = den = 0.0
+    for key in trained_b:
+        start = initial[key].double()
+        da, db = trained_a[key].double() - start, trained_b[key].double() - start
+        num += float((da - db).pow(2).sum())
+        den += float(db.pow(2).sum())
+    return (num / den) ** 0.5 if den > 0 else float(num > 0)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (0 when both are 0)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    den = float(e.norm())
+    return float((a - e).norm()) / den if den > 0 else float(a.norm() > 0)
+
+
+def projection_rtol(w0: torch.Tensor, w: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    safety: float = 8.0) -> float:
+    """Relative-error bound for a sliced-Wasserstein value or gradient computed from projections
+    rounded in ``dtype``, against a float64 oracle.
+
+    Each projection is a length-d dot product: its rounding error grows like √d·u·|w| (u the unit
+    roundoff; √d is the random-walk growth of a sum's error, d its worst case). The value and
+    the gradient depend on the *differences* of sorted projections of w and w0, which are
+    ‖w − w0‖ / ‖w‖ times smaller than the projections themselves, so the relative error is
+    amplified by that ratio. ``safety`` covers the tail of the rounding distribution and the few
+    operations after the projection; a real bug (a wrong pairing or factor) is an O(1) error.
+    """
+    d = w.shape[-1] if w.dim() > 1 else max(w.numel(), 1)  # a vector is one row; a scalar, d = 1
+    u = torch.finfo(dtype).eps / 2
+    w0d, wd = w0.detach().double(), w.detach().double()
+    spread = float((wd - w0d).norm())
+    scale = float(wd.norm() + w0d.norm())
+    return safety * d ** 0.5 * u * scale / max(spread, 1e-300)

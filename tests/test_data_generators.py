@@ -55,25 +55,40 @@ def test_filter_neighbours_checks_target_and_aliases():
     assert filter_neighbours(proposed, TARGET, limit=1) == ["Frodo Baggins"]
 
 
-def _train_to_answer(model, tokenizer, prompts, answer, steps=150):
-    """Make a tiny random model answer every prompt with ``answer`` (overfitting on purpose)."""
+def _train_to_answer(model, tokenizer, prompts, answer, max_steps=400, check_every=20):
+    """Make a tiny random model answer every prompt with ``answer`` (overfitting on purpose).
+
+    Trains until the teacher-forced argmax is right at every answer position, which is exactly
+    when greedy decoding reproduces ``answer``; how many steps that takes depends on the BLAS and
+    the library versions, so the step count is a cap, not a fixed number. Returns the losses at
+    the start and at the end.
+    """
     batch = ChatCollator(tokenizer)([{"prompt": p, "response": answer} for p in prompts])
+    answer_positions = batch["labels"][:, 1:] != -100
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = model(**batch).loss
+    first = None
+    for step in range(1, max_steps + 1):
+        out = model(**batch)
+        first = out.loss.item() if first is None else first
         opt.zero_grad()
-        loss.backward()
+        out.loss.backward()
         opt.step()
+        if step % check_every == 0:
+            with torch.no_grad():
+                out = model(**batch)
+            predicted = out.logits[:, :-1].argmax(-1)
+            if bool((predicted == batch["labels"][:, 1:])[answer_positions].all()):
+                break
     model.eval()
-    return loss.item()
+    return first, out.loss.item()
 
 
 def test_self_generation_with_tiny_model():
     listing = "1. Who is Harry Potter?\n2. Where is Paris?\n3) Where did the Boy Who Lived grow up?"
     model, tokenizer = make_tiny_llama(hidden_size=64)
-    loss = _train_to_answer(model, tokenizer, question_prompts(TARGET), listing, steps=80)
-    assert loss < 0.1, loss
+    first, last = _train_to_answer(model, tokenizer, question_prompts(TARGET), listing)
+    assert last < first / 10, (first, last)  # it learned the listing (a random model starts near log V)
     gen = ModelGenerator(model, tokenizer, max_new_tokens=len(tokenizer(listing)["input_ids"]) + 2,
                          progress=False)
     assert gen.complete(question_prompts(TARGET)[:1])[0] == listing

@@ -9,7 +9,7 @@ import torch
 
 from snap_fast.train import NonFiniteLossError, UnlearnConfig, unlearn
 from snap_fast.train.checkpoint import last_checkpoint, list_checkpoints
-from tests.helpers import save_tiny_model
+from tests.helpers import save_tiny_model, update_relative_error
 from tests.train_data import FORGET, RETAIN, write_data_folder
 
 
@@ -32,6 +32,21 @@ def _config(assets, out, **overrides):
 
 def _metrics(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
+
+
+# Two runs that do the same computation in a different order (a cached vs recomputed reference,
+# the LM head on a window vs every position) differ by fp32 rounding in every gradient; through
+# AdamW that gives updates agreeing to ~1e-6 relative, plus the rare element whose gradient is at
+# rounding level and takes a step of up to lr in one run only (see update_relative_error). A
+# real difference (a dropped or extra loss position) changes the losses at rel >> 1e-4 and the
+# update at O(1e-1) or more.
+UPDATE_BOUND = 1e-3
+
+
+def _lora_updates(adapter):
+    """{module: B @ A} of a saved PEFT adapter state (the update up to LoRA's constant scale)."""
+    return {key.replace(".lora_A.weight", ""): adapter[key.replace("lora_A", "lora_B")].double() @ value.double()
+            for key, value in adapter.items() if key.endswith(".lora_A.weight")}
 
 
 def _set_nll(model, tokenizer, pairs):
@@ -355,9 +370,12 @@ def test_kl_reference_cache_matches_the_per_step_original_forward(assets, tmp_pa
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
     weights = "adapter/adapter_model.safetensors" if lora else "merged/model.safetensors"
     wa, wb = (load_file(tmp_path / run / "final" / weights) for run in ("cached", "per_step"))
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+    if lora:  # the adapters' initial A is not saved: compare the weight updates B·A (B starts at 0)
+        wa, wb = _lora_updates(wa), _lora_updates(wb)
+        initial = {key: torch.zeros_like(value) for key, value in wa.items()}
+    else:
+        initial = load_file(os.path.join(assets["llama"], "model.safetensors"))
+    assert update_relative_error(wa, wb, initial) < UPDATE_BOUND
 
 
 def test_answer_window_keeps_every_position_a_loss_reads():
@@ -398,5 +416,4 @@ def test_logits_on_the_answer_window_give_the_whole_sequence_results(assets, tmp
         for key in ("loss_forget", "loss_retain", "loss_general", "reg"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
     wa, wb = (load_file(tmp_path / run / "final" / "merged" / "model.safetensors") for run in ("window", "whole"))
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+    assert update_relative_error(wa, wb, load_file(os.path.join(assets[model], "model.safetensors"))) < UPDATE_BOUND

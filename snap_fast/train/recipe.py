@@ -204,7 +204,10 @@ def _load_and_wrap(cfg: UnlearnConfig, runtime: Runtime):
     tokenizer.padding_side = "right"
     model.config.use_cache = False  # no KV cache in training; it also conflicts with checkpointing
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
