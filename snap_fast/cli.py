@@ -2,7 +2,9 @@
 
 Each subcommand lives beside the code it drives and registers itself through two functions,
 ``add_arguments(parser)`` and ``run(args) -> int``; this module only wires them together and
-imports each one lazily so ``snap-fast --help`` stays fast.
+imports each one lazily so ``snap-fast --help`` stays fast. A user error a subcommand raises
+(``ValueError``, ``TypeError``, ``FileNotFoundError``, ``FileExistsError``) becomes one line on
+stderr, ``snap-fast COMMAND: error: ...``, and exit code 2.
 """
 
 from __future__ import annotations
@@ -41,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(SUBCOMMANDS[chosen][0]).run(args) or 0)
+    try:
+        return int(importlib.import_module(SUBCOMMANDS[chosen][0]).run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+        # Bad input, found by the subcommand's checks before any heavy work: one line, exit 2,
+        # the same for every subcommand.
+        print(f"snap-fast {chosen}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

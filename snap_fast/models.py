@@ -162,6 +162,32 @@ def resolve_spec(spec: str | os.PathLike) -> tuple[str, str]:
     return "hub", text
 
 
+def decoder_layer_count(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> int | None:
+    """The number of decoder layers of the model ``spec`` names, read from its configuration only
+    (config.json, or the GGUF header), without loading weights; ``None`` when the configuration
+    cannot be read cheaply (a hub id while offline, a config without a layer count)."""
+    from transformers import AutoConfig
+
+    kind, location = resolve_spec(spec)
+    try:
+        if kind == "default":
+            converted = cache_root() / "models" / DEFAULT_MODEL
+            if (converted / "config.json").is_file():
+                config = AutoConfig.from_pretrained(converted)
+            else:
+                gguf = packaged_gguf_path()
+                config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        elif kind == "gguf":
+            config = AutoConfig.from_pretrained(str(Path(location).parent), gguf_file=Path(location).name)
+        else:
+            config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = getattr(config, "num_hidden_layers", None)
+    return count if isinstance(count, int) else None
+
+
 def load_model(
     spec: str | os.PathLike = DEFAULT_MODEL,
     *,

@@ -157,7 +157,10 @@ def test_cli_end_to_end_with_adapter(tmp_path, capsys):
     assert "+adapter-" in lora["model"] and lora["perplexity"] != pytest.approx(base["perplexity"])
     assert '"obliteration_rate"' in capsys.readouterr().out
 
-    with pytest.raises(FileNotFoundError, match="--data"):
-        main(["eval", "--model", str(folder), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
-    with pytest.raises(FileNotFoundError, match="--adapter"):
-        main([*args, "--out", str(tmp_path / "y"), "--adapter", str(tmp_path)])
+    # bad input: one line on stderr and exit code 2, as every subcommand, no traceback
+    assert main(["eval", "--model", str(folder), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == f"snap-fast eval: error: --data: folder not found: {tmp_path / 'none'}"
+    assert main([*args, "--out", str(tmp_path / "y"), "--adapter", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("snap-fast eval: error: ") and "--adapter" in err and err.count("\n") == 1
+    assert main([*args[:-4], "--no-progress", "--sets", "heldout_forget", "--out", str(tmp_path / "np")]) == 0

@@ -243,6 +243,8 @@ def test_lora_layers_adapt_only_the_chosen_decoder_layers(assets, tmp_path, kind
     assert moved and all(layer_of.format(1) in n for n in moved)
     with pytest.raises(ValueError, match=r"lora_layers: \[2\] out of range; the model has 2 decoder layers \(0-1\)"):
         unlearn(_config(assets, tmp_path / "bad", model=assets[kind], max_steps=1, lora_layers=[1, 2]))
+    assert not (tmp_path / "bad").exists()  # refused before the run folder: the corrected rerun may use it
+    assert unlearn(_config(assets, tmp_path / "bad", model=assets[kind], max_steps=1, lora_layers=[1])).status == "completed"
 
 
 def test_tokenizer_without_pad_token_is_handled(assets, tmp_path):

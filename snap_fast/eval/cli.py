@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tofu_samples.<split>.jsonl of a retain model (from an earlier --tofu run) "
                         "for forget quality")
     parser.add_argument("--tofu-limit", type=int, default=None, help="first N records of each TOFU split")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
+                        help="no progress bars (--quiet: the older name)")
 
 
 def run(args: argparse.Namespace) -> int:

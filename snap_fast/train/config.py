@@ -276,6 +276,14 @@ class UnlearnConfig:
             resolve_spec(self.model)
         except FileNotFoundError as exc:
             raise ValueError(f"model: {exc}") from None
+        if isinstance(self.lora_layers, (list, str)):  # indices: check them against the model now,
+            layers = _parse_layers(self.lora_layers) if isinstance(self.lora_layers, str) else self.lora_layers
+            if isinstance(layers, list):  # before the run folder exists
+                from ..models import decoder_layer_count
+
+                count = decoder_layer_count(self.model, trust_remote_code=self.trust_remote_code)
+                if count is not None:
+                    lora_layer_indices(layers, count)
 
     def _validate_run_folder(self) -> None:
         """Check that ``out`` may be created, resumed or replaced (``resume`` / ``overwrite``)."""
