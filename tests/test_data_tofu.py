@@ -11,7 +11,13 @@ import warnings
 import pytest
 
 from snap_fast.data import tofu
-from snap_fast.data.tofu import SAMPLE_ROOT, is_tofu_sample, load_tofu, resolve_tofu_root, write_tofu_sample
+from snap_fast.data.tofu import (
+    SAMPLE_ROOT,
+    is_tofu_sample,
+    load_tofu,
+    resolve_tofu_root,
+    write_tofu_sample,
+)
 
 try:
     with warnings.catch_warnings():  # the sample's warning is for users, not for collection
@@ -94,7 +100,7 @@ def test_the_sample_is_cut_unchanged_from_the_release(tmp_path):
 
 def _no_local_copies(monkeypatch):
     monkeypatch.delenv("SNAP_FAST_TOFU", raising=False)
-    monkeypatch.setattr(tofu, "_sibling_folders", lambda: [])
+    monkeypatch.setattr(tofu, "_sibling_folders", list)
 
 
 def test_resolution_order(tmp_path, monkeypatch):

@@ -96,7 +96,7 @@ def test_empty_forget_set_and_missing_fields(assets, tmp_path, no_model_loading)
     with pytest.raises(ValueError, match="retain.jsonl record 1 needs 'prompt' and 'response'"):
         unlearn(_cfg(assets, tmp_path, data=str(data), batch_size=1))
     (data / "forget.jsonl").write_text("{not json\n")
-    with pytest.raises(ValueError, match="forget.jsonl:1: not valid JSON"):
+    with pytest.raises(ValueError, match="forget.jsonl:1: malformed JSON"):
         unlearn(_cfg(assets, tmp_path, data=str(data), batch_size=1))
 
 

@@ -28,9 +28,9 @@ matplotlib.use("Agg")  # no display: figures are only written to files
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
-from snap_fast.data.io import atomic_write_text, read_jsonl
+from snap_fast.data.io import atomic_write_bytes, atomic_write_text, read_jsonl
 
-from .evaluate import atomic_write_bytes, check_targets
+from .evaluate import check_targets
 
 # (set, key, label) of the bars in the before/after figure and rows of the before/after table
 COMPARED = (

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.io import read_jsonl
+
 __all__ = ["METHODS", "PARALLEL", "PRECISIONS", "REG_MODES", "RETAIN_LOSSES", "UnlearnConfig", "read_jsonl"]
 
 #: Training methods, see :mod:`snap_fast.train.losses`.
@@ -376,22 +378,6 @@ class UnlearnConfig:
         """``{field: (self_value, other_value)}`` for fields that differ, except ``ignore``."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if k not in ignore and k != "notes" and a[k] != b[k]}
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records of a JSONL file (blank lines skipped); a malformed line is a ValueError naming it."""
-    import json
-
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-    return rows
 
 
 def lora_layer_indices(lora_layers: list[int] | float | None, n_layers: int) -> list[int] | None:

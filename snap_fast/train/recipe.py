@@ -40,8 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from snap_fast.data.io import atomic_write_text
-
+from ..data.io import atomic_write_text, read_jsonl
 from . import losses
 from .checkpoint import (
     OPTIMIZER_FILE,
@@ -52,7 +51,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import UnlearnConfig, lora_layer_indices, read_jsonl
+from .config import UnlearnConfig, lora_layer_indices
 from .distributed import DataParallel
 from .runtime import EXIT_CODES, Runtime, StopSignals, seed_everything
 
