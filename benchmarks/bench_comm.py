@@ -3,8 +3,8 @@
 For the SmolLM2-135M and Llama-3.1-8B shapes (models built on the ``meta`` device from their
 configs: no weights, no download) and several world sizes W, per optimizer step and per rank:
 
-* what :class:`snap_fast.distributed.ShardedSlicedWassersteinRegularizer` sends plus receives
-  (:func:`snap_fast.distributed.predicted_comm_bytes`: two all-to-alls of n_r × L float32
+* what :class:`snap_fast.dist.ShardedSlicedWassersteinRegularizer` sends plus receives
+  (:func:`snap_fast.dist.predicted_comm_bytes`: two all-to-alls of n_r × L float32
   projections/targets, L floats per 1-D tensor all-reduced, the value) in ``fixed`` mode (and
   ``refresh`` between redraws) and in ``resample`` mode (the initial projections travel too);
 * the alternative the design avoided — every rank all-gathers all n × L projections and sorts
@@ -32,7 +32,7 @@ from snap_fast.data.io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from snap_fast.distributed import predicted_comm_bytes
+from snap_fast.dist import predicted_comm_bytes
 
 MODELS = {
     # SNAP.md §5: hidden 576, intermediate 1536, 30 layers, 9 heads, 3 KV heads, vocab 49152, tied
@@ -82,7 +82,7 @@ def rows_for(name: str, shapes: list[tuple[int, ...]], L: int, world: int) -> di
 def render(rows: list[dict], L: int) -> str:
     head = (
         f"# Sharded regularizer: communication per step and rank (L = {L}, float32 projections)\n\n"
-        "Computed from the parameter shapes with `snap_fast.distributed.predicted_comm_bytes` "
+        "Computed from the parameter shapes with `snap_fast.dist.predicted_comm_bytes` "
         "(rank 0, sent + received, own share excluded); the formula equals the bytes counted "
         "during real 2-rank calls (tests/test_distributed.py). Weights in bf16. FSDP2's own "
         "traffic: all-gather for forward and backward plus reduce-scatter of gradients.\n\n"

@@ -13,7 +13,7 @@ For each direction mode (resample, refresh K = 10 amortised over 10 calls, fixed
       the peer code pays),
   (c) one LoRA training step (forward + backward + AdamW) on a 4×64-token batch,
 
-and the LoRA-delta statistics (:func:`snap_fast.stats.lora_delta_stats`) against the same
+and the LoRA-delta statistics (:func:`snap_fast.ops.lora_stats.lora_delta_stats`) against the same
 statistics from the materialised ΔW (with and without the SVD). Medians; the table goes to
 ``benchmarks/results/lora_<machine>.md`` (written atomically).
 
@@ -41,7 +41,7 @@ from bench_regularizer import STAGES, machine_description, machine_name, time_ca
 from peer import draw_directions_cpu, peer_swd
 
 from snap_fast import SlicedWassersteinRegularizer
-from snap_fast.stats import lora_delta_stats
+from snap_fast.ops.lora_stats import lora_delta_stats
 
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 L_DIRECTIONS = 100

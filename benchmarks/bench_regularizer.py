@@ -48,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import peer` when l
 from peer import PeerRegularizer, PotRegularizer
 
 import snap_fast
-from snap_fast.dispatch import _cpp_available, match_sorted
-from snap_fast.functional import swd_from_projections
+from snap_fast.ops.backends import match_sorted
+from snap_fast.ops.swd.cpp import available as _cpp_available
+from snap_fast.ops.swd.function import swd_from_projections
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2_TENSORS = 272

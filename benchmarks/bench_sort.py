@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from snap_fast.data.io import atomic_write_text
 
-from snap_fast import _ext
-from snap_fast.dispatch import match_sorted, sort_segments
-from snap_fast.functional import swd_from_projections
-from snap_fast.layout import SegmentLayout
+from snap_fast.ops.swd import cpp as _ext
+from snap_fast.ops.backends import match_sorted, sort_segments
+from snap_fast.ops.swd.function import swd_from_projections
+from snap_fast.ops.swd.layout import SegmentLayout
 
 PROJ_STD = 0.02  # std of W θ for weights of std 0.02 and unit directions
 

@@ -21,7 +21,7 @@ goes on):
    bandwidth, the bytes each implementation keeps besides the model, and peak memory.
 4. Hooks filled by other parts of the project, each skipped with a note when absent:
    ``section_lora`` (``benchmarks/bench_lora.py: gpu_section()``), ``section_cuda_extension``
-   (``snap_fast._ext.cuda_available()`` → ``pytest tests/test_ext.py``) and ``section_training``
+   (``snap_fast.ops.swd.cpp.cuda_available()`` → ``pytest tests/test_ext.py``) and ``section_training``
    (``benchmarks/bench_train.py: gpu_section()``). A ``gpu_section()`` takes no argument and
    returns markdown text (``str``) or a list of row dicts (rendered as a table).
 """
@@ -453,11 +453,11 @@ def hook_section(filename: str) -> str:
 
 def section_cuda_extension(timeout_s: float) -> str:
     try:
-        ext = importlib.import_module("snap_fast._ext")
+        ext = importlib.import_module("snap_fast.ops.swd.cpp")
     except ImportError as exc:
-        return f"skipped: snap_fast._ext not importable ({exc})"
+        return f"skipped: snap_fast.ops.swd.cpp not importable ({exc})"
     if not callable(getattr(ext, "cuda_available", None)):
-        return "skipped: snap_fast._ext has no cuda_available()"
+        return "skipped: snap_fast.ops.swd.cpp has no cuda_available()"
     if not ext.cuda_available():
         reason = getattr(ext, "unavailable_reason", lambda kind: None)("cuda")
         return f"skipped: CUDA extension unavailable ({reason})"

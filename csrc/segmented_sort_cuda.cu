@@ -1,5 +1,5 @@
-// CUDA segmented sort for snap_fast (see snap_fast/_ext.py: cuda_segmented_argsort,
-// cuda_sort_segments). Built only when torch has CUDA and nvcc is found; the CPU build never
+// CUDA segmented sort for snap_fast (Python face: snap_fast/ops/swd/cpp.py, cuda_segmented_argsort
+// and cuda_sort_rows). Built only when torch has CUDA and nvcc is found; the CPU build never
 // compiles this file.
 //
 // The Triton kernels sort a segment inside one program's registers, which caps the segment
@@ -79,34 +79,10 @@ std::tuple<at::Tensor, at::Tensor> segmented_argsort(const at::Tensor& x, const 
   return {values, idx_out};
 }
 
-// Keys-only variant: half the memory traffic when only the sorted values are needed (the sorted
-// initial projections).
-at::Tensor segmented_sort(const at::Tensor& x, const at::Tensor& offsets) {
-  check_inputs(x, offsets);
-  const c10::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t total = x.numel();
-  const int64_t num_segments = offsets.numel() - 1;
-  at::Tensor values = at::empty_like(x);
-  if (total == 0 || num_segments == 0) return values;
-  const int64_t* begin = offsets.data_ptr<int64_t>();
-  size_t temp_bytes = 0;
-  C10_CUDA_CHECK(cub::DeviceSegmentedSort::SortKeys(nullptr, temp_bytes, x.data_ptr<float>(),
-                                                    values.data_ptr<float>(), total, num_segments, begin,
-                                                    begin + 1, stream));
-  at::Tensor temp = temp_buffer(temp_bytes, x);
-  C10_CUDA_CHECK(cub::DeviceSegmentedSort::SortKeys(temp.data_ptr(), temp_bytes, x.data_ptr<float>(),
-                                                    values.data_ptr<float>(), total, num_segments, begin,
-                                                    begin + 1, stream));
-  return values;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "snap_fast CUDA kernels: CUB segmented sort of a flat float32 buffer";
   m.def("segmented_argsort", &segmented_argsort, "Sorted values and segment-local indices per segment",
         pybind11::arg("x"), pybind11::arg("offsets"));
-  m.def("segmented_sort", &segmented_sort, "Sorted values per segment", pybind11::arg("x"),
-        pybind11::arg("offsets"));
 }

@@ -1,4 +1,4 @@
-// CPU kernels of snap_fast's sliced-Wasserstein regularizer (see snap_fast/_ext.py).
+// CPU kernels of snap_fast's sliced-Wasserstein regularizer (Python face: snap_fast/ops/swd/cpp.py).
 //
 // Every op works on a flat float32 buffer cut into segments by an int64 offset table
 // (snap_fast/layout.py): segment s is x[offsets[s] : offsets[s+1]], one 1-D sorting problem.

@@ -4,7 +4,7 @@ One file per operation, each holding its kernels, launchers and documentation, f
 :mod:`snap_fast.kernels.segmented_sort`: :func:`sort_segments_triton` (sort every segment of a
 flat buffer) and :func:`match_sorted_triton` (matched targets of the optimal 1-D coupling).
 
-Backends are chosen in :mod:`snap_fast.dispatch`, never here. Importing this package does not
+Backends are chosen in :mod:`snap_fast.ops.backends`, never here. Importing this package does not
 import Triton: the names below load their module (and Triton) on first access, so
 ``import snap_fast.kernels`` works where Triton is not installed.
 """

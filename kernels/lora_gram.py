@@ -1,6 +1,6 @@
 """Gram matrices XᵢᵀXᵢ of many thin matrices in one Triton launch (LoRA-delta statistics).
 
-:func:`snap_fast.stats.lora_delta_stats` needs, for every adapted layer, the r×r Gram matrices of
+:func:`snap_fast.ops.lora_stats.lora_delta_stats` needs, for every adapted layer, the r×r Gram matrices of
 both LoRA factors (UᵀU and V Vᵀ = (Vᵀ)ᵀ(Vᵀ)). A model has hundreds of such factors, each tiny, so
 a loop of ``torch.mm`` calls is launch-bound on a GPU. Here every factor is a "thin" matrix
 ``X`` (m × r, r ≤ :data:`MAX_RANK`) and one launch computes all of them:

@@ -2,14 +2,14 @@
 
 The regularizer (SNAP.md §2) projects every weight tensor onto L directions and sorts the n
 projected rows of each direction. All those 1-D problems ("segments") live back to back in one
-flat buffer described by :class:`snap_fast.layout.SegmentLayout`. This file holds the kernels,
+flat buffer described by :class:`snap_fast.ops.swd.layout.SegmentLayout`. This file holds the kernels,
 their launchers and the one function to swap for long segments:
 
 * :func:`sort_segments_triton` sorts every segment ascending (used once per direction draw, on
   the initial projections).
 * :func:`match_sorted_triton` computes the matched targets ``T`` with ``T[perm[k]] =
   sorted_ref[k]`` within every segment, ``perm`` sorting the current projections (the map of
-  :func:`snap_fast.reference.matched_targets`). With ``T`` fixed, ``Σ |proj − T|^p`` and its
+  :func:`snap_fast.ops.swd.naive.matched_targets`). With ``T`` fixed, ``Σ |proj − T|^p`` and its
   autograd are the exact SWD value and gradient, so the backward pass is the projection GEMM's.
 
 How a launch is organised
@@ -22,9 +22,9 @@ a handful of launches (one per distinct power of two), not a loop over its tenso
 keeps a length-1 segment (a norm weight) from being padded to the block of a 1536-row matrix.
 
 Segments longer than :data:`MAX_BLOCK` (4096) elements do not fit one program's registers; they
-go to :func:`sort_long_segments` (``torch.sort`` over each run of equal-length segments, one
-call per run). That function is the single place where a faster long-segment sort (the CUDA
-segmented sort of ``csrc/``) plugs in.
+go to the launchers' ``long_sort`` (by default :func:`sort_long_segments`: ``torch.sort`` over
+each run of equal-length segments, one call per run); the backend registry passes the CUDA
+segmented sort of ``csrc/`` there where it builds.
 
 No argsort in Triton: the match kernel packs each value's order-preserving 32-bit key and its
 position into one int64 (key in the high half, position in the low half), sorts those, and
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from snap_fast.layout import SegmentLayout
+from snap_fast.ops.swd.layout import SegmentLayout
 
 __all__ = [
     "MAX_BLOCK",
@@ -143,16 +144,13 @@ def sort_long_segments(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         ``(values, indices)``: float32 (count, n) ascending rows and int64 (count, n) positions
         (``values = block[indices]`` row-wise). NaN sorts last, as in ``torch.sort``.
 
-    Both launchers call it for every run longer than the block limit. On CUDA it uses the CUB
-    segmented sort of ``csrc/`` (compiled on first use and cached, like the CPU extension) and
-    falls back to ``torch.sort`` where that extension cannot be built.
+    The launchers' default ``long_sort``. The backend registry (:mod:`snap_fast.ops.backends`)
+    passes CUB's segmented sort instead where that extension builds; the contract is this one.
     """
-    if block.is_cuda:
-        from snap_fast import _ext
-
-        if _ext.cuda_available():
-            return _ext.cuda_sort_rows(block)
     return torch.sort(block.float(), dim=1)
+
+
+LongSort = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 # ------------------------------------------------------------------------------- launch plans
@@ -278,6 +276,7 @@ def sort_segments_triton(
     *,
     out: torch.Tensor | None = None,
     max_block: int = MAX_BLOCK,
+    long_sort: LongSort | None = None,
 ) -> torch.Tensor:
     """Sort every segment of a flat buffer ascending.
 
@@ -287,8 +286,10 @@ def sort_segments_triton(
         layout: the segments of ``x``.
         out: optional contiguous float32 (layout.total,) buffer to write into (every element is
             written); allocated with ``torch.empty`` when omitted.
-        max_block: segments longer than this go to :func:`sort_long_segments` (at most
+        max_block: segments longer than this go to ``long_sort`` (at most
             :data:`MAX_BLOCK`; smaller values are for tests).
+        long_sort: sorts the rows of a (count, n) block, with the contract of
+            :func:`sort_long_segments` (the default).
 
     Returns:
         float32 (layout.total,) buffer, ascending within every segment (``out`` if given).
@@ -310,7 +311,7 @@ def sort_segments_triton(
                 x, x.stride(0), out, seg_ids, plan.offsets, BLOCK=block, num_warps=_num_warps(block)
             )
     for start, count, length in plan.long_runs:
-        values, _ = sort_long_segments(_run_view(x, start, count, length))
+        values, _ = (long_sort or sort_long_segments)(_run_view(x, start, count, length))
         _run_view(out, start, count, length).copy_(values)
     return out
 
@@ -322,6 +323,7 @@ def match_sorted_triton(
     *,
     out: torch.Tensor | None = None,
     max_block: int = MAX_BLOCK,
+    long_sort: LongSort | None = None,
 ) -> torch.Tensor:
     """Matched targets: ``T[perm[k]] = sorted_ref[k]`` in every segment, ``perm`` sorting ``proj``.
 
@@ -333,7 +335,8 @@ def match_sorted_triton(
         layout: the segments of both buffers.
         out: optional contiguous float32 (layout.total,) buffer to write into (every element is
             written); allocated with ``torch.empty`` when omitted.
-        max_block: segments longer than this go to :func:`sort_long_segments`.
+        max_block: segments longer than this go to ``long_sort``.
+        long_sort: as in :func:`sort_segments_triton`.
 
     Returns:
         float32 (layout.total,) targets ``T`` (``out`` if given). ``Σ |proj − T|^p`` equals
@@ -361,7 +364,7 @@ def match_sorted_triton(
                 BLOCK=block, num_warps=_num_warps(block),
             )
     for start, count, length in plan.long_runs:
-        _, order = sort_long_segments(_run_view(proj, start, count, length))
+        _, order = (long_sort or sort_long_segments)(_run_view(proj, start, count, length))
         ref = _run_view(sorted_ref, start, count, length).float()
         _run_view(out, start, count, length).scatter_(1, order, ref)
     return out

@@ -12,12 +12,12 @@ Public API (everything else is internal and may change):
 * :func:`lora_delta_stats` — statistics of LoRA updates ΔW = s·B A, computed from the factors.
 """
 
-from .functional import sliced_wasserstein
-from .reference import random_projections, sliced_wasserstein_reference
-from .regularizer import MODES, SlicedWassersteinRegularizer
 from .generation import generate_answers
 from .models import load_model, model_identity
-from .stats import lora_delta_stats
+from .ops.lora_stats import lora_delta_stats
+from .ops.swd.function import sliced_wasserstein
+from .ops.swd.naive import random_projections, sliced_wasserstein_reference
+from .regularizer import MODES, SlicedWassersteinRegularizer
 from .train import UnlearnConfig, unlearn
 
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.distributed as dist
 
-from snap_fast.distributed import (
+from snap_fast.dist import (
     DistributedFailure,
     ShardedSlicedWassersteinRegularizer,
     fully_shard_model,

@@ -1,5 +1,5 @@
 """Tiny PEFT models built from configs (no download) and dense LoRA deltas written from PEFT's
-documented layouts, independent of snap_fast.lora: the oracle side of the LoRA tests."""
+documented layouts, independent of snap_fast.adapters: the oracle side of the LoRA tests."""
 
 from __future__ import annotations
 

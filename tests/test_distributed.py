@@ -26,14 +26,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from snap_fast.distributed import (
+from snap_fast.dist import (
     DistributedContext,
     ShardedSlicedWassersteinRegularizer,
     init_from_env,
     predicted_comm_bytes,
 )
 from snap_fast.regularizer import SlicedWassersteinRegularizer
-from snap_fast.train.distributed import DataParallel
+from snap_fast.train.parallel import DataParallel
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 ROOT = WORKER.parents[1]

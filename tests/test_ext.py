@@ -1,7 +1,7 @@
-"""The C++ extension (csrc/, snap_fast._ext) against independent references.
+"""The C++ extension (csrc/, snap_fast.ops.swd.cpp) against independent references.
 
-References: ``torch.sort``, :func:`snap_fast.reference.matched_targets` and the float64
-:func:`snap_fast.reference.sliced_wasserstein_reference` (autograd through ``torch.sort``).
+References: ``torch.sort``, :func:`snap_fast.ops.swd.naive.matched_targets` and the float64
+:func:`snap_fast.ops.swd.naive.sliced_wasserstein_reference` (autograd through ``torch.sort``).
 The first test that needs the extension compiles it (cached under ``$SNAP_FAST_CACHE/ext`` or
 ``~/.cache/snap_fast/ext``); on a machine without a C++ compiler those tests are skipped, and
 where a compiler exists a failed build fails them.
@@ -18,10 +18,10 @@ import sys
 import pytest
 import torch
 
-from snap_fast import _ext
-from snap_fast.functional import sliced_wasserstein
-from snap_fast.layout import SegmentLayout
-from snap_fast.reference import matched_targets, random_projections, sliced_wasserstein_reference
+from snap_fast.ops.swd import cpp as _ext
+from snap_fast.ops.swd.function import sliced_wasserstein
+from snap_fast.ops.swd.layout import SegmentLayout
+from snap_fast.ops.swd.naive import matched_targets, random_projections, sliced_wasserstein_reference
 from snap_fast.regularizer import SlicedWassersteinRegularizer
 from tests.helpers import projection_rtol, relative_error
 
@@ -295,8 +295,9 @@ def test_fallback_when_disabled_warns_once_and_uses_torch():
         "import warnings\n"
         "warnings.simplefilter('always')\n"
         "import torch\n"
-        "from snap_fast import _ext, dispatch\n"
-        "from snap_fast.functional import sliced_wasserstein\n"
+        "from snap_fast.ops import backends as dispatch\n"
+        "from snap_fast.ops.swd import cpp as _ext\n"
+        "from snap_fast.ops.swd.function import sliced_wasserstein\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    assert dispatch.resolve_backend('cpu') == 'torch'\n"

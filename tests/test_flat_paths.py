@@ -15,9 +15,10 @@ import torch
 from lora_models import dense_delta, factors_of, lora_layers, peft_model
 from test_lora import check_against_oracle
 
-from snap_fast import SlicedWassersteinRegularizer, _ext, sliced_wasserstein_reference
-from snap_fast.layout import SegmentLayout
-from snap_fast.lora import LoraTerm
+from snap_fast import SlicedWassersteinRegularizer, sliced_wasserstein_reference
+from snap_fast.ops.swd import cpp as _ext
+from snap_fast.ops.swd.layout import SegmentLayout
+from snap_fast.regularizer.terms import LoraTerm
 
 L = 8
 TOL = 1e-5
@@ -65,7 +66,7 @@ def test_lora_flat_path_matches_float64_oracle_in_every_mode(backend, arch):
         reg = SlicedWassersteinRegularizer(
             model, n_projections=L, mode=mode, refresh_every=2, reference_dtype=torch.float32, backend=backend
         )
-        assert reg._flat_items is not None and all(isinstance(t, LoraTerm) for t in reg.terms)
+        assert reg._flat is not None and all(isinstance(t, LoraTerm) for t in reg.terms)
         for _ in range(calls):
             check_against_oracle(model, reg)
         # the W0 Θ caches are blocks of the one offset buffer, counted once
@@ -134,7 +135,7 @@ def test_plain_flat_path_matches_float64_oracle(backend, mode):
     reg = SlicedWassersteinRegularizer(
         model, n_projections=L, mode=mode, refresh_every=2, reference_dtype=torch.float32, backend=backend
     )
-    assert reg._flat_items is not None and reg._offset is None
+    assert reg._flat is not None and reg._offset is None
     # W = W0: the current projections are bitwise those of the initial weights, SWD is exactly 0
     assert reg().item() == 0.0
     reg.calls -= 1  # replay the first call's directions below
@@ -163,7 +164,7 @@ def test_plain_flat_path_matches_float64_oracle(backend, mode):
 def test_non_float32_parameters_use_the_per_term_path():
     model = _Plain(torch.float64)
     reg = SlicedWassersteinRegularizer(model, n_projections=L, mode="fixed", reference_dtype=torch.float32, backend="torch")
-    assert reg._flat_items is None
+    assert reg._flat is None
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)

@@ -14,8 +14,8 @@ from snap_fast import (
     sliced_wasserstein,
     sliced_wasserstein_reference,
 )
-from snap_fast.dispatch import match_sorted, resolve_backend, sort_segments
-from snap_fast.layout import SegmentLayout
+from snap_fast.ops.backends import match_sorted, resolve_backend, sort_segments
+from snap_fast.ops.swd.layout import SegmentLayout
 
 # (value rtol, gradient relative-norm tol) per input dtype. Half inputs are projected in their own
 # dtype (the GEMM output is rounded to 8 or 11 mantissa bits, as in the authors' code), so the

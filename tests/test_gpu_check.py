@@ -46,7 +46,7 @@ def test_failing_section_is_reported_and_the_report_goes_on(tmp_path):
 
 
 def test_peer_and_pot_loops_agree_with_the_float64_reference():
-    from snap_fast.reference import sliced_wasserstein_reference
+    from snap_fast.ops.swd.naive import sliced_wasserstein_reference
 
     pytest.importorskip("ot")
     torch.manual_seed(0)

@@ -21,8 +21,8 @@ triton = pytest.importorskip("triton")
 from snap_fast.kernels import segmented_sort as ss
 
 from snap_fast import sliced_wasserstein
-from snap_fast.layout import SegmentLayout
-from snap_fast.reference import (
+from snap_fast.ops.swd.layout import SegmentLayout
+from snap_fast.ops.swd.naive import (
     matched_targets,
     random_projections,
     sliced_wasserstein_reference,
@@ -64,7 +64,7 @@ def sorted_random(layout: SegmentLayout, dtype: torch.dtype) -> torch.Tensor:
 
 
 def match_reference(proj: torch.Tensor, ref: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
-    """float64 matched targets via snap_fast.reference.matched_targets (torch.argsort)."""
+    """float64 matched targets via snap_fast.ops.swd.naive.matched_targets (torch.argsort)."""
     return torch.cat(
         [
             matched_targets(p.double(), r.double()).reshape(-1)
@@ -302,7 +302,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_cpu_tensors_without_interpreter_give_clear_error():
     script = (
         "import torch\n"
-        "from snap_fast.layout import SegmentLayout\n"
+        "from snap_fast.ops.swd.layout import SegmentLayout\n"
         "from snap_fast.kernels.segmented_sort import sort_segments_triton\n"
         "try:\n"
         "    sort_segments_triton(torch.zeros(3), SegmentLayout.from_blocks([(1, 3)]))\n"

@@ -1,7 +1,7 @@
 """LoRA-aware regularizer: value and gradients against the float64 oracle on materialised weights.
 
 For every adapted layer the oracle forms W0 + s·ΔW densely from PEFT's documented layouts
-(tests/lora_models.py, not snap_fast.lora) and runs snap_fast.sliced_wasserstein_reference with
+(tests/lora_models.py, not snap_fast.adapters) and runs snap_fast.sliced_wasserstein_reference with
 the directions the regularizer used (``last_directions``); gradients of the oracle w.r.t. float64
 copies of A and B are compared with the regularizer's gradients on PEFT's factors.
 """
@@ -14,7 +14,7 @@ from lora_models import dense_delta, expected_scaling, factors_of, lora_layers, 
 from peft import LoraConfig, get_peft_model
 
 from snap_fast import SlicedWassersteinRegularizer, sliced_wasserstein_reference
-from snap_fast.lora import LoraTerm, build_lora_terms
+from snap_fast.regularizer.terms import LoraTerm, build_lora_terms
 from tests.helpers import load_benchmark
 
 L = 8
@@ -184,7 +184,7 @@ def test_param_filter_sees_base_weight_name():
 
 def test_no_lora_layers_is_plain_path():
     model = torch.nn.Linear(4, 3)
-    assert build_lora_terms(model, None, None) == ([], set())
+    assert build_lora_terms(model, None) == ([], set())
 
 
 def _with_adapter_twist(**extra):
@@ -242,7 +242,7 @@ def test_inactive_adapter_layers_use_the_active_one():
     model = _with_adapter_twist()
     model.add_adapter("other", LoraConfig(r=3, target_modules=["2"]))
     model.set_adapter("other")  # layer 0 has no "other": its weight is the frozen base
-    terms, covered = build_lora_terms(model, None, None)
+    terms, covered = build_lora_terms(model, None)
     assert [t.name for t in terms] == ["base_model.model.2.base_layer.weight"]
     assert terms[0].factors.rank == 3
     layer = model.base_model.model[2]

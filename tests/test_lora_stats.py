@@ -10,7 +10,7 @@ import torch
 from lora_models import dense_delta, expected_scaling, factors_of, lora_layers, peft_model
 from snap_fast.kernels.lora_gram import MAX_RANK, gram_matrices_triton
 
-from snap_fast.stats import STAT_KEYS, lora_delta_stats
+from snap_fast.ops.lora_stats import STAT_KEYS, lora_delta_stats
 
 
 def dense_stats(module) -> dict[str, float]:

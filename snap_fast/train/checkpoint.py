@@ -104,7 +104,7 @@ def save_checkpoint(
             position…), saved with ``torch.save``.
         keep: keep only the ``keep`` newest checkpoints afterwards (0: keep all).
         model_state: the weights to save instead of ``model``'s own (FSDP2: the full state dict
-            gathered on rank 0, see :meth:`snap_fast.train.distributed.DataParallel.full_state`).
+            gathered on rank 0, see :meth:`snap_fast.train.parallel.DataParallel.full_state`).
         optimizer_state: written to ``optimizer.pt`` when given (FSDP2's full optimizer state).
     """
     parent = Path(run_dir) / "checkpoints"
@@ -175,7 +175,7 @@ def read_full_weights(folder: str | os.PathLike, model: torch.nn.Module) -> dict
     """A checkpoint's weights as a full state dict named like ``model``'s parameters (CPU).
 
     For a model whose weights cannot be loaded in place file by file (FSDP2: load the result
-    with :meth:`~snap_fast.train.distributed.DataParallel.load_full_state`). LoRA: the adapter's
+    with :meth:`~snap_fast.train.parallel.DataParallel.load_full_state`). LoRA: the adapter's
     tensors under the model's own names (PEFT saves them without the adapter name). Full
     fine-tuning: every weight, tied copies that ``save_pretrained`` dropped filled in from their
     twin, so loading the dict in any order gives the tied parameter one value.

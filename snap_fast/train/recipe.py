@@ -13,7 +13,7 @@ adapter (and merged model) under ``final/`` and ``summary.json``.
 
 Under ``torchrun`` the loop is data parallel: DDP, or with ``parallel="fsdp"`` FSDP2 (the model
 sharded right after it is built, the sharded regularizer, full state dicts gathered on rank 0
-for checkpoints and the final model); see :mod:`snap_fast.train.distributed`.
+for checkpoints and the final model); see :mod:`snap_fast.train.parallel`.
 
 Device and process concerns live in :mod:`snap_fast.train.runtime`; checkpoint files in
 :mod:`snap_fast.train.checkpoint`; the loss terms in :mod:`snap_fast.train.losses`.
@@ -52,7 +52,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import UnlearnConfig, lora_layer_indices
-from .distributed import DataParallel
+from .parallel import DataParallel
 from .runtime import EXIT_CODES, Runtime, StopSignals, seed_everything
 
 __all__ = ["NonFiniteLossError", "RunResult", "StepCallback", "UnlearnData", "unlearn"]
@@ -246,7 +246,7 @@ def _build_regularizer(model: torch.nn.Module, cfg: UnlearnConfig, sharded: bool
     if not cfg.lam > 0:
         return None
     if sharded:
-        from ..distributed import ShardedSlicedWassersteinRegularizer as Regularizer
+        from ..dist import ShardedSlicedWassersteinRegularizer as Regularizer
     else:
         from ..regularizer import SlicedWassersteinRegularizer as Regularizer
 
@@ -391,7 +391,7 @@ def _lora_stats(model) -> dict[str, float]:
     ``lora/<stat>`` holds the whole-model total and ``lora/<module>/<stat>`` each adapted layer,
     from :func:`snap_fast.lora_delta_stats`; the report draws the per-layer figures from them.
     """
-    from snap_fast.stats import lora_delta_stats
+    from snap_fast.ops.lora_stats import lora_delta_stats
 
     if not hasattr(model, "peft_config"):
         return {}

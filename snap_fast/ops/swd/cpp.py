@@ -1,7 +1,7 @@
-"""The C++ extension (``csrc/``): compiled on first use, cached, and wrapped for Python.
+"""The Python face of the C++/CUDA extension in ``csrc/``: compiled on first use, cached, validated.
 
 Nothing is compiled when snap_fast is installed. The first call of :func:`available` (made by the
-backend dispatch for CPU tensors) compiles ``csrc/swd_cpu.cpp`` with
+backend registry for CPU tensors) compiles ``csrc/swd_cpu.cpp`` with
 ``torch.utils.cpp_extension.load`` (pybind11, ninja) into a cache folder keyed by the torch
 version, the Python version and a hash of the sources and flags::
 
@@ -10,7 +10,7 @@ version, the Python version and a hash of the sources and flags::
 Later processes load the cached library in well under a second; concurrent first builds are
 serialised by torch's lock file in that folder. When the build fails (no compiler, no ninja, ...)
 or ``SNAP_FAST_DISABLE_EXT=1`` is set, :func:`available` returns False, one warning per process
-says why, and the dispatch falls back to the PyTorch path.
+says why, and the registry falls back to the PyTorch path.
 
 The CUDA segmented sort (``csrc/segmented_sort_cuda.cu``, CUB) is a separate extension, built only
 when torch has CUDA and ``nvcc`` is found; see :func:`cuda_available`. The CPU build never touches
@@ -40,7 +40,6 @@ __all__ = [
     "match_sorted",
     "swd_forward",
     "cuda_segmented_argsort",
-    "cuda_sort_segments",
     "cuda_sort_rows",
     "unavailable_reason",
     "DISABLE_ENV",
@@ -269,7 +268,7 @@ def match_sorted(
 ) -> torch.Tensor:
     """Matched targets ``T[perm[k]] = sorted_ref[k]`` per segment, ``perm`` sorting ``proj``.
 
-    Same map as :func:`snap_fast.reference.matched_targets` applied to every segment.
+    Same map as :func:`snap_fast.ops.swd.naive.matched_targets` applied to every segment.
 
     Args:
         proj: (layout.total,) floating CPU tensor, the current projections.
@@ -376,17 +375,11 @@ def cuda_segmented_argsort(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torc
     return _cuda_module().segmented_argsort(x.contiguous(), offsets.to(x.device).contiguous())
 
 
-def cuda_sort_segments(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Values only of :func:`cuda_segmented_argsort` (a keys-only sort, less memory traffic)."""
-    _check_cuda_segments(x, offsets)
-    return _cuda_module().segmented_sort(x.contiguous(), offsets.to(x.device).contiguous())
-
-
 def cuda_sort_rows(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise sort of a (count, n) CUDA block with CUB: a drop-in for ``torch.sort(block, dim=1)``.
 
-    The contract of ``snap_fast.kernels.segmented_sort.sort_long_segments`` (the Triton path's
-    long-segment sort): ``block`` is any float dtype and strides; returns float32 (count, n)
+    The contract of ``snap_fast.kernels.segmented_sort.sort_long_segments`` (the Triton
+    launchers' ``long_sort``): ``block`` is any float dtype and strides; returns float32 (count, n)
     ascending values and int64 (count, n) row positions. Unlike ``torch.sort``, NaNs with the
     sign bit set sort first (radix order of the bits); the regularizer's value is NaN either way.
     """

@@ -13,14 +13,13 @@ PEFT layer                        stored ``W0``       ``U``         ``V``
 ================================  ==================  ============  ============
 
 Rows of the stored matrix are the samples, exactly as the plain regularizer would treat the same
-parameter. The regularizer then never needs ``W``: ``W Θ = W0 Θ + s · U (V Θ)``, which costs
-O((n + d)·r·L) instead of O(n·d·L), and ``W0 Θ`` is a constant while the directions are fixed.
+parameter (the regularizer's LoRA term, :class:`snap_fast.regularizer.terms.LoraTerm`, builds on
+this).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +29,7 @@ try:
 except ImportError:  # torch built without distributed support
     DTensor = None
 
-from .regularizer import RegularizedTerm
-
-__all__ = ["LoraFactors", "LoraTerm", "build_lora_terms", "find_lora_factors"]
-
-ParamFilter = Callable[[str, torch.nn.Parameter], bool]
+__all__ = ["LoraFactors", "find_lora_factors"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +86,7 @@ def _unsupported(module_name: str, why: str) -> ValueError:
 def _check_base_weight(module_name: str, weight: object) -> torch.Tensor:
     if DTensor is not None and isinstance(weight, DTensor):
         # FSDP2 shards the frozen base by rows: check the local shard, keep the DTensor (the
-        # sharded regularizer in snap_fast.distributed projects local rows only).
+        # sharded regularizer in snap_fast.dist projects local rows only).
         _check_base_weight(module_name, weight.to_local())
         return weight
     # Quantized bases (bitsandbytes Params4bit/Int8Params, torchao, ...) are Parameter subclasses
@@ -184,124 +179,3 @@ def find_lora_factors(model: torch.nn.Module) -> list[LoraFactors]:
                 raise _unsupported(module_name, f"factor {name} must be a float tensor on {weight.device}, got {t.dtype} on {t.device}")
         found.append(factors)
     return found
-
-
-class LoraTerm(RegularizedTerm):
-    """The regularized matrix ``W = W0 + s · U V`` of one LoRA layer, never materialised.
-
-    ``project(Θ) = W0 Θ + s · U (V Θ)``: gradients reach only PEFT's factors. ``W0`` is the
-    frozen base weight itself (no copy, whatever the mode); ``initial_projection`` reads it.
-
-    Caching of ``W0 Θ`` (n×L), so the base is read as rarely as possible:
-
-    * :meth:`pin_directions` (the regularizer calls it whenever directions stay fixed across
-      calls: ``fixed`` mode once, ``refresh`` mode at every redraw) keeps ``W0 Θ`` in the
-      regularizer's reference dtype; later calls never read the base weight again. Until the
-      next pin, :meth:`project` assumes it is given those same directions.
-    * otherwise (``resample``), ``initial_projection(Θ)`` hands its ``W0 Θ`` to the next
-      ``project(Θ)`` with the very same ``Θ`` object, so the base is read once per call.
-    """
-
-    def __init__(self, factors: LoraFactors):
-        # The base class would copy W0 for the non-fixed modes; a frozen base makes that useless.
-        self.name = factors.weight_name
-        self.param = factors.base
-        self.n, self.d = factors.base.shape
-        self.initial = None
-        self.factors = factors
-        self._pinned: torch.Tensor | None = None
-        self._handoff: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    # Projections are computed as (L, n) and returned as their (n, L) transpose view: the
-    # regularizer flattens terms direction by direction, so this layout packs without a copy.
-    @torch.no_grad()
-    def _base_projection_t(self, theta: torch.Tensor) -> torch.Tensor:
-        base = self.factors.base
-        return (theta.t().to(base.dtype) @ base.t()).float()
-
-    def _w0_theta_t(self, theta: torch.Tensor) -> torch.Tensor:
-        """(W0 Θ)ᵀ, (L, n) float32: pinned, handed off by initial_projection, or computed."""
-        if self._pinned is not None:
-            return self._pinned.float()
-        if self._handoff is not None and self._handoff[0] is theta:
-            proj0_t = self._handoff[1]
-            self._handoff = None
-            return proj0_t
-        return self._base_projection_t(theta)
-
-    def project(self, theta: torch.Tensor) -> torch.Tensor:
-        """Current projections ``W0 Θ + s · U (V Θ)``, (n, L) float32, autograd to the factors."""
-        u, v = self.factors.uv()
-        inner = v.float() @ theta.float()  # (r, L): the only use of d
-        out_t = torch.addmm(self._w0_theta_t(theta), inner.t(), u.float().t(), alpha=self.factors.scaling)
-        return out_t.t()
-
-    @torch.no_grad()
-    def initial_projection(self, theta: torch.Tensor) -> torch.Tensor:
-        """Initial projections ``W0 Θ``, (n, L) float32, read from the frozen base weight."""
-        proj0_t = self._base_projection_t(theta)
-        self._handoff = (theta, proj0_t)
-        return proj0_t.t()
-
-    @torch.no_grad()
-    def pin_directions(self, theta: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> None:
-        """Keep ``(W0 Θ)ᵀ`` (in ``dtype``) for every later call until the next pin.
-
-        Args:
-            theta: (d, L) directions.
-            dtype: dtype of the cache.
-            out: optional (L, n) ``dtype`` tensor to hold the cache (the regularizer passes a
-                block of its flat offset buffer, so the cache is not stored twice).
-        """
-        self._pinned = None
-        proj0_t = self._w0_theta_t(theta)
-        if out is None:
-            self._pinned = proj0_t.to(dtype)
-        else:
-            self._pinned = out.copy_(proj0_t)
-
-    def flat_kind(self) -> str | None:
-        """``"lora"``: the regularizer's flat path computes ``W0 Θ + s · U (V Θ)`` itself
-        (None for an FSDP2-sharded base, which only the sharded regularizer projects)."""
-        if DTensor is not None and isinstance(self.factors.base, DTensor):
-            return None
-        return "lora"
-
-    def nbytes_kept(self) -> int:
-        return 0 if self._pinned is None else self._pinned.numel() * self._pinned.element_size()
-
-
-def build_lora_terms(
-    model: torch.nn.Module, keep_initial: torch.dtype | None, param_filter: ParamFilter | None
-) -> tuple[list[RegularizedTerm], set[int]]:
-    """Regularized terms for the LoRA-adapted layers of ``model``'s active adapter.
-
-    Args:
-        model: any module; PEFT LoRA layers are detected inside it (a ``PeftModel`` or a model
-            with adapters injected).
-        keep_initial: unused by LoRA terms (the frozen base weight is the initial weight); kept
-            for the regularizer's uniform call.
-        param_filter: ``f(name, base_weight) -> bool`` applied to the base weight's qualified
-            parameter name (``...q_proj.base_layer.weight``); a rejected layer is not
-            regularized at all.
-
-    Returns:
-        ``(terms, covered)``: one :class:`LoraTerm` per adapted layer whose factors are trainable,
-        and the ``id`` of every base weight and factor parameter accounted for, which the plain
-        parameter scan then skips. A model without LoRA layers gives ``([], set())``.
-
-    Raises:
-        ValueError naming the module for unsupported adapters (see :func:`find_lora_factors`).
-    """
-    del keep_initial
-    terms: list[RegularizedTerm] = []
-    covered: set[int] = set()
-    for f in find_lora_factors(model):
-        a, b = f.factor_params()
-        covered.update((id(f.base), id(a), id(b)))
-        if not (a.requires_grad or b.requires_grad):
-            continue  # a frozen adapter is as constant as any frozen parameter
-        if param_filter is not None and not param_filter(f.weight_name, f.base):
-            continue
-        terms.append(LoraTerm(f))
-    return terms, covered

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of the sliced-Wasserstein regularizer (SNAP.md §2).
+"""The naive sliced-Wasserstein distance (SNAP.md §2): the float64-capable oracle of every kernel.
 
 This module is the oracle every kernel is tested against and the CPU fallback. It favours
 clarity over speed: one tensor at a time, ``torch.sort`` with autograd.
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ["as_matrix", "matched_targets", "random_projections", "sliced_wasserstein_reference"]
+__all__ = ["as_matrix", "matched_targets", "power_sum", "random_projections", "sliced_wasserstein_reference"]
 
 
 def random_projections(
@@ -86,3 +86,8 @@ def matched_targets(proj: torch.Tensor, sorted_ref: torch.Tensor) -> torch.Tenso
     """
     order = torch.argsort(proj, dim=-1)
     return torch.empty_like(sorted_ref).scatter_(-1, order, sorted_ref)
+
+
+def power_sum(diff: torch.Tensor, p: float) -> torch.Tensor:
+    """``Σ |diff|^p``, with the exact square for p = 2 (the common case, one cheap pass)."""
+    return diff.square().sum() if p == 2 else diff.abs().pow(p).sum()

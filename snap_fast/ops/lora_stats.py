@@ -1,7 +1,7 @@
-"""How far LoRA adapters have moved the weights, computed from the factors, never from ΔW.
+"""LoRA-delta statistics: how far adapters moved the weights, from the factors, never from ΔW.
 
 For one adapted layer with stored update ``ΔW = s · U V`` (U: n×r, V: r×d; see
-:mod:`snap_fast.lora`) and the r×r Gram matrices ``G_U = UᵀU`` and ``G_V = V Vᵀ``:
+:mod:`snap_fast.adapters`) and the r×r Gram matrices ``G_U = UᵀU`` and ``G_V = V Vᵀ``:
 
 * ``fro_norm``        ‖ΔW‖_F = |s| · sqrt(tr(G_U G_V))
 * ``row_norm_max``,   row norms of ΔW as stored (rows = the samples the regularizer uses):
@@ -35,7 +35,8 @@ import weakref
 
 import torch
 
-from .lora import LoraFactors, find_lora_factors
+from ..adapters import LoraFactors, find_lora_factors
+from .backends import Backend, choose_gram_backend
 
 __all__ = ["STAT_KEYS", "lora_delta_stats"]
 
@@ -60,39 +61,17 @@ def _base_norm(base: torch.Tensor) -> torch.Tensor:
     return norm
 
 
-def _grams(factors: list[LoraFactors], backend: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _grams(factors: list[LoraFactors], backend: Backend) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(G_U, G_V) float32 per layer."""
     uvs = [f.uv() for f in factors]
-    if backend == "triton":
-        from .kernels.lora_gram import gram_matrices_triton
-
-        flat = gram_matrices_triton([m for u, v in uvs for m in (u.detach(), v.detach().t())])
-        return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(uvs))]
-    out = []
-    for u, v in uvs:
-        u32, v32 = u.detach().float(), v.detach().float()
-        out.append((u32.t() @ u32, v32 @ v32.t()))
-    return out
+    flat = backend.gram_matrices([m for u, v in uvs for m in (u, v.t())])
+    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(uvs))]
 
 
 def _sqrt_factor(gram: torch.Tensor) -> torch.Tensor:
     """Batched r×r R with RᵀR = G (G symmetric PSD up to rounding), float64."""
     evals, evecs = torch.linalg.eigh(gram.double())
     return evals.clamp_min(0).sqrt().unsqueeze(-1) * evecs.transpose(-1, -2)
-
-
-def _resolve(device: torch.device, backend: str | None, max_rank: int) -> str:
-    if backend is None:
-        return "triton" if device.type == "cuda" and max_rank <= 64 else "torch"
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
-    if backend == "triton":
-        from .dispatch import resolve_backend
-
-        resolve_backend(device, "triton")  # raises with the reason when Triton cannot run here
-        if max_rank > 64:
-            raise ValueError(f"backend='triton' handles LoRA ranks up to 64, the model has rank {max_rank}")
-    return backend
 
 
 @torch.no_grad()
@@ -115,7 +94,7 @@ def lora_delta_stats(
     Raises:
         TypeError: ``model`` is not a module.
         ValueError: the model has no LoRA layer for its active adapter, an adapter is not
-            supported (see :func:`snap_fast.lora.find_lora_factors`), or a bad ``backend``.
+            supported (see :func:`snap_fast.adapters.find_lora_factors`), or a bad ``backend``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -123,8 +102,7 @@ def lora_delta_stats(
     if not factors:
         raise ValueError("model has no LoRA adapters (no PEFT LoRA layer carries the active adapter)")
     device = factors[0].base.device
-    resolved = _resolve(device, backend, max(f.rank for f in factors))
-    grams = _grams(factors, resolved)
+    grams = _grams(factors, choose_gram_backend(device, backend, max(f.rank for f in factors)))
 
     per_layer: list[torch.Tensor] = []  # rows of STAT_KEYS values (float64) per layer
     row_sums, row_counts = [], []

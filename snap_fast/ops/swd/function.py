@@ -11,59 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import match_sorted, resolve_backend, sort_segments
+from ...checks import check_int, check_number, check_tensor
+from ..backends import Backend, choose_backend, get_backend
 from .layout import SegmentLayout
-from .reference import as_matrix, random_projections, sliced_wasserstein_reference
+from .naive import as_matrix, random_projections, sliced_wasserstein_reference
 
 __all__ = ["sliced_wasserstein", "swd_from_projections", "check_swd_args"]
 
 
 def check_swd_args(n_projections: int, p: float) -> None:
     """Validate the two scalar hyper-parameters shared by every entry point."""
-    if isinstance(n_projections, bool) or not isinstance(n_projections, int):
-        raise TypeError(f"n_projections must be an int, got {type(n_projections).__name__}")
-    if n_projections < 1:
-        raise ValueError(f"n_projections must be >= 1, got {n_projections}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"p must be a number, got {type(p).__name__}")
-    if not p > 0:
-        raise ValueError(f"p must be > 0, got {p}")
-
-
-def _check_float_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    return t
-
-
-class _CppFusedSWD(torch.autograd.Function):
-    """The C++ backend's fused path: sort, differences, reduction and gradient in one pass.
-
-    Same value and gradient as the generic path below (up to float rounding: the C++ sum is
-    accumulated in float64), but the gradient ``scale · p · sign(d)|d|^(p−1)`` is written while
-    each segment is sorted, instead of several full-buffer passes (difference, power, sum and
-    their backward) over tens of millions of values.
-    """
-
-    @staticmethod
-    def forward(ctx, proj, sorted_ref, layout, p, scale, state, offset):  # type: ignore[override]
-        from . import _ext
-
-        value, grad = _ext.swd_forward(
-            proj.detach(), sorted_ref, layout, p=p, scale=scale, state=state, offset=offset
-        )
-        ctx.save_for_backward(grad)
-        ctx.proj_dtype = proj.dtype
-        return value.to(torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_output).to(ctx.proj_dtype), None, None, None, None, None, None
+    check_int("n_projections", n_projections, minimum=1)
+    check_number("p", p, positive=True)
 
 
 def swd_from_projections(
@@ -73,7 +32,7 @@ def swd_from_projections(
     *,
     n_projections: int,
     p: float,
-    backend: str,
+    backend: str | Backend,
     state: dict | None = None,
     offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -86,7 +45,7 @@ def swd_from_projections(
         layout: the segment layout of both buffers.
         n_projections: L, the divisor.
         p: exponent > 0.
-        backend: a resolved backend name (see :mod:`snap_fast.dispatch`).
+        backend: a concrete backend name or object (see :mod:`snap_fast.ops.backends`).
         state: optional cache dict for backends that reuse permutations.
         offset: optional flat (layout.total,) constant added to ``proj`` (no gradient; float32
             or bfloat16): the regularizer's cached constant part of the projections (LoRA
@@ -95,15 +54,9 @@ def swd_from_projections(
     Returns a float32 0-dim tensor. Non-finite projections give a non-finite value (NaN
     propagates; it is never silently dropped).
     """
-    if backend == "cpp":
-        return _CppFusedSWD.apply(proj, sorted_ref, layout, float(p), 1.0 / n_projections, state, offset)
-    if offset is not None:
-        proj = proj.float() + offset  # one promoting pass, no separate conversion of offset
-    with torch.no_grad():
-        targets = match_sorted(proj.detach(), sorted_ref, layout, backend, state)
-    diff = proj.float() - targets
-    powered = diff.square() if p == 2 else diff.abs().pow(p)
-    return powered.sum() / n_projections
+    return get_backend(backend).swd_sum(
+        proj, sorted_ref, layout, p=float(p), n_projections=n_projections, state=state, offset=offset
+    )
 
 
 def sliced_wasserstein(
@@ -129,7 +82,8 @@ def sliced_wasserstein(
         projections: optional (d, L) directions with unit columns (POT's layout); when given,
             ``n_projections`` and ``seed`` are ignored.
         seed: seed for drawing the directions (``None``: from the global torch RNG).
-        backend: force ``"torch"``, ``"triton"`` or ``"cpp"`` (default: auto, see dispatch).
+        backend: force ``"torch"``, ``"triton"`` or ``"cpp"`` (default: auto, see
+            :func:`snap_fast.ops.backends.choose_backend`).
 
     Returns:
         float32 0-dim tensor (float64 if an input is float64 and the reference path is used).
@@ -140,15 +94,14 @@ def sliced_wasserstein(
         TypeError / ValueError naming the argument on non-tensor, integer, empty or mismatched
         inputs, ``n_projections < 1`` or ``p <= 0``.
     """
-    _check_float_tensor("w0", w0)
-    _check_float_tensor("w", w)
+    check_tensor("w0", w0)
+    check_tensor("w", w)
     if w0.shape != w.shape:
         raise ValueError(f"w0 and w must have the same shape, got {tuple(w0.shape)} and {tuple(w.shape)}")
     if w0.device != w.device:
         raise ValueError(f"w0 and w must be on the same device, got {w0.device} and {w.device}")
     check_swd_args(n_projections, p)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    check_int("seed", seed, allow_none=True)
     a0, a = as_matrix(w0), as_matrix(w)
     n, d = a.shape
     if projections is None:
@@ -157,7 +110,7 @@ def sliced_wasserstein(
             generator = torch.Generator(device=w.device).manual_seed(seed)
         projections = random_projections(d, n_projections, generator=generator, device=w.device)
     else:
-        _check_float_tensor("projections", projections)
+        check_tensor("projections", projections)
         if projections.dim() != 2 or projections.shape[0] != d:
             raise ValueError(
                 f"projections must have shape (d, L) = ({d}, L) for inputs of shape "
@@ -169,13 +122,11 @@ def sliced_wasserstein(
     if w0.requires_grad or torch.float64 in (w0.dtype, w.dtype, projections.dtype):
         return sliced_wasserstein_reference(w0, w, projections, p)
 
-    resolved = resolve_backend(w.device, backend)
+    chosen = choose_backend(w.device, backend)
     layout = SegmentLayout.from_blocks([(n_dirs, n)])
     theta = projections.to(a.dtype)
     proj = (a @ theta).t().reshape(-1)
     with torch.no_grad():
         proj0 = (a0.to(a.dtype) @ theta).t().reshape(-1).float()
-        sorted_ref = sort_segments(proj0, layout, resolved)
-    return swd_from_projections(
-        proj, sorted_ref, layout, n_projections=n_dirs, p=float(p), backend=resolved
-    )
+        sorted_ref = chosen.sort_segments(proj0, layout)
+    return swd_from_projections(proj, sorted_ref, layout, n_projections=n_dirs, p=float(p), backend=chosen)

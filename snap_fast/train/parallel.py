@@ -28,7 +28,7 @@ so every rank joins every gradient all-reduce. FSDP2 averages gradients the same
 reduce-scatter divides by W), so the same weights make its step equal too. The regularizer's ``λ·SWD`` is added by a separate backward outside
 DDP's forward: DDP does not all-reduce it, and every rank computes the same value and gradient
 from identical weights and directions, so it is counted exactly once. Under FSDP2 the recipe
-builds :class:`~snap_fast.distributed.ShardedSlicedWassersteinRegularizer` instead: its gradient
+builds :class:`~snap_fast.dist.ShardedSlicedWassersteinRegularizer` instead: its gradient
 reaches each rank's own rows only, also once, and no weight is gathered.
 """
 
@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..distributed import (
+from ..dist import (
     DistributedContext,
     DistributedFailure,
     collective_guard,
@@ -58,7 +58,7 @@ class DataParallel:
     """Data parallelism over the ranks of the default process group (or none).
 
     Args:
-        ctx: where this process stands (see :func:`snap_fast.distributed.init_from_env`).
+        ctx: where this process stands (see :func:`snap_fast.dist.init_from_env`).
         fsdp: shard the model with FSDP2 instead of replicating it with DDP (only matters
             under several processes; a single process trains the whole model either way).
     """

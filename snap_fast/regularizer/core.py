@@ -1,0 +1,371 @@
+"""The object a training loop holds: SNAP's sliced-Wasserstein regularizer over a whole model.
+
+Build it once from the model before training; call it every step and add ``λ ·`` its value to
+the loss::
+
+    reg = SlicedWassersteinRegularizer(model, mode="resample")
+    loss = task_loss + 0.1 * reg()
+
+It selects the trainable parameters (or those a filter keeps), snapshots what the chosen
+direction mode needs, and on each call projects the current weights of *all* selected tensors
+into one flat buffer (:mod:`.flat`), sorts every segment with one backend call (see
+:mod:`snap_fast.ops.backends`) and returns the summed SWD of SNAP.md §2 as a differentiable
+scalar. Which tensors are regularized, and how each is projected, is :mod:`.terms`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..checks import check_choice, check_int
+from ..ops.backends import choose_backend
+from ..ops.swd.function import check_swd_args, swd_from_projections
+from ..ops.swd.layout import SegmentLayout
+from .flat import FlatPlan
+from .terms import ParamFilter, RegularizedTerm, select_terms
+
+__all__ = ["MODES", "SlicedWassersteinRegularizer"]
+
+#: Direction modes: how the L directions of every tensor are chosen from call to call.
+MODES = ("resample", "refresh", "fixed")
+
+
+@dataclass
+class _WidthGroup:
+    """All terms sharing a width d: their directions are drawn in one call."""
+
+    d: int
+    indices: list[int]
+
+
+class SlicedWassersteinRegularizer:
+    """Summed sliced-Wasserstein distance between a model's weights and their initial values.
+
+    Args:
+        model: the model; its parameters are read at construction (the snapshot) and at every
+            call (the current weights).
+        n_projections: L, directions per tensor (the authors use 100).
+        p: exponent, > 0 (the authors use 2).
+        mode: how directions are chosen:
+
+            * ``"resample"`` (default, the authors' semantics): fresh directions for every tensor
+              at every call. Keeps a copy of the initial weights in ``reference_dtype``.
+            * ``"refresh"``: directions redrawn every ``refresh_every`` calls; in between the
+              sorted initial projections are cached, amortising the cost while every direction
+              is still visited over a run. Keeps the copy of the initial weights too.
+            * ``"fixed"``: directions drawn once per tensor from ``seed``; only the sorted initial
+              projections are cached (n×L per tensor), no copy of the initial weights. A fixed
+              set of L directions leaves any weight change orthogonal to all of them unpenalised:
+              each row has d − L free dimensions. Use it when memory or speed matter and the
+              evaluation shows it unlearns as well.
+        refresh_every: K for ``mode="refresh"``.
+        seed: seed of the direction generator (reproducible runs, resumable with
+            :meth:`state_dict`).
+        param_filter: ``f(name, param) -> bool`` choosing among trainable parameters
+            (default: all with ``requires_grad``). Tied parameters are counted once.
+        reference_dtype: dtype of the kept initial weights and of the cached sorted projections
+            (bf16 by default, as the authors' code; float32 for exactness).
+        backend: force a sorting backend (``"torch"``, ``"triton"``, ``"cpp"``), else auto.
+        cache_directions: keep fixed-mode directions in memory (d×L per tensor) instead of
+            regenerating them from their seeds at each call; default: True on CPU, False on CUDA.
+
+    Calling the object returns a float32 0-dim tensor: Σ over tensors of SWD(W0, W).
+
+    Raises:
+        TypeError / ValueError, before any heavy work, for a non-module ``model``, bad
+        ``n_projections``/``p``/``mode``/``refresh_every``, a model with no trainable parameters
+        or a filter that selects nothing.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        n_projections: int = 100,
+        p: float = 2.0,
+        mode: str = "resample",
+        refresh_every: int = 10,
+        seed: int = 0,
+        param_filter: ParamFilter | None = None,
+        reference_dtype: torch.dtype = torch.bfloat16,
+        backend: str | None = None,
+        cache_directions: bool | None = None,
+    ):
+        _check_arguments(model, n_projections, p, mode, refresh_every, seed, param_filter, reference_dtype)
+        self.n_projections = n_projections
+        self.p = float(p)
+        self.mode = mode
+        self.refresh_every = refresh_every
+        self.seed = seed
+        self.reference_dtype = reference_dtype
+        # A copy of W0 is kept only when a mode re-projects the initial weights later.
+        initial_dtype = None if mode == "fixed" else reference_dtype
+        self.terms: list[RegularizedTerm] = self._select_terms(model, param_filter, initial_dtype)
+        self.device = self.terms[0].device
+        if any(t.device != self.device for t in self.terms):
+            raise ValueError("all regularized parameters must be on one device")
+        self._ops = choose_backend(self.device, backend)
+        self.backend = self._ops.name
+        self.cache_directions = (self.device.type == "cpu") if cache_directions is None else cache_directions
+        self.layout = SegmentLayout.from_blocks([(n_projections, t.n) for t in self.terms])
+        widths: dict[int, list[int]] = {}
+        for i, t in enumerate(self.terms):
+            widths.setdefault(t.d, []).append(i)
+        self._groups = [_WidthGroup(d, idx) for d, idx in widths.items()]
+        # The flat path needs every term to be one it knows; otherwise (subclassed terms, bf16
+        # parameters) each term's project() is called and the results concatenated.
+        self._flat = FlatPlan.build(self.terms, self.layout, self.p, n_projections, self._ops)
+        # Flat (layout.total,) reference_dtype buffer of the pinned constant parts of the
+        # projections (LoRA W0 Θ; zeros for plain terms), added inside the sort kernel.
+        self._offset: torch.Tensor | None = None
+
+        self.calls = 0
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._theta: list[torch.Tensor] | None = None
+        self._sorted_ref: torch.Tensor | None = None
+        self._sort_state: dict = {}
+        # Generator state right before the latest resample draw: lets last_directions() redraw
+        # them on demand instead of holding d×L floats per tensor between calls.
+        self._last_draw_state: torch.Tensor | None = None
+        if mode == "fixed":
+            self._rebuild_cache()
+
+    def _select_terms(
+        self, model: torch.nn.Module, param_filter: ParamFilter | None, initial_dtype: torch.dtype | None
+    ) -> list[RegularizedTerm]:
+        """The regularized terms (the sharded regularizer overrides this to shard them)."""
+        return select_terms(model, param_filter, plain=lambda name, param: RegularizedTerm(name, param, initial_dtype))
+
+    # ------------------------------------------------------------------ directions
+    def _draw(self, generator: torch.Generator) -> list[torch.Tensor]:
+        """(d, L) directions for every term, one RNG call per distinct width."""
+        theta: list[torch.Tensor | None] = [None] * len(self.terms)
+        for g in self._groups:
+            block = torch.randn(
+                len(g.indices), g.d, self.n_projections, generator=generator, device=self.device
+            )
+            block = block / block.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            for j, i in enumerate(g.indices):
+                theta[i] = block[j]
+        return theta  # type: ignore[return-value]
+
+    def _fixed_directions(self) -> list[torch.Tensor]:
+        if self._theta is not None:
+            return self._theta
+        theta = self._draw(torch.Generator(device=self.device).manual_seed(self.seed))
+        if self.cache_directions:
+            self._theta = theta
+        return theta
+
+    @torch.no_grad()
+    def _sorted_initial(self, theta: list[torch.Tensor]) -> torch.Tensor:
+        proj0 = torch.cat([t.initial_projection(th).t().reshape(-1) for t, th in zip(self.terms, theta)])
+        return self._ops.sort_segments(proj0, self.layout)
+
+    def _rebuild_cache(self) -> None:
+        if self.mode == "fixed":
+            theta = self._fixed_directions()
+        else:
+            theta = self._draw(self._generator)
+            self._theta = theta
+        self._sorted_ref = self._sorted_initial(theta).to(self.reference_dtype)
+        self._sort_state = {}
+        self._pin(theta)
+
+    def _pin(self, theta: list[torch.Tensor]) -> None:
+        """Tell every term that ``theta`` stays until the next redraw (LoRA terms cache W0 Θ).
+
+        On the flat path the LoRA terms cache W0 Θ inside one flat offset buffer (their blocks
+        of it), which the sort kernel adds to the flat projections: no per-call conversion or
+        copy of those n×L values.
+        """
+        if self._flat is None or not self._flat.has_lora:
+            for t, th in zip(self.terms, theta):
+                t.pin_directions(th, self.reference_dtype)
+            return
+        if self._offset is None:
+            self._offset = torch.zeros(self.layout.total, dtype=self.reference_dtype, device=self.device)
+        for item, th in zip(self._flat.items, theta):
+            if item.kind == "lora":
+                block = self._offset[item.start : item.start + th.shape[1] * item.n].view(th.shape[1], item.n)
+                item.term.pin_directions(th, self.reference_dtype, out=block)
+
+    def _directions_and_reference(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Directions of this call and the flat sorted initial projections (float32, or the
+        cache's ``reference_dtype`` for the C++ backend, which reads bf16 directly).
+
+        Advances the call counter: the stages of one call are this, :meth:`_project`, then
+        :func:`snap_fast.ops.swd.function.swd_from_projections` (the benchmark times them apart).
+        """
+        if self.mode == "resample":
+            self._last_draw_state = self._generator.get_state()
+            theta = self._draw(self._generator)
+            self.calls += 1
+            return theta, self._sorted_initial(theta)
+        if self.mode == "refresh" and self.calls % self.refresh_every == 0:
+            self._rebuild_cache()
+        self.calls += 1
+        theta = self._fixed_directions() if self.mode == "fixed" else self._theta
+        # Kernels that read the bf16 cache as stored are spared a full conversion pass.
+        return theta, self._sorted_ref if self._ops.reads_bf16_reference else self._sorted_ref.float()
+
+    def _project(self, theta: list[torch.Tensor]) -> torch.Tensor:
+        """Flat (layout.total,) current projections, term by term, direction by direction.
+
+        Without :meth:`_projection_offset` (which the caller must add; None in ``resample``).
+        """
+        if self._flat is None:
+            return torch.cat([t.project(th).t().reshape(-1) for t, th in zip(self.terms, theta)])
+        return self._flat.project(theta, self._projection_offset())
+
+    def _projection_offset(self) -> torch.Tensor | None:
+        """The constant flat buffer to add to :meth:`_project`'s output, or None."""
+        return None if self.mode == "resample" else self._offset
+
+    # ------------------------------------------------------------------ call
+    def __call__(self) -> torch.Tensor:
+        """Σ over regularized tensors of SWD(W0, W) for the current weights (float32, 0-dim)."""
+        theta, sorted_ref = self._directions_and_reference()
+        state = None if self.mode == "resample" else self._sort_state
+        if self._ops.fused and self._flat is not None:
+            return self._flat.fused_swd(theta, sorted_ref, state, self._projection_offset())
+        proj = self._project(theta)
+        return swd_from_projections(
+            proj, sorted_ref, self.layout, n_projections=self.n_projections, p=self.p,
+            backend=self._ops, state=state, offset=self._projection_offset(),
+        )
+
+    # ------------------------------------------------------------------ introspection / resume
+    @property
+    def parameter_names(self) -> list[str]:
+        return [t.name for t in self.terms]
+
+    def cache_nbytes(self) -> int:
+        """Bytes this object keeps besides the model: initial-weight copies and caches."""
+        if self._offset is not None:  # the LoRA terms' W0 Θ caches are blocks of it
+            total = self._offset.numel() * self._offset.element_size()
+            total += sum(t.nbytes_kept() for t in self.terms if t.flat_kind() != "lora")
+        else:
+            total = sum(t.nbytes_kept() for t in self.terms)
+        if self._sorted_ref is not None:
+            total += self._sorted_ref.numel() * self._sorted_ref.element_size()
+        if self._theta is not None and (self.mode != "fixed" or self.cache_directions):
+            total += sum(th.numel() * th.element_size() for th in self._theta)
+        return total
+
+    def last_directions(self) -> list[torch.Tensor]:
+        """The directions used by the most recent call, one (d, L) float32 tensor per term.
+
+        In the order of :attr:`terms`. In ``resample`` mode they are redrawn from the saved
+        generator state (nothing is kept between calls), so this costs one draw.
+
+        Raises:
+            RuntimeError: the regularizer has not been called yet.
+        """
+        if self.calls == 0:
+            raise RuntimeError("last_directions() needs at least one call of the regularizer")
+        if self.mode == "fixed":
+            return self._fixed_directions()
+        if self.mode == "refresh":
+            return self._theta
+        generator = torch.Generator(device=self.device)
+        generator.set_state(self._last_draw_state)
+        return self._draw(generator)
+
+    def state_dict(self, include_initial: bool = True) -> dict:
+        """What a checkpoint needs to continue the exact same sequence of values.
+
+        Args:
+            include_initial: also store the snapshot of the initial weights (the ``reference_dtype``
+                copies in ``resample``/``refresh`` mode, the sorted initial projections in
+                ``fixed`` mode), so a regularizer rebuilt from the *trained* model resumes with the
+                original W0. Pass False only when the regularizer will be rebuilt from the
+                initial weights anyway (it saves a ``reference_dtype`` copy of the model).
+        """
+        state: dict = {
+            "mode": self.mode,
+            "calls": self.calls,
+            "generator": self._generator.get_state(),
+            "names": self.parameter_names,
+            **self._state_owner(),
+        }
+        if self.mode == "refresh":
+            state["theta"] = self._theta
+            state["sorted_ref"] = self._sorted_ref
+        if include_initial:
+            if self.mode == "fixed":
+                state["sorted_ref"] = self._sorted_ref
+            else:
+                state["initial"] = [t.initial for t in self.terms]
+        return state
+
+    def _state_owner(self) -> dict:
+        """Keys naming whose state this is (the sharded regularizer adds rank and world size)."""
+        return {}
+
+    def _check_state_owner(self, state: dict) -> None:
+        """Refuse a state saved by another owner (see :meth:`_state_owner`)."""
+
+    def _reference_numel(self) -> int:
+        """Values of the sorted initial projections this object holds."""
+        return self.layout.total
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output; the next call continues the saved sequence.
+
+        Raises:
+            ValueError: the state is for another mode or another set of parameters.
+        """
+        if state.get("mode") != self.mode:
+            raise ValueError(f"state is for mode {state.get('mode')!r}, this regularizer is {self.mode!r}")
+        self._check_state_owner(state)
+        if "names" in state and list(state["names"]) != self.parameter_names:
+            raise ValueError(
+                f"state is for {len(state['names'])} parameters {state['names'][:3]}..., this "
+                f"regularizer has {len(self.terms)} {self.parameter_names[:3]}..."
+            )
+        for t, w0 in zip(self.terms, state.get("initial") or []):
+            if w0 is not None:
+                expected = tuple(t.initial.shape) if t.initial is not None else (t.n, t.d)
+                if tuple(w0.shape) != expected:
+                    raise ValueError(f"state initial for {t.name!r} has shape {tuple(w0.shape)}, expected {expected}")
+                t.initial = w0.to(self.device)
+        self.calls = int(state["calls"])
+        self._generator.set_state(state["generator"])
+        if self.mode == "refresh":
+            self._theta = state["theta"]
+            if self._theta is not None:
+                self._pin(self._theta)
+        if "sorted_ref" in state and state["sorted_ref"] is not None:
+            if state["sorted_ref"].numel() != self._reference_numel():
+                raise ValueError(
+                    f"state sorted_ref has {state['sorted_ref'].numel()} values, expected {self._reference_numel()}"
+                )
+            self._sorted_ref = state["sorted_ref"].to(self.device)
+        self._sort_state = {}
+
+    def __iter__(self) -> Iterator[RegularizedTerm]:
+        return iter(self.terms)
+
+    def __repr__(self) -> str:
+        return (
+            f"SlicedWassersteinRegularizer(tensors={len(self.terms)}, L={self.n_projections}, "
+            f"p={self.p}, mode={self.mode!r}, backend={self.backend!r})"
+        )
+
+
+def _check_arguments(model, n_projections, p, mode, refresh_every, seed, param_filter, reference_dtype) -> None:
+    """The constructor's argument checks, before any weight is read."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_swd_args(n_projections, p)
+    check_choice("mode", mode, MODES)
+    check_int("refresh_every", refresh_every, minimum=1)
+    check_int("seed", seed)
+    if not (isinstance(reference_dtype, torch.dtype) and reference_dtype.is_floating_point):
+        raise TypeError(f"reference_dtype must be a floating torch.dtype, got {reference_dtype!r}")
+    if param_filter is not None and not callable(param_filter):
+        raise TypeError(f"param_filter must be callable (name, param) -> bool, got {type(param_filter).__name__}")
