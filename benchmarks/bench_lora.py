@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from snap_fast.data.io import atomic_write_text
+from snap_fast.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

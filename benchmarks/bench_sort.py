@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from snap_fast.data.io import atomic_write_text
+from snap_fast.io import atomic_write_text
 
 from snap_fast.ops.swd import cpp as _ext
 from snap_fast.ops.backends import match_sorted, sort_segments

@@ -216,7 +216,7 @@ def _mode_timing(settings: DemoSettings, out: Path, retime: bool) -> dict[str, f
     measured for the same settings and thread count (written atomically)."""
     import torch
 
-    from snap_fast.data.io import write_json
+    from snap_fast.io import write_json
 
     key = {"lora_r": settings.lora_r, "n_projections": settings.n_projections,
            "reg_refresh_every": settings.reg_refresh_every, "threads": torch.get_num_threads()}

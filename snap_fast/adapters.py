@@ -107,6 +107,20 @@ def _check_base_weight(module_name: str, weight: object) -> torch.Tensor:
     return weight
 
 
+def _check_plain_lora(module_name: str, module, adapter: str) -> None:
+    """Refuse what the factor formula does not describe: DoRA, other variants, a LoRA bias, a
+    merged adapter."""
+    if module.use_dora.get(adapter, False):
+        raise _unsupported(module_name, "DoRA (use_dora=True) is not supported")
+    if adapter in getattr(module, "lora_variant", {}):
+        variant = type(module.lora_variant[adapter]).__name__
+        raise _unsupported(module_name, f"LoRA variant {variant} is not supported (plain LoRA only)")
+    if getattr(module, "lora_bias", {}).get(adapter, False):
+        raise _unsupported(module_name, "lora_bias=True is not supported")
+    if module.merged:
+        raise _unsupported(module_name, "the adapter is merged into the base weight; unmerge it first")
+
+
 def find_lora_factors(model: torch.nn.Module) -> list[LoraFactors]:
     """Every LoRA-adapted weight of the active adapter in ``model``, in module order.
 
@@ -142,15 +156,7 @@ def find_lora_factors(model: torch.nn.Module) -> list[LoraFactors]:
         present = module.lora_embedding_A if is_embedding else module.lora_A
         if adapter not in present:
             continue
-        if module.use_dora.get(adapter, False):
-            raise _unsupported(module_name, "DoRA (use_dora=True) is not supported")
-        if adapter in getattr(module, "lora_variant", {}):
-            variant = type(module.lora_variant[adapter]).__name__
-            raise _unsupported(module_name, f"LoRA variant {variant} is not supported (plain LoRA only)")
-        if getattr(module, "lora_bias", {}).get(adapter, False):
-            raise _unsupported(module_name, "lora_bias=True is not supported")
-        if module.merged:
-            raise _unsupported(module_name, "the adapter is merged into the base weight; unmerge it first")
+        _check_plain_lora(module_name, module, adapter)
         base_layer = module.get_base_layer()
         weight = _check_base_weight(module_name, getattr(base_layer, "weight", None))
         if is_embedding:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_int, check_str_list
 from .data.collator import prompt_token_ids
 
 
@@ -63,14 +64,9 @@ def generate_answers(
         ``return_finished``. A cut answer must not be trained on with an EOS after it: the model
         would learn to stop there (see :class:`snap_fast.data.collator.ChatCollator`).
     """
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError("prompts must be a list of str")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
-    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_str_list("prompts", prompts)
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     if not prompts:
@@ -89,28 +85,18 @@ def generate_answers(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # left padding: every prompt ends at the same column
-                ids = encoded[i]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention[row, width - len(ids) :] = 1
+            input_ids, attention = _left_padded([encoded[i] for i in idx], pad)
             # fork_rng: seeding here must not disturb the caller's RNG stream (a training loop
             # that evaluates mid-run must resume identically).
             fork_devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
                 torch.manual_seed(seed)
                 out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=pad,
+                    input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                     eos_token_id=eos or None,
                 )
-            new_tokens = out[:, width:].cpu()
+            new_tokens = out[:, input_ids.shape[1]:].cpu()
             ended = torch.isin(new_tokens, torch.tensor(eos, dtype=new_tokens.dtype)).any(dim=1) if eos else None
             for row, i in enumerate(idx):
                 answers[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
@@ -123,3 +109,14 @@ def generate_answers(
         if was_training:
             model.train()
     return (answers, finished) if return_finished else answers
+
+
+def _left_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` (B, width) long, every sequence ending at the last column."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids):] = 1
+    return input_ids, attention

@@ -1,4 +1,4 @@
-"""Atomic JSON / JSONL files.
+"""Atomic JSON / JSONL files: the one reader and the one atomic writer every module uses.
 
 Every file the data builder writes goes through here: the content is written to a temporary file
 in the same folder, flushed to disk, then moved over the final name with ``os.replace`` (atomic on

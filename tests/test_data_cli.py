@@ -7,7 +7,7 @@ import json
 import pytest
 
 from snap_fast.cli import main
-from snap_fast.data.io import read_jsonl
+from snap_fast.io import read_jsonl
 from tests.helpers import save_tiny_model
 
 

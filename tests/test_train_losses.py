@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from snap_fast.train import losses
+from snap_fast.train.methods import get_method
+from snap_fast.train.terms import SetBatch
 
 
 def _batch(seed=0, b=3, t=7, v=11):
@@ -78,7 +80,9 @@ def test_grad_diff_and_combine():
     r_logits, r_labels = _batch(3)
     f_logits, r_logits = f_logits.float(), r_logits.float()
     expected = -losses.nll(f_logits, f_labels) + 0.5 * losses.nll(r_logits, r_labels)
-    assert float(losses.grad_diff_loss(f_logits, f_labels, r_logits, r_labels, 0.5)) == pytest.approx(float(expected))
+    grad_diff = losses.combine(losses.gradient_ascent_loss(f_logits, f_labels), losses.nll(r_logits, r_labels),
+                               alpha=0.5)
+    assert float(grad_diff) == pytest.approx(float(expected))
     total = losses.combine(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0), alpha=0.5,
                            reg=torch.tensor(10.0), lam=0.1)
     assert float(total) == pytest.approx(1 + 0.5 * 5 + 1.0)
@@ -87,29 +91,37 @@ def test_grad_diff_and_combine():
         losses.combine(None)
 
 
+def _forget_term(method: str, logits, labels, reference=None, beta=0.1):
+    term = get_method(method).forget_term(beta)
+    if reference is not None:
+        term.reference = reference
+    out = SetBatch("forget", {}, logits, labels, torch.arange(labels.shape[0]), None)
+    return term(out)
+
+
 def test_forget_loss_by_method():
     logits, labels = _batch(4)
     logits = logits.float()
     nll = float(losses.nll(logits, labels))
-    assert float(losses.forget_loss("snap", logits, labels)) == pytest.approx(nll)
-    assert float(losses.forget_loss("idk", logits, labels)) == pytest.approx(nll)
-    assert float(losses.forget_loss("ga", logits, labels)) == pytest.approx(-nll)
+    assert float(_forget_term("snap", logits, labels)) == pytest.approx(nll)
+    assert float(_forget_term("idk", logits, labels)) == pytest.approx(nll)
+    assert float(_forget_term("ga", logits, labels)) == pytest.approx(-nll)
     ref = losses.sequence_logprob(logits, labels)
-    assert float(losses.forget_loss("npo", logits, labels, ref_logprob=ref, beta=0.1)) == pytest.approx(
+    assert float(_forget_term("npo", logits, labels, reference=ref, beta=0.1)) == pytest.approx(
         20 * math.log(2), rel=1e-5)
-    with pytest.raises(ValueError, match="ref_logprob"):
-        losses.forget_loss("snap-npo", logits, labels)
+    with pytest.raises(RuntimeError, match="prepare"):
+        _forget_term("snap-npo", logits, labels)
     with pytest.raises(ValueError, match="unknown method"):
-        losses.forget_loss("dpo", logits, labels)
+        get_method("dpo")
 
 
 def test_step_terms_alternate_for_snap_npo():
-    assert [losses.step_terms("snap-npo", s, True) for s in range(4)] == [
+    assert [get_method("snap-npo").sets(s, True) for s in range(4)] == [
         (True, False), (False, True), (True, False), (False, True)]
-    assert losses.step_terms("snap-npo", 1, False) == (True, False)
-    assert losses.step_terms("snap", 1, True) == (True, True)
-    assert losses.step_terms("ga", 1, True) == (True, False)
-    assert losses.step_terms("npo", 0, True) == (True, False)
+    assert get_method("snap-npo").sets(1, False) == (True, False)
+    assert get_method("snap").sets(1, True) == (True, True)
+    assert get_method("ga").sets(1, True) == (True, False)
+    assert get_method("npo").sets(0, True) == (True, False)
 
 
 def test_shape_errors():

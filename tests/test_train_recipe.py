@@ -266,7 +266,7 @@ def _toy_sets() -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def test_retain_batch_size_draws_more_hard_positives_per_step():
-    from snap_fast.train.recipe import UnlearnData
+    from snap_fast.train.batches import UnlearnData
 
     forget, retain, general = _toy_sets()
 
@@ -291,7 +291,7 @@ def test_retain_batch_size_draws_more_hard_positives_per_step():
 
 
 def test_general_batch_size_is_independent_of_the_retain_batch_size():
-    from snap_fast.train.recipe import UnlearnData
+    from snap_fast.train.batches import UnlearnData
 
     forget, retain, general = _toy_sets()
 
@@ -381,7 +381,7 @@ def test_kl_reference_cache_matches_the_per_step_original_forward(assets, tmp_pa
 
 
 def test_answer_window_keeps_every_position_a_loss_reads():
-    from snap_fast.train.recipe import answer_window
+    from snap_fast.train.original import answer_window
 
     labels = torch.full((2, 9), -100)
     labels[0, 5:8] = 7  # answer tokens at 5..7, predicted from positions 4..6
@@ -399,7 +399,7 @@ def test_logits_on_the_answer_window_give_the_whole_sequence_results(assets, tmp
     original run per step, or against its log-probabilities cached before training)."""
     from safetensors.torch import load_file
 
-    from snap_fast.train import recipe
+    from snap_fast.train import original
 
     common = {"model": assets[model], "lora": False, "lr": 1e-2, "max_steps": 3, "retain_loss": "kl",
               "reference_cache_gib": cache_gib, "alpha": 5.0, "lam": 0.1}
@@ -407,12 +407,12 @@ def test_logits_on_the_answer_window_give_the_whole_sequence_results(assets, tmp
 
     from snap_fast.data.collator import ChatCollator
 
-    assert recipe.accepts_logits_to_keep(AutoModelForCausalLM.from_pretrained(assets[model]))
+    assert original.accepts_logits_to_keep(AutoModelForCausalLM.from_pretrained(assets[model]))
     labels = ChatCollator(AutoTokenizer.from_pretrained(assets[model]))(
         [{"prompt": p, "response": r} for p, r in RETAIN])["labels"]
-    assert recipe.answer_window(labels) < labels.shape[1] - 3  # the window really drops positions
+    assert original.answer_window(labels) < labels.shape[1] - 3  # the window really drops positions
     unlearn(_config(assets, tmp_path / "window", **common))
-    monkeypatch.setattr(recipe, "accepts_logits_to_keep", lambda model: False)
+    monkeypatch.setattr(original, "accepts_logits_to_keep", lambda model: False)
     unlearn(_config(assets, tmp_path / "whole", **common))
     for a, b in zip(_metrics(tmp_path / "window"), _metrics(tmp_path / "whole"), strict=True):
         for key in ("loss_forget", "loss_retain", "loss_general", "reg"):

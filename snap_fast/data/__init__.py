@@ -21,8 +21,8 @@ _EXPORTS = {
     "EndpointError": "generators",
     "ModelGenerator": "generators",
     "load_tofu": "tofu",
-    "read_jsonl": "io",
-    "write_jsonl": "io",
+    "read_jsonl": "..io",
+    "write_jsonl": "..io",
 }
 
 __all__ = [  # noqa: RUF022 (grouped by submodule, like _EXPORTS)
@@ -44,5 +44,6 @@ __all__ = [  # noqa: RUF022 (grouped by submodule, like _EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        module = _EXPORTS[name]
+        return getattr(importlib.import_module(module if module.startswith(".") else f".{module}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

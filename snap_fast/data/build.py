@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import time
@@ -25,8 +24,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .generators import FilterStats, ModelGenerator, generate_questions, propose_neighbours
-from .io import read_jsonl, write_json, write_jsonl
+from ..checks import check_int
+from ..io import read_jsonl, write_json, write_jsonl
+from .generators import (
+    FilterStats,
+    ModelGenerator,
+    generate_questions,
+    propose_neighbours,
+)
+from .originals import fill_original_answers
 from .patterns import patterns_for
 from .positives import GENERAL_INSTRUCTIONS, HELDOUT_TEXTS, load_instruction_file
 from .responses import obliterated_response
@@ -149,42 +155,6 @@ def _read_user_forget(path: str | os.PathLike, target: TargetSpec) -> list[dict[
     return records
 
 
-class OriginalsCache:
-    """Original answers on disk, one JSONL per model identity under ``cache_dir``; keyed by the
-    prompt and the generation length. Rewritten atomically after each batch of new answers."""
-
-    def __init__(self, cache_dir: Path, model_id: str):
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
-        self.path = cache_dir / f"{safe}.jsonl"
-        self.entries: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            for rec in read_jsonl(self.path):
-                self.entries[rec["key"]] = rec
-
-    @staticmethod
-    def key(prompt: str, max_new_tokens: int) -> str:
-        return hashlib.sha256(f"{max_new_tokens}\n{prompt}".encode()).hexdigest()[:32]
-
-    def get(self, prompt: str, max_new_tokens: int) -> tuple[str, bool] | None:
-        """``(answer, finished)``, or None when absent (entries written before the ``finished``
-        flag existed count as absent: whether they were cut is unknown)."""
-        rec = self.entries.get(self.key(prompt, max_new_tokens))
-        return None if rec is None or "finished" not in rec else (rec["answer"], rec["finished"])
-
-    def put_many(self, prompts: list[str], answers: list[str], finished: list[bool], max_new_tokens: int) -> None:
-        for p, a, f in zip(prompts, answers, finished):
-            k = self.key(p, max_new_tokens)
-            self.entries[k] = {"key": k, "max_new_tokens": max_new_tokens, "prompt": p, "answer": a, "finished": f}
-        write_jsonl(self.path, self.entries.values())
-
-
-def _check_count(name: str, value: int | None, allow_none: bool = False, minimum: int = 0) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def build_dataset(
     target: TargetSpec,
     out_dir: str | os.PathLike,
@@ -248,35 +218,11 @@ def build_dataset(
         FileExistsError: ``out_dir`` exists, is not empty and ``overwrite`` is False.
     """
     t0 = time.time()
-    # ---- validate everything before any heavy work ----
-    if not isinstance(target, TargetSpec):
-        raise TypeError(f"target must be a TargetSpec, got {type(target).__name__}")
-    _check_count("n_forget", n_forget, minimum=1)
-    for name, value in (("n_retain", n_retain), ("n_heldout_forget", n_heldout_forget),
-                        ("n_heldout_retain", n_heldout_retain), ("n_heldout_general", n_heldout_general),
-                        ("n_neighbours", n_neighbours)):
-        _check_count(name, value)
-    _check_count("n_general", n_general, allow_none=True)
-    _check_count("max_new_tokens", max_new_tokens, minimum=1)
-    _check_count("batch_size", batch_size, minimum=1)
-    if n_heldout_general > len(GENERAL_INSTRUCTIONS) // 2:
-        raise ValueError(f"n_heldout_general must be <= {len(GENERAL_INSTRUCTIONS) // 2}, got {n_heldout_general}")
-    if (model is None) != (tokenizer is None):
-        raise ValueError("pass model and tokenizer together")
-    if generate_originals and model is None:
-        raise ValueError("generate_originals=True needs model and tokenizer (or pass generate_originals=False)")
-    if isinstance(generator, str):
-        if generator not in ("patterns", "self"):
-            raise ValueError(f"generator must be 'patterns', 'self' or a generator object, got {generator!r}")
-        if generator == "self" and model is None:
-            raise ValueError("generator='self' needs model and tokenizer")
-    elif not (hasattr(generator, "complete") and hasattr(generator, "source")):
-        raise TypeError("generator must be 'patterns', 'self' or an object with complete() and source")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"output path {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {out_dir} exists and is not empty; pass overwrite=True (--overwrite)")
+    _check_build_args(target, model, tokenizer, generator, n_forget=n_forget, n_retain=n_retain,
+                      n_general=n_general, n_heldout_forget=n_heldout_forget, n_heldout_retain=n_heldout_retain,
+                      n_heldout_general=n_heldout_general, n_neighbours=n_neighbours,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, generate_originals=generate_originals)
+    out_dir = _check_out_dir(Path(out_dir), overwrite)
     user_records = _read_user_forget(user_forget, target) if user_forget is not None else []
     user_general = load_instruction_file(general_file) if general_file is not None else []
 
@@ -288,25 +234,95 @@ def build_dataset(
 
     llm = ModelGenerator(model, tokenizer, progress=progress) if generator == "self" else (
         None if isinstance(generator, str) else generator)
-
-    # ---- neighbours ----
-    neighbours, neighbour_source = list(target.neighbours), "spec"
-    if not neighbours:
-        preset = builtin_target(target.name)
-        if preset is not None and preset.neighbours:
-            neighbours, neighbour_source = preset.neighbours, "builtin"
-        else:
-            proposer = llm or (ModelGenerator(model, tokenizer, progress=progress) if model is not None else None)
-            neighbours = propose_neighbours(proposer, target, n_neighbours) if proposer else []
-            neighbour_source = proposer.source if neighbours else "none"
-            if not neighbours:
-                warnings.warn(f"no neighbours for {target.name!r}: the retain set will be empty; "
-                              "give neighbours (--neighbours) for hard positives", stacklevel=2)
-
-    # ---- forget candidates and held-out paraphrases ----
-    forms = target.surface_forms
+    neighbours, neighbour_source = _choose_neighbours(target, llm, model, tokenizer, n_neighbours, progress)
     seen: set[str] = set()
-    user_records = _dedupe(user_records, seen)
+    forget, heldout_forget, gen_stats = _forget_sets(target, llm, _dedupe(user_records, seen), seen, rng_for,
+                                                     n_forget, n_heldout_forget)
+    retain, heldout_retain = (_neighbour_questions(target, neighbours, seen, rng_for, heldout)[:n]
+                              for heldout, n in ((False, n_retain), (True, n_heldout_retain)))
+    general, heldout_general = _general_sets(user_general, rng_for, n_general, n_heldout_general)
+    sets = {"forget": forget, "retain": retain, "general": general, "heldout_forget": heldout_forget,
+            "heldout_retain": heldout_retain, "heldout_general": heldout_general}
+
+    originals_generated = originals_cached = 0
+    if generate_originals:
+        model_id, originals_generated, originals_cached = fill_original_answers(
+            sets, model, tokenizer, model_id=model_id, cache_dir=cache_dir, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, seed=seed, progress=progress)
+    summary = DatasetSummary(
+        out_dir=out_dir, counts={}, by_source={}, by_kind={}, neighbours=neighbours,
+        neighbour_source=neighbour_source, originals_generated=originals_generated,
+        originals_cached=originals_cached, generation_stats=vars(gen_stats) if gen_stats else None,
+    )
+    _write_folder(summary, sets, target, {
+        "model_identity": model_id, "seed": seed, "target": target.name,
+        "generator": generator if isinstance(generator, str) else generator.source,
+        "max_new_tokens": max_new_tokens if generate_originals else None,
+    })
+    summary.seconds = time.time() - t0
+    return summary
+
+
+_RECORD_KEYS = ("id", "prompt", "response", "original_response", "original_truncated", "kind", "source", "entity")
+
+
+def _check_build_args(target, model, tokenizer, generator, *, generate_originals: bool, **counts) -> None:
+    """build_dataset's argument checks, before any generation."""
+    if not isinstance(target, TargetSpec):
+        raise TypeError(f"target must be a TargetSpec, got {type(target).__name__}")
+    minimum = {"n_forget": 1, "max_new_tokens": 1, "batch_size": 1}
+    for name, value in counts.items():
+        check_int(name, value, minimum=minimum.get(name, 0), allow_none=name == "n_general")
+    if counts["n_heldout_general"] > len(GENERAL_INSTRUCTIONS) // 2:
+        raise ValueError(f"n_heldout_general must be <= {len(GENERAL_INSTRUCTIONS) // 2}, "
+                         f"got {counts['n_heldout_general']}")
+    if (model is None) != (tokenizer is None):
+        raise ValueError("pass model and tokenizer together")
+    if generate_originals and model is None:
+        raise ValueError("generate_originals=True needs model and tokenizer (or pass generate_originals=False)")
+    if isinstance(generator, str):
+        if generator not in ("patterns", "self"):
+            raise ValueError(f"generator must be 'patterns', 'self' or a generator object, got {generator!r}")
+        if generator == "self" and model is None:
+            raise ValueError("generator='self' needs model and tokenizer")
+    elif not (hasattr(generator, "complete") and hasattr(generator, "source")):
+        raise TypeError("generator must be 'patterns', 'self' or an object with complete() and source")
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> Path:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {out_dir} exists and is not empty; pass overwrite=True (--overwrite)")
+    return out_dir
+
+
+def _choose_neighbours(target: TargetSpec, llm, model, tokenizer, n_neighbours: int,
+                       progress: bool) -> tuple[list[str], str]:
+    """The neighbour entities and where they came from: the spec, a built-in preset, or proposed
+    by the generator (or the model) and checked."""
+    if target.neighbours:
+        return list(target.neighbours), "spec"
+    preset = builtin_target(target.name)
+    if preset is not None and preset.neighbours:
+        return preset.neighbours, "builtin"
+    proposer = llm or (ModelGenerator(model, tokenizer, progress=progress) if model is not None else None)
+    neighbours = propose_neighbours(proposer, target, n_neighbours) if proposer else []
+    if not neighbours:
+        warnings.warn(f"no neighbours for {target.name!r}: the retain set will be empty; "
+                      "give neighbours (--neighbours) for hard positives", stacklevel=3)
+    return neighbours, proposer.source if neighbours else "none"
+
+
+def _forget_sets(target: TargetSpec, llm, user_records: list[dict[str, Any]], seen: set[str], rng_for,
+                 n_forget: int, n_heldout_forget: int) -> tuple[list, list, FilterStats | None]:
+    """Training and held-out forget questions, each with its obliterated response.
+
+    Candidates: the user's questions first, then generated and pattern questions interleaved by
+    kind; held out: a share of the generated questions and the held-out paraphrase patterns,
+    never equal to a training question.
+    """
+    forms = target.surface_forms
     generated: list[dict[str, Any]] = []
     gen_stats: FilterStats | None = None
     if llm is not None:
@@ -327,122 +343,66 @@ def build_dataset(
         for r in records:
             if r["response"] is None:
                 r["response"] = obliterated_response(r["_name"], responses_rng)
+    return forget, heldout_forget, gen_stats
 
-    # ---- hard positives: neighbour questions (never mentioning the target) ----
-    def neighbour_questions(heldout: bool) -> list[dict[str, Any]]:
-        recs = []
-        for nb in neighbours:
-            recs += [r for r in _pattern_questions(nb, [nb], None, None, heldout)
-                     if target.mentioned_in(r["prompt"]) is None]
-        return _interleave(_dedupe(recs, seen), "entity", rng_for("heldout_retain" if heldout else "retain"),
-                           within="kind")
 
-    retain = neighbour_questions(False)[:n_retain]
-    heldout_retain = neighbour_questions(True)[:n_heldout_retain]
+def _neighbour_questions(target: TargetSpec, neighbours: list[str], seen: set[str], rng_for,
+                         heldout: bool) -> list[dict[str, Any]]:
+    """Hard positives: the neighbours asked through the same patterns, never naming the target."""
+    recs = []
+    for nb in neighbours:
+        recs += [r for r in _pattern_questions(nb, [nb], None, None, heldout)
+                 if target.mentioned_in(r["prompt"]) is None]
+    return _interleave(_dedupe(recs, seen), "entity", rng_for("heldout_retain" if heldout else "retain"),
+                       within="kind")
 
-    # ---- general instructions ----
+
+def _general_sets(user_general: list[dict[str, Any]], rng_for, n_general: int | None,
+                  n_heldout_general: int) -> tuple[list, list]:
+    """Training and held-out general instructions (built-in, plus the user's for training)."""
     builtin_general = list(GENERAL_INSTRUCTIONS)
     rng_for("general").shuffle(builtin_general)
     heldout_general = [_record(p, "general", "builtin", None) for p in builtin_general[:n_heldout_general]]
     general = [_record(p, "general", "builtin", None) for p in builtin_general[n_heldout_general:]]
     general += [_record(r["prompt"], "general", "user", None) for r in user_general]
     general = _dedupe(general, {normalize(r["prompt"]) for r in heldout_general})
-    if n_general is not None:
-        general = general[:n_general]
+    return (general[:n_general] if n_general is not None else general), heldout_general
 
-    sets = {"forget": forget, "retain": retain, "general": general, "heldout_forget": heldout_forget,
-            "heldout_retain": heldout_retain, "heldout_general": heldout_general}
 
-    # ---- original answers (cached per model) ----
-    originals_generated = originals_cached = 0
-    if generate_originals:
-        from ..generation import generate_answers
-
-        if model_id is None:
-            from ..models import model_identity
-
-            model_id = model_identity(getattr(model.config, "_name_or_path", "") or "model", model)
-        cache = OriginalsCache(Path(cache_dir) if cache_dir else _default_cache_dir(), model_id)
-        prompts = list(dict.fromkeys(r["prompt"] for recs in sets.values() for r in recs))
-        missing = [p for p in prompts if cache.get(p, max_new_tokens) is None]
-        originals_cached = len(prompts) - len(missing)
-        # Save the cache every few batches, so an interrupted run keeps what it paid for.
-        pending: tuple[list[str], list[str], list[bool]] = ([], [], [])
-
-        def save(indices: list[int], answers: list[str], finished: list[bool], final: bool = False) -> None:
-            pending[0].extend(missing[i] for i in indices)
-            pending[1].extend(answers)
-            pending[2].extend(finished)
-            if pending[0] and (final or len(pending[0]) >= 4 * batch_size):
-                cache.put_many(*pending, max_new_tokens)
-                for part in pending:
-                    part.clear()
-
-        if missing:
-            generate_answers(model, tokenizer, missing, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             seed=seed, progress=progress, on_batch=save)
-            save([], [], [], final=True)
-        originals_generated = len(missing)
-        for name, recs in sets.items():
-            for r in recs:
-                r["original_response"], finished = cache.get(r["prompt"], max_new_tokens)
-                # cut at max_new_tokens: trained on without an EOS after it (collator)
-                r["original_truncated"] = not finished
-                if name not in ("forget", "heldout_forget"):
-                    r["response"] = r["original_response"]
-
-    # ---- write (each file atomic; manifest last marks completion) ----
+def _write_folder(summary: DatasetSummary, sets: dict[str, list[dict[str, Any]]], target: TargetSpec,
+                  manifest: dict[str, Any]) -> None:
+    """Every file atomically, ``manifest.json`` last (its presence marks a complete folder);
+    fills the summary's counts and examples."""
+    out_dir = summary.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
     if manifest_path.exists():
         manifest_path.unlink()  # an interrupted overwrite must not look complete
-    keys = ("id", "prompt", "response", "original_response", "original_truncated", "kind", "source", "entity")
     for name, recs in sets.items():
-        rows = []
         for i, r in enumerate(recs):
             r["id"] = f"{name}-{i:05d}"
-            rows.append({k: r.get(k) for k in keys})
-        write_jsonl(out_dir / f"{name}.jsonl", rows)
+        write_jsonl(out_dir / f"{name}.jsonl", [{k: r.get(k) for k in _RECORD_KEYS} for r in recs])
     write_jsonl(out_dir / "heldout_text.jsonl",
                 [{"id": f"text-{i:03d}", "text": t} for i, t in enumerate(HELDOUT_TEXTS)])
-    spec = target.to_dict()
-    spec["neighbours"] = neighbours
-    write_json(out_dir / "target.json", spec)
-
-    counts = {name: len(recs) for name, recs in sets.items()}
-    counts["heldout_text"] = len(HELDOUT_TEXTS)
-    by_source = {name: dict(Counter(r["source"] for r in recs)) for name, recs in sets.items()}
-    by_kind = {name: dict(Counter(r["kind"] for r in recs)) for name, recs in sets.items()}
+    write_json(out_dir / "target.json", {**target.to_dict(), "neighbours": summary.neighbours})
+    summary.counts = {name: len(recs) for name, recs in sets.items()}
+    summary.counts["heldout_text"] = len(HELDOUT_TEXTS)
+    summary.by_source = {name: dict(Counter(r["source"] for r in recs)) for name, recs in sets.items()}
+    summary.by_kind = {name: dict(Counter(r["kind"] for r in recs)) for name, recs in sets.items()}
+    summary.examples = {name: [{k: r.get(k) for k in _RECORD_KEYS} for r in recs[:3]] for name, recs in sets.items()}
     from .. import __version__
 
     write_json(manifest_path, {
         "snap_fast_version": __version__,
         # timezone.utc, not datetime.UTC: the package supports Python 3.10
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
-        "model_identity": model_id,
-        "seed": seed,
-        "target": target.name,
-        "generator": generator if isinstance(generator, str) else generator.source,
-        "neighbours": neighbours,
-        "neighbour_source": neighbour_source,
-        "max_new_tokens": max_new_tokens if generate_originals else None,
-        "counts": counts,
-        "by_source": by_source,
-        "by_kind": by_kind,
-        "generation_stats": vars(gen_stats) if gen_stats else None,
-        "originals": {"generated": originals_generated, "cached": originals_cached},
+        **{k: manifest[k] for k in ("model_identity", "seed", "target", "generator")},
+        "neighbours": summary.neighbours,
+        "neighbour_source": summary.neighbour_source,
+        "max_new_tokens": manifest["max_new_tokens"],
+        "counts": summary.counts,
+        "by_source": summary.by_source,
+        "by_kind": summary.by_kind,
+        "generation_stats": summary.generation_stats,
+        "originals": {"generated": summary.originals_generated, "cached": summary.originals_cached},
     })
-    return DatasetSummary(
-        out_dir=out_dir, counts=counts, by_source=by_source, by_kind=by_kind,
-        neighbours=neighbours, neighbour_source=neighbour_source,
-        originals_generated=originals_generated, originals_cached=originals_cached,
-        generation_stats=vars(gen_stats) if gen_stats else None,
-        examples={name: [{k: r.get(k) for k in keys} for r in recs[:3]] for name, recs in sets.items()},
-        seconds=time.time() - t0,
-    )
-
-
-def _default_cache_dir() -> Path:
-    from ..models import cache_root
-
-    return cache_root() / "originals"

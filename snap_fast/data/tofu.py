@@ -1,4 +1,4 @@
-"""Loader for the TOFU benchmark files (Maini et al., 2024) in their released JSONL layout.
+"""TOFU benchmark files (Maini et al., 2024): where they are found, and the one place they are read.
 
 The folder holds ``forget01/05/10.json`` and ``retain90/95/99.json`` (question, answer),
 ``*_perturbed.json`` companions (paraphrased question and answer, perturbed = wrong answers) for
@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text, read_jsonl, write_json
+from ..io import atomic_write_text, read_jsonl, write_json
 
 SPLITS = (
     "forget01", "forget05", "forget10", "retain90", "retain95", "retain99", "full",
@@ -174,3 +174,34 @@ def load_tofu(root: str | os.PathLike | None = None, split: str = "forget10") ->
                 item[key_out] = src[key_in]
         out.append(item)
     return out
+
+
+#: The files the TOFU metrics read per split (the Hugging Face dataset "locuslab/TOFU" layout).
+EVAL_SPLIT_FILES = {
+    "retain": "retain_perturbed.json",
+    "real_authors": "real_authors_perturbed.json",
+    "world_facts": "world_facts_perturbed.json",
+    "forget01": "forget01_perturbed.json",
+    "forget05": "forget05_perturbed.json",
+    "forget10": "forget10_perturbed.json",
+}
+
+
+def load_tofu_eval_split(folder: str | os.PathLike, split: str, limit: int | None = None) -> list[dict]:
+    """Records of one TOFU split: ``{"question", "answer", "paraphrased_answer"?,
+    "perturbed_answer": [...]}``, read from the JSON-lines file of :data:`EVAL_EVAL_SPLIT_FILES` as released (what the TOFU
+    metrics read: every record has its paraphrased and perturbed answers).
+
+    ``limit`` keeps the first ``limit`` records (for quick runs and tests).
+    """
+    if split not in EVAL_SPLIT_FILES:
+        raise ValueError(f"split must be one of {sorted(EVAL_SPLIT_FILES)}, got {split!r}")
+    path = Path(folder) / EVAL_SPLIT_FILES[split]
+    if not path.is_file():
+        raise FileNotFoundError(f"TOFU file not found: {path}")
+    records = read_jsonl(path)[:limit] if limit is not None else read_jsonl(path)
+    for i, rec in enumerate(records, 1):
+        for key in ("question", "answer", "perturbed_answer"):
+            if key not in rec:
+                raise ValueError(f"{path}: record {i}: missing key {key!r}")
+    return records

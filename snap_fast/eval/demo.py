@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from snap_fast.checks import check_int
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TARGET = "Harry Potter"
 
@@ -177,64 +179,99 @@ def run_demo(
         ``{"preset", "settings", "model", "threads", "timings_s", "cpu_s", "original",
         "unlearned", "targets", "report"}`` (``original`` / ``unlearned``: headline metrics).
     """
-    from snap_fast.data.build import build_dataset
-    from snap_fast.data.target import builtin_target
+    from snap_fast.io import write_json
     from snap_fast.models import load_model, model_identity
-    from snap_fast.train.config import lora_layer_indices
-    from snap_fast.train.recipe import unlearn
 
-    from .cli import load_for_eval
-    from .evaluate import check_targets, evaluate_model, read_jsonl, write_json
-    from .report import build_report, pick_examples
+    from .evaluate import check_targets
+    from .report import build_report
 
-    if isinstance(settings, str):
-        if settings not in PRESETS:
-            raise ValueError(f"settings must be one of {sorted(PRESETS)} or a DemoSettings, got {settings!r}")
-        preset = settings
-        settings = PRESETS[settings]
-    else:  # a preset passed as settings (e.g. with --steps unchanged) keeps its name
-        preset = next((name for name, value in PRESETS.items() if value == settings), "custom")
-    if not isinstance(settings, DemoSettings):
-        raise TypeError(f"settings must be a DemoSettings or preset name, got {type(settings).__name__}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    preset, settings = _resolve_settings(settings)
+    check_int("threads", threads, minimum=1, allow_none=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     threads = threads or choose_threads()
     torch.set_num_threads(threads)
     clock = _Clock(log)
 
-    # 1. model
     clock.start(1, "Loading the model")
     if model is None:
-        model = DEFAULT_MODEL
-        if preset == "tiny":
-            model = str(make_tiny_model(out / "tiny-model"))
+        model = str(make_tiny_model(out / "tiny-model")) if preset == "tiny" else DEFAULT_MODEL
     log(f"model: {model} (float32, CPU, {threads} thread{'s' if threads > 1 else ''})")
     base, tokenizer = load_model(model)
     identity = model_identity(model, base)
     clock.stop("load")
 
-    # 2. data
     clock.start(2, f"Building the data for target '{TARGET}'")
+    data_dir = _build_data(out / "data", base, tokenizer, identity, settings, answer_cache, progress, log)
+    clock.stop("data")
+
+    run_dir = out / "run"
+    final_dir = _unlearn(clock, model, base, data_dir, run_dir, settings, preset, progress, log)
+
+    clock.start(4, "Evaluating the original and the unlearned model")
+    original, unlearned = _evaluate(out, model, base, tokenizer, identity, data_dir, final_dir, settings, progress,
+                                    log)
+    clock.stop("eval")
+
+    clock.start(5, "Writing the report")
+    targets = check_targets(original, unlearned)
+    lines = [f"Demo preset '{preset}', {threads} thread(s); stage wall time (CPU time) in s: "
+             + ", ".join(f"{k} {v:.0f} ({clock.cpu[k]:.0f})" for k, v in clock.wall.items())]
+    paths = build_report(out / "report", out / "eval" / "original", out / "eval" / "unlearned", run_dir=run_dir,
+                         title=f"SNAP demo: SmolLM2 forgets {TARGET}" if preset != "tiny" else None,
+                         extra_lines=lines)
+    clock.stop("report")
+    clock.total()
+    _print_results(out, original, unlearned, targets, log)
+    log(f"\nreport: {paths['html']}  (and report.md)   total time {clock.wall['total']:.0f} s "
+        f"(CPU {clock.cpu['total']:.0f} s)")
+
+    summary = {"preset": preset, "settings": asdict(settings), "model": model, "threads": threads,
+               "timings_s": clock.wall, "cpu_s": clock.cpu, "original": original["headline"],
+               "unlearned": unlearned["headline"],
+               "targets": targets, "report": str(paths["html"])}
+    write_json(out / "demo_summary.json", summary)
+    return summary
+
+
+def _resolve_settings(settings: DemoSettings | str) -> tuple[str, DemoSettings]:
+    """The preset name and its settings (a custom DemoSettings is named "custom")."""
+    if isinstance(settings, str):
+        if settings not in PRESETS:
+            raise ValueError(f"settings must be one of {sorted(PRESETS)} or a DemoSettings, got {settings!r}")
+        return settings, PRESETS[settings]
+    if not isinstance(settings, DemoSettings):
+        raise TypeError(f"settings must be a DemoSettings or preset name, got {type(settings).__name__}")
+    # a preset passed as settings (e.g. with --steps unchanged) keeps its name
+    return next((name for name, value in PRESETS.items() if value == settings), "custom"), settings
+
+
+def _build_data(data_dir: Path, base, tokenizer, identity: str, settings: DemoSettings, answer_cache,
+                progress: bool, log) -> Path:
+    """Stage 2: the data folder (original answers from the cache when present)."""
+    from snap_fast.data.build import QA_SETS, build_dataset
+    from snap_fast.data.target import builtin_target
+
     target = builtin_target(TARGET)
     log(f"aliases: {', '.join(target.aliases)}")
     log(f"hard-positive neighbours: {', '.join(target.neighbours)}")
     log("original answers are generated once and cached on disk; forget answers become 'I don't know'")
-    data_dir = out / "data"
-    data = build_dataset(
+    built = build_dataset(
         target, data_dir, model=base, tokenizer=tokenizer, model_id=identity, n_forget=settings.n_forget,
         n_retain=settings.n_retain, n_general=settings.n_general, n_heldout_forget=settings.n_heldout_forget,
         n_heldout_retain=settings.n_heldout_retain, n_heldout_general=settings.n_heldout_general,
         max_new_tokens=settings.max_new_tokens, batch_size=settings.gen_batch_size, seed=settings.seed,
         cache_dir=answer_cache, overwrite=True, progress=progress)
-    counts = {k: len(read_jsonl(data_dir / f"{k}.jsonl")) for k in
-              ("forget", "retain", "general", "heldout_forget", "heldout_retain", "heldout_general")}
-    log("sets: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    del data
-    clock.stop("data")
+    log("sets: " + ", ".join(f"{k} {built.counts[k]}" for k in QA_SETS))
+    return data_dir
 
-    # 3. unlearning
+
+def _unlearn(clock: _Clock, model: str, base, data_dir: Path, run_dir: Path, settings: DemoSettings, preset: str,
+             progress: bool, log) -> Path:
+    """Stage 3: the unlearning run; returns its ``final/`` folder."""
+    from snap_fast.train.config import lora_layer_indices
+    from snap_fast.train.recipe import unlearn
+
     retain_bs = settings.retain_batch_size or settings.batch_size
     general_bs = settings.general_batch_size or retain_bs
     n_layers = base.config.num_hidden_layers
@@ -246,37 +283,38 @@ def run_demo(
         f"+ {general_bs} general instructions held to the original model "
         f"({'KL to its next-token distributions' if settings.retain_loss == 'kl' else 'NLL of its answers'}, "
         f"α={settings.alpha})")
-    run_dir = out / "run"
     result = unlearn(settings.unlearn_config(
         model, data_dir, run_dir, progress=progress, notes={"created_by": "snap-fast demo", "preset": preset}))
     if result.status != "completed":
         raise RuntimeError(f"unlearning did not complete (status {result.status}); see {run_dir}")
     clock.stop("unlearn")
+    return result.final_dir
 
-    # 4. evaluation
-    clock.start(4, "Evaluating the original and the unlearned model")
-    sets = ("heldout_forget", "heldout_retain", "heldout_general")
-    common = {"sets": sets, "batch_size": settings.gen_batch_size, "max_new_tokens": settings.max_new_tokens,
-                  "seed": settings.seed, "progress": progress, "log": log}
+
+def _evaluate(out: Path, model: str, base, tokenizer, identity: str, data_dir: Path, final_dir: Path,
+              settings: DemoSettings, progress: bool, log) -> tuple[dict, dict]:
+    """Stage 4: the original model (its answers are the data's) and the unlearned one."""
+    from .cli import load_for_eval
+    from .evaluate import evaluate_model
+
+    common = {"sets": ("heldout_forget", "heldout_retain", "heldout_general"),
+              "batch_size": settings.gen_batch_size, "max_new_tokens": settings.max_new_tokens,
+              "seed": settings.seed, "progress": progress, "log": log}
     log("original model: its answers are the data's original answers (same greedy decoding)")
     original = evaluate_model(base, tokenizer, data_dir, out / "eval" / "original", identity=identity,
                               answers_from_data=True, **common)
     del base
-    unlearned_model, tokenizer, unl_identity = load_for_eval(model, result.final_dir / "adapter")
+    unlearned_model, tokenizer, unl_identity = load_for_eval(model, final_dir / "adapter")
     unlearned = evaluate_model(unlearned_model, tokenizer, data_dir, out / "eval" / "unlearned",
                                identity=unl_identity, **common)
-    clock.stop("eval")
+    return original, unlearned
 
-    # 5. report
-    clock.start(5, "Writing the report")
-    targets = check_targets(original, unlearned)
-    lines = [f"Demo preset '{preset}', {threads} thread(s); stage wall time (CPU time) in s: "
-             + ", ".join(f"{k} {v:.0f} ({clock.cpu[k]:.0f})" for k, v in clock.wall.items())]
-    paths = build_report(out / "report", out / "eval" / "original", out / "eval" / "unlearned", run_dir=run_dir,
-                         title=f"SNAP demo: SmolLM2 forgets {TARGET}" if preset != "tiny" else None,
-                         extra_lines=lines)
-    clock.stop("report")
-    clock.total()
+
+def _print_results(out: Path, original: dict, unlearned: dict, targets: dict, log) -> None:
+    """Before/after examples of held-out questions and the headline against its targets."""
+    from snap_fast.io import read_jsonl
+
+    from .report import pick_examples
 
     samples_o = read_jsonl(out / "eval" / "original" / "samples.jsonl")
     samples_u = read_jsonl(out / "eval" / "unlearned" / "samples.jsonl")
@@ -293,15 +331,6 @@ def run_demo(
         log(f"  {name:<22} {shown:>9}   target {t['target']:<9} {'met' if t['met'] else 'NOT met'}")
     log(f"  perplexity: original {original.get('perplexity', float('nan')):.2f}, "
         f"unlearned {unlearned.get('perplexity', float('nan')):.2f}")
-    log(f"\nreport: {paths['html']}  (and report.md)   total time {clock.wall['total']:.0f} s "
-        f"(CPU {clock.cpu['total']:.0f} s)")
-
-    summary = {"preset": preset, "settings": asdict(settings), "model": model, "threads": threads,
-               "timings_s": clock.wall, "cpu_s": clock.cpu, "original": original["headline"],
-               "unlearned": unlearned["headline"],
-               "targets": targets, "report": str(paths["html"])}
-    write_json(out / "demo_summary.json", summary)
-    return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,12 +22,15 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from snap_fast.data.io import read_jsonl, write_json, write_jsonl
+from snap_fast.checks import check_int
 from snap_fast.generation import generate_answers
+from snap_fast.io import read_jsonl, write_json, write_jsonl
 
 from .classifier import ObliterationJudge
 from .metrics import answer_nll, fluency_stats, rouge_l_recall, text_nll
@@ -145,13 +148,11 @@ def evaluate_model(
     Returns:
         the summary dict (also written to ``out_dir/summary.json``).
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be None or an int >= 1, got {limit!r}")
+    check_int("limit", limit, minimum=1, allow_none=True)
     if not isinstance(identity, str) or not identity:
         raise ValueError("identity must be a non-empty string (see snap_fast.models.model_identity)")
-    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
     data_dir, out = Path(data_dir), Path(out_dir)
     target, data, manifest = load_data_folder(data_dir, sets)
     if answers_from_data and manifest.get("model_identity") not in (None, identity):
@@ -160,11 +161,9 @@ def evaluate_model(
             f"{identity}; its original_response fields are another model's answers"
         )
     out.mkdir(parents=True, exist_ok=True)
-    cache = _Cache(out, force)
+    run = _EvalRun(model, tokenizer, identity, _Cache(out, force), batch_size, progress, log,
+                   settings={"max_new_tokens": max_new_tokens, "seed": seed, "limit": limit})
     judge = ObliterationJudge.from_target(target)
-    timings: dict[str, float] = {}
-    settings = {"max_new_tokens": max_new_tokens, "seed": seed, "limit": limit}
-
     samples: list[dict] = []
     per_set: dict[str, dict] = {}
     for s in sets:
@@ -172,106 +171,147 @@ def evaluate_model(
         if not recs:
             continue
         data_hash = _file_hash(data_dir / f"{s}.jsonl")
-        prompts = [r["prompt"] for r in recs]
-        refs = [r.get("original_response") for r in recs]
-
-        # 1. answers (cached)
-        if answers_from_data:
-            missing = [r["id"] for r in recs if not isinstance(r.get("original_response"), str)]
-            if missing:
-                raise ValueError(f"answers_from_data: {s} records without original_response: {missing[:5]}")
-            answers = list(refs)
-        else:
-            name = f"generations.{s}.jsonl"
-            fp = _fingerprint(kind="gen", model=identity, data=data_hash, **settings)
-            cached = cache.get(name, fp)
-            if cached is None:
-                log(f"[eval] generating {len(prompts)} answers for {s} (greedy, batch {batch_size})")
-                t0 = time.perf_counter()
-                gen = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, seed=seed, progress=progress)
-                timings[f"generate.{s}"] = time.perf_counter() - t0
-                cached = [{"id": r["id"], "answer": a} for r, a in zip(recs, gen)]
-                cache.put(name, fp, cached)
-            else:
-                log(f"[eval] {s}: answers cached ({name})")
-            answers = [c["answer"] for c in cached]
-
-        # 2. probability of the original answer (cached)
-        probs: list[float | None] = [None] * len(recs)
-        have_ref = [i for i, ref in enumerate(refs) if isinstance(ref, str) and ref.strip()]
-        if probability and have_ref:
-            name = f"probability.{s}.jsonl"
-            fp = _fingerprint(kind="prob", model=identity, data=data_hash, limit=limit)
-            cached = cache.get(name, fp)
-            if cached is None:
-                log(f"[eval] answer probability of the original answers on {s}")
-                t0 = time.perf_counter()
-                nll = answer_nll(model, tokenizer, [prompts[i] for i in have_ref], [refs[i] for i in have_ref],
-                                 truncated=[bool(recs[i].get("original_truncated")) for i in have_ref],
-                                 batch_size=batch_size, progress=progress, desc=f"P(original) {s}")
-                timings[f"probability.{s}"] = time.perf_counter() - t0
-                cached = [{"id": recs[i]["id"], "sum_nll": sn, "n_tokens": n, "probability": math.exp(-sn / max(n, 1))}
-                          for i, (sn, n) in zip(have_ref, nll)]
-                cache.put(name, fp, cached)
-            for i, c in zip(have_ref, cached):
-                probs[i] = c["probability"]
-
-        # 3. cheap per-sample metrics, recomputed each time
-        rows = []
-        for r, a, ref, p in zip(recs, answers, refs, probs):
-            row = {"set": s, "id": r["id"], "prompt": r["prompt"], "answer": a,
-                   "original_response": ref, "kind": r.get("kind"), "source": r.get("source")}
-            row["rougeL_recall"] = rouge_l_recall(a, ref) if isinstance(ref, str) else None
-            row["probability"] = p
-            verdict = judge.judge(r["prompt"], a)
-            row.update(ignorance=verdict["ignorance"], leaked=verdict["leaked"])
-            if s in FORGET_SETS:
-                row["obliterated"] = verdict["obliterated"]
-            flu = fluency_stats(a)
-            row["gibberish"] = flu["gibberish"]
-            row["fluency"] = {k: v for k, v in flu.items() if k != "gibberish"}
-            rows.append(row)
+        answers = _data_answers(s, recs) if answers_from_data else run.answers(s, recs, data_hash)
+        probs = run.probabilities(s, recs, data_hash) if probability else [None] * len(recs)
+        rows = [_sample_row(s, r, a, p, judge) for r, a, p in zip(recs, answers, probs)]
         samples.extend(rows)
-        stats = {
-            "n": len(rows),
-            "rougeL_recall": _mean([x["rougeL_recall"] for x in rows]),
-            "probability": _mean([x["probability"] for x in rows]),
-            "ignorance_rate": _mean([float(x["ignorance"]) for x in rows]),
-            "leak_rate": _mean([float(bool(x["leaked"])) for x in rows]),
-            "gibberish_rate": _mean([float(x["gibberish"]) for x in rows]),
-            "mean_answer_words": _mean([float(x["fluency"]["n_words"]) for x in rows]),
-        }
-        if s in FORGET_SETS:
-            stats["obliteration_rate"] = _mean([float(x["obliterated"]) for x in rows])
-        per_set[s] = stats
+        per_set[s] = _set_stats(s, rows)
 
     summary: dict = {"model": identity, "data": str(data_dir), "target": target.get("name"),
-                     "answers_from_data": answers_from_data, "settings": settings, "sets": per_set}
-
-    # 4. perplexity on held-out general text (cached)
+                     "answers_from_data": answers_from_data, "settings": run.settings, "sets": per_set}
     text_path = data_dir / "heldout_text.jsonl"
     if perplexity and text_path.is_file():
-        texts = read_jsonl(text_path)[:limit] if limit else read_jsonl(text_path)
-        fp = _fingerprint(kind="ppl", model=identity, data=_file_hash(text_path), limit=limit)
-        cached = cache.get("perplexity.jsonl", fp)
-        if cached is None:
-            log(f"[eval] perplexity on {len(texts)} held-out text paragraphs")
-            t0 = time.perf_counter()
-            nll = text_nll(model, tokenizer, [t["text"] for t in texts], batch_size=batch_size, progress=progress)
-            timings["perplexity"] = time.perf_counter() - t0
-            cached = [{"id": t.get("id", i), "sum_nll": sn, "n_tokens": n} for i, (t, (sn, n)) in enumerate(zip(texts, nll))]
-            cache.put("perplexity.jsonl", fp, cached)
-        tokens = sum(c["n_tokens"] for c in cached)
-        if tokens:
-            summary["perplexity"] = math.exp(sum(c["sum_nll"] for c in cached) / tokens)
-            summary["perplexity_tokens"] = tokens
-
+        summary.update(run.perplexity(text_path, limit))
     summary["headline"] = headline(summary)
-    summary["timings_s"] = timings
+    summary["timings_s"] = run.timings
     write_jsonl(out / "samples.jsonl", samples)
     write_json(out / "summary.json", summary)
     return summary
+
+
+@dataclass
+class _EvalRun:
+    """The model-dependent, cached stages of one evaluation."""
+
+    model: Any
+    tokenizer: Any
+    identity: str
+    cache: _Cache
+    batch_size: int
+    progress: bool
+    log: Any
+    settings: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def _cached(self, name: str, fp: str, what: str, timing: str, compute, hit: str | None = None) -> list[dict]:
+        """The cached rows of ``name`` when ``fp`` matches, else ``compute()`` (timed, logged, cached)."""
+        cached = self.cache.get(name, fp)
+        if cached is not None:
+            if hit:
+                self.log(hit)
+            return cached
+        self.log(f"[eval] {what}")
+        t0 = time.perf_counter()
+        cached = compute()
+        self.timings[timing] = time.perf_counter() - t0
+        self.cache.put(name, fp, cached)
+        return cached
+
+    def answers(self, s: str, recs: list[dict], data_hash: str) -> list[str]:
+        """The model's greedy answers to a set's prompts (cached)."""
+        name = f"generations.{s}.jsonl"
+        fp = _fingerprint(kind="gen", model=self.identity, data=data_hash, **self.settings)
+
+        def compute():
+            gen = generate_answers(self.model, self.tokenizer, [r["prompt"] for r in recs],
+                                   max_new_tokens=self.settings["max_new_tokens"], batch_size=self.batch_size,
+                                   seed=self.settings["seed"], progress=self.progress)
+            return [{"id": r["id"], "answer": a} for r, a in zip(recs, gen)]
+
+        what = f"generating {len(recs)} answers for {s} (greedy, batch {self.batch_size})"
+        cached = self._cached(name, fp, what, f"generate.{s}", compute, hit=f"[eval] {s}: answers cached ({name})")
+        return [c["answer"] for c in cached]
+
+    def probabilities(self, s: str, recs: list[dict], data_hash: str) -> list[float | None]:
+        """The probability of each record's original answer (cached; None without one)."""
+        probs: list[float | None] = [None] * len(recs)
+        have_ref = [i for i, r in enumerate(recs)
+                    if isinstance(r.get("original_response"), str) and r["original_response"].strip()]
+        if not have_ref:
+            return probs
+        fp = _fingerprint(kind="prob", model=self.identity, data=data_hash, limit=self.settings["limit"])
+
+        def compute():
+            nll = answer_nll(self.model, self.tokenizer, [recs[i]["prompt"] for i in have_ref],
+                             [recs[i]["original_response"] for i in have_ref],
+                             truncated=[bool(recs[i].get("original_truncated")) for i in have_ref],
+                             batch_size=self.batch_size, progress=self.progress, desc=f"P(original) {s}")
+            return [{"id": recs[i]["id"], "sum_nll": sn, "n_tokens": n, "probability": math.exp(-sn / max(n, 1))}
+                    for i, (sn, n) in zip(have_ref, nll)]
+
+        cached = self._cached(f"probability.{s}.jsonl", fp, f"answer probability of the original answers on {s}",
+                              f"probability.{s}", compute)
+        for i, c in zip(have_ref, cached):
+            probs[i] = c["probability"]
+        return probs
+
+    def perplexity(self, text_path: Path, limit: int | None) -> dict:
+        """Perplexity on the held-out general text (cached): ``perplexity``, ``perplexity_tokens``."""
+        texts = read_jsonl(text_path)[:limit] if limit else read_jsonl(text_path)
+        fp = _fingerprint(kind="ppl", model=self.identity, data=_file_hash(text_path), limit=limit)
+
+        def compute():
+            nll = text_nll(self.model, self.tokenizer, [t["text"] for t in texts], batch_size=self.batch_size,
+                           progress=self.progress)
+            return [{"id": t.get("id", i), "sum_nll": sn, "n_tokens": n} for i, (t, (sn, n)) in enumerate(zip(texts, nll))]
+
+        cached = self._cached("perplexity.jsonl", fp, f"perplexity on {len(texts)} held-out text paragraphs",
+                              "perplexity", compute)
+        tokens = sum(c["n_tokens"] for c in cached)
+        if not tokens:
+            return {}
+        return {"perplexity": math.exp(sum(c["sum_nll"] for c in cached) / tokens), "perplexity_tokens": tokens}
+
+
+def _data_answers(s: str, recs: list[dict]) -> list[str]:
+    """The records' own original answers (the original model's, written by ``snap-fast data``)."""
+    missing = [r["id"] for r in recs if not isinstance(r.get("original_response"), str)]
+    if missing:
+        raise ValueError(f"answers_from_data: {s} records without original_response: {missing[:5]}")
+    return [r["original_response"] for r in recs]
+
+
+def _sample_row(s: str, r: dict, answer: str, probability: float | None, judge: ObliterationJudge) -> dict:
+    """One answer's per-sample metrics (cheap: recomputed every time)."""
+    ref = r.get("original_response")
+    row = {"set": s, "id": r["id"], "prompt": r["prompt"], "answer": answer, "original_response": ref,
+           "kind": r.get("kind"), "source": r.get("source"),
+           "rougeL_recall": rouge_l_recall(answer, ref) if isinstance(ref, str) else None,
+           "probability": probability}
+    verdict = judge.judge(r["prompt"], answer)
+    row.update(ignorance=verdict["ignorance"], leaked=verdict["leaked"])
+    if s in FORGET_SETS:
+        row["obliterated"] = verdict["obliterated"]
+    flu = fluency_stats(answer)
+    row["gibberish"] = flu["gibberish"]
+    row["fluency"] = {k: v for k, v in flu.items() if k != "gibberish"}
+    return row
+
+
+def _set_stats(s: str, rows: list[dict]) -> dict:
+    """A set's means of the per-sample metrics."""
+    stats = {
+        "n": len(rows),
+        "rougeL_recall": _mean([x["rougeL_recall"] for x in rows]),
+        "probability": _mean([x["probability"] for x in rows]),
+        "ignorance_rate": _mean([float(x["ignorance"]) for x in rows]),
+        "leak_rate": _mean([float(bool(x["leaked"])) for x in rows]),
+        "gibberish_rate": _mean([float(x["gibberish"]) for x in rows]),
+        "mean_answer_words": _mean([float(x["fluency"]["n_words"]) for x in rows]),
+    }
+    if s in FORGET_SETS:
+        stats["obliteration_rate"] = _mean([float(x["obliterated"]) for x in rows])
+    return stats
 
 
 def headline(summary: Mapping) -> dict:

@@ -27,22 +27,10 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
+from snap_fast.checks import check_int, check_str_list
 from snap_fast.data.collator import IGNORE_INDEX, ChatCollator
 
 _SCORERS: dict[bool, rouge_scorer.RougeScorer] = {}
-
-
-def _check_texts(name: str, values) -> None:
-    if isinstance(values, str) or not isinstance(values, Sequence):
-        raise TypeError(f"{name} must be a list of str")
-    for i, v in enumerate(values):
-        if not isinstance(v, str):
-            raise TypeError(f"{name}[{i}] must be a str, got {type(v).__name__}")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def rouge_l_recall(prediction: str, reference: str, *, use_stemmer: bool = False) -> float:
@@ -103,11 +91,11 @@ def answer_nll(
         one ``(sum_nll, n_tokens)`` per pair: the summed NLL (nats, float) over the answer's
         tokens and their count.
     """
-    _check_texts("prompts", prompts)
-    _check_texts("answers", answers)
+    check_str_list("prompts", prompts)
+    check_str_list("answers", answers)
     if len(prompts) != len(answers):
         raise ValueError(f"prompts and answers differ in length ({len(prompts)} != {len(answers)})")
-    _check_positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size, minimum=1)
     collator = ChatCollator(tokenizer, max_length=max_length)
     if truncated is not None and len(truncated) != len(answers):
         raise ValueError(f"truncated must have one flag per answer ({len(truncated)} != {len(answers)})")
@@ -154,9 +142,9 @@ def text_nll(
     The text is tokenised with the tokenizer's usual special tokens (e.g. a BOS) and truncated to
     ``max_length`` tokens; every token after the first is predicted from those before it.
     """
-    _check_texts("texts", texts)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("max_length", max_length)
+    check_str_list("texts", texts)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("max_length", max_length, minimum=1)
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     encoded = [list(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts]

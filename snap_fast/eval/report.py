@@ -28,7 +28,7 @@ matplotlib.use("Agg")  # no display: figures are only written to files
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
-from snap_fast.data.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from snap_fast.io import atomic_write_bytes, atomic_write_text, read_jsonl
 
 from .evaluate import check_targets
 
@@ -278,19 +278,7 @@ def build_report(
     unl, unl_samples = _load_eval(unlearned_eval)
     target = unl.get("target") or orig.get("target") or "the target"
     title = title or f"Unlearning report: {target}"
-    metrics: list[dict] = []
-    config_text = ""
-    lora_stats: dict = {}
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        if (run_dir / "metrics.jsonl").is_file():
-            metrics = read_jsonl(run_dir / "metrics.jsonl")
-        if (run_dir / "config.yaml").is_file():
-            config_text = (run_dir / "config.yaml").read_text(encoding="utf-8")
-        lora_stats = lora_stats_from_metrics(metrics)
-        if not any(len(v) >= 2 for v in lora_stats.values()):
-            lora_stats = lora_stats_from_adapter(run_dir / "final" / "adapter") or lora_stats
-
+    metrics, config_text, lora_stats = _run_inputs(run_dir)
     figures = {
         "before_after": figure_before_after(orig, unl),
         "training_curves": figure_training_curves(metrics) if metrics else None,
@@ -300,84 +288,121 @@ def build_report(
         if png is not None:
             atomic_write_bytes(out / "figures" / f"{name}.png", png)
 
-    targets = check_targets(orig, unl)
-    # ---- shared content as (heading, markdown blocks, html blocks)
-    md: list[str] = [f"# {title}", ""]
-    hb: list[str] = []
-
-    def section(name: str) -> None:
-        md.extend([f"## {name}", ""])
-        hb.append(f"<h2>{html.escape(name)}</h2>")
-
-    def table(header: Sequence[str], rows: Sequence[Sequence]) -> None:
-        md.append("| " + " | ".join(header) + " |")
-        md.append("|" + "---|" * len(header))
-        md.extend("| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows)
-        md.append("")
-        hb.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-                  + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-                  + "</table>")
-
-    def para(text: str) -> None:
-        md.extend([text, ""])
-        hb.append(f"<p>{html.escape(text)}</p>")
-
-    def figure(name: str, alt: str, missing: str) -> None:
-        png = figures.get(name)
-        if png is None:
-            para(missing)
-            return
-        md.extend([f"![{alt}](figures/{name}.png)", ""])
-        data = base64.b64encode(png).decode("ascii")
-        hb.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
-
-    section("Headline")
-    rows = []
-    for key, t in targets.items():
-        pct = key != "retain_rougeL_recall"
-        val = _fmt(t["value"], pct=pct)
-        if key == "perplexity_increase" and t["value"] is not None:
-            val = f"{100 * t['value']:+.1f} %"
-        rows.append([key.replace("_", " "), val, t["target"], "yes" if t["met"] else "NO"])
-    table(["quality target", "unlearned", "target", "met"], rows)
+    doc = _Document(title, figures)
+    doc.section("Headline")
+    doc.table(["quality target", "unlearned", "target", "met"], _headline_rows(check_targets(orig, unl)))
     for line in extra_lines:
-        para(line)
+        doc.para(line)
 
-    section("Metrics before and after")
+    doc.section("Metrics before and after")
     cmp_rows = [[lbl, _fmt(a), _fmt(b)] for (lbl, a), (_, b) in zip(compared_values(orig), compared_values(unl))
                 if a is not None or b is not None]
     cmp_rows.append(["perplexity (held-out text)", _fmt(orig.get("perplexity")), _fmt(unl.get("perplexity"))])
-    table(["metric", "original", "unlearned"], cmp_rows)
-    figure("before_after", "metrics before and after", "No metrics to plot.")
+    doc.table(["metric", "original", "unlearned"], cmp_rows)
+    doc.figure("before_after", "metrics before and after", "No metrics to plot.")
 
-    section("Training curves")
-    figure("training_curves", "training curves", "No training metrics (run folder not given or metrics.jsonl absent).")
+    doc.section("Training curves")
+    doc.figure("training_curves", "training curves",
+               "No training metrics (run folder not given or metrics.jsonl absent).")
 
-    section("LoRA-delta statistics per layer")
-    figure("lora_stats", "LoRA-delta statistics per layer",
-           "No per-layer LoRA statistics (full fine-tuning, or no adapter / lora/ metrics in the run).")
+    doc.section("LoRA-delta statistics per layer")
+    doc.figure("lora_stats", "LoRA-delta statistics per layer",
+               "No per-layer LoRA statistics (full fine-tuning, or no adapter / lora/ metrics in the run).")
     totals = {stat: v["total"] for stat, v in lora_stats.items() if "total" in v}
     if totals:
-        table(["statistic (all layers)", "value"], [[k, _fmt(v)] for k, v in sorted(totals.items())])
+        doc.table(["statistic (all layers)", "value"], [[k, _fmt(v)] for k, v in sorted(totals.items())])
 
-    section("Examples")
+    doc.section("Examples")
     examples = pick_examples(orig_samples, unl_samples, n_per_set=n_examples)
-    table(["set", "question", "original answer", "new answer"],
-          [[e["set"], e["prompt"], _truncate(e["original"]), _truncate(e["unlearned"])] for e in examples])
+    doc.table(["set", "question", "original answer", "new answer"],
+              [[e["set"], e["prompt"], _truncate(e["original"]), _truncate(e["unlearned"])] for e in examples])
 
-    section("Settings")
-    para(f"original model: {orig.get('model')}; unlearned model: {unl.get('model')}; data: {unl.get('data')}")
-    para(f"generation: greedy, {unl.get('settings', {})}")
+    doc.section("Settings")
+    doc.para(f"original model: {orig.get('model')}; unlearned model: {unl.get('model')}; data: {unl.get('data')}")
+    doc.para(f"generation: greedy, {unl.get('settings', {})}")
     if config_text:
-        md.extend(["```yaml", config_text.rstrip(), "```", ""])
-        hb.append(f"<pre>{html.escape(config_text)}</pre>")
-
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
-             "td,th{border:1px solid #bbb;padding:4px 8px;vertical-align:top;text-align:left}"
-             "th{background:#eee}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
-    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(hb) + "\n</body></html>\n")
-    atomic_write_text(out / "report.md", "\n".join(md))
-    atomic_write_text(out / "report.html", page)
+        doc.code(config_text, "yaml")
+    atomic_write_text(out / "report.md", doc.markdown())
+    atomic_write_text(out / "report.html", doc.html())
     return {"md": out / "report.md", "html": out / "report.html", "figures": out / "figures"}
+
+
+def _run_inputs(run_dir: str | Path | None) -> tuple[list[dict], str, dict]:
+    """What the report reads from a training run: metrics, config.yaml, LoRA statistics per layer
+    (from the logged metrics, else from the saved adapter)."""
+    if run_dir is None:
+        return [], "", {}
+    run_dir = Path(run_dir)
+    metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    config_path = run_dir / "config.yaml"
+    config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
+    lora_stats = lora_stats_from_metrics(metrics)
+    if not any(len(v) >= 2 for v in lora_stats.values()):
+        lora_stats = lora_stats_from_adapter(run_dir / "final" / "adapter") or lora_stats
+    return metrics, config_text, lora_stats
+
+
+def _headline_rows(targets: Mapping) -> list[list]:
+    rows = []
+    for key, t in targets.items():
+        val = _fmt(t["value"], pct=key != "retain_rougeL_recall")
+        if key == "perplexity_increase" and t["value"] is not None:
+            val = f"{100 * t['value']:+.1f} %"
+        rows.append([key.replace("_", " "), val, t["target"], "yes" if t["met"] else "NO"])
+    return rows
+
+
+class _Document:
+    """The report's content, written once and rendered twice: Markdown and self-contained HTML
+    (figures inlined as base64 PNG)."""
+
+    _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+              "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+              "td,th{border:1px solid #bbb;padding:4px 8px;vertical-align:top;text-align:left}"
+              "th{background:#eee}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
+
+    def __init__(self, title: str, figures: Mapping[str, bytes | None]):
+        self.title = title
+        self.figures = figures
+        self.md: list[str] = [f"# {title}", ""]
+        self.hb: list[str] = []
+
+    def section(self, name: str) -> None:
+        self.md.extend([f"## {name}", ""])
+        self.hb.append(f"<h2>{html.escape(name)}</h2>")
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+        self.md.append("| " + " | ".join(header) + " |")
+        self.md.append("|" + "---|" * len(header))
+        self.md.extend("| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows)
+        self.md.append("")
+        self.hb.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                                 for r in rows)
+                       + "</table>")
+
+    def para(self, text: str) -> None:
+        self.md.extend([text, ""])
+        self.hb.append(f"<p>{html.escape(text)}</p>")
+
+    def figure(self, name: str, alt: str, missing: str) -> None:
+        png = self.figures.get(name)
+        if png is None:
+            self.para(missing)
+            return
+        self.md.extend([f"![{alt}](figures/{name}.png)", ""])
+        data = base64.b64encode(png).decode("ascii")
+        self.hb.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+
+    def code(self, text: str, language: str) -> None:
+        self.md.extend([f"```{language}", text.rstrip(), "```", ""])
+        self.hb.append(f"<pre>{html.escape(text)}</pre>")
+
+    def markdown(self) -> str:
+        return "\n".join(self.md)
+
+    def html(self) -> str:
+        title = html.escape(self.title)
+        return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
+                f"<style>{self._STYLE}</style></head><body><h1>{title}</h1>\n" + "\n".join(self.hb)
+                + "\n</body></html>\n")

@@ -31,46 +31,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-
 from scipy import stats
 
-from snap_fast.data.io import read_jsonl
-
+from snap_fast.data.tofu import EVAL_SPLIT_FILES as SPLIT_FILES
+from snap_fast.data.tofu import load_tofu_eval_split as load_tofu_split
 from snap_fast.generation import generate_answers
 
 from .metrics import answer_nll, rouge_l_recall
 
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
-# file names in a TOFU folder (the Hugging Face dataset "locuslab/TOFU" layout)
-SPLIT_FILES = {
-    "retain": "retain_perturbed.json",
-    "real_authors": "real_authors_perturbed.json",
-    "world_facts": "world_facts_perturbed.json",
-    "forget01": "forget01_perturbed.json",
-    "forget05": "forget05_perturbed.json",
-    "forget10": "forget10_perturbed.json",
-}
-
-
-def load_tofu_split(folder: str | Path, split: str, limit: int | None = None) -> list[dict]:
-    """Records of one TOFU split: ``{"question", "answer", "paraphrased_answer"?,
-    "perturbed_answer": [...]}``, read from the JSON-lines file of :data:`SPLIT_FILES`.
-
-    ``limit`` keeps the first ``limit`` records (for quick runs and tests).
-    """
-    if split not in SPLIT_FILES:
-        raise ValueError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
-    path = Path(folder) / SPLIT_FILES[split]
-    if not path.is_file():
-        raise FileNotFoundError(f"TOFU file not found: {path}")
-    records = read_jsonl(path)[:limit] if limit is not None else read_jsonl(path)
-    for i, rec in enumerate(records, 1):
-        for key in ("question", "answer", "perturbed_answer"):
-            if key not in rec:
-                raise ValueError(f"{path}: record {i}: missing key {key!r}")
-    return records
-
-
 def truth_ratios(
     paraphrased_nll: Sequence[float],
     perturbed_nll: Sequence[Sequence[float]],
@@ -144,6 +113,30 @@ def model_utility(split_scores: Mapping[str, Mapping[str, float]]) -> float:
     return float(stats.hmean(values))
 
 
+def _split_nlls(model, tokenizer, records: Sequence[Mapping], split: str, batch_size: int,
+                progress: bool) -> tuple[list[float], list[float], list[list[float]]]:
+    """Mean NLL per token of the true, the paraphrased and every perturbed answer."""
+    questions = [r["question"] for r in records]
+
+    def mean_nll(prompts, answers, desc):
+        return [s / max(n, 1) for s, n in answer_nll(model, tokenizer, prompts, answers,
+                                                        batch_size=batch_size, progress=progress, desc=desc)]
+
+    gt = mean_nll(questions, [r["answer"] for r in records], f"{split}: answer")
+    # The paraphrase is the answer itself where a split has none (real_authors / world_facts).
+    paraphrased = [r.get("paraphrased_answer") or r["answer"] for r in records]
+    para = gt if all("paraphrased_answer" not in r for r in records) else mean_nll(
+        questions, paraphrased, f"{split}: paraphrase")
+    n_pert = [len(r["perturbed_answer"]) for r in records]
+    flat_q = [q for q, k in zip(questions, n_pert) for _ in range(k)]
+    flat = mean_nll(flat_q, [a for r in records for a in r["perturbed_answer"]], f"{split}: perturbed")
+    pert, pos = [], 0
+    for k in n_pert:
+        pert.append(flat[pos : pos + k])
+        pos += k
+    return gt, para, pert
+
+
 def evaluate_tofu_split(
     model,
     tokenizer,
@@ -173,26 +166,9 @@ def evaluate_tofu_split(
     if not records:
         raise ValueError("records is empty")
     questions = [r["question"] for r in records]
-    # The paraphrase is the answer itself where a split has none (real_authors / world_facts).
-    paraphrased = [r.get("paraphrased_answer") or r["answer"] for r in records]
-    n_pert = [len(r["perturbed_answer"]) for r in records]
-    if min(n_pert) == 0:
+    if min(len(r["perturbed_answer"]) for r in records) == 0:
         raise ValueError("every record needs at least one perturbed answer")
-
-    def mean_nll(prompts, answers, desc):
-        return [s / max(n, 1) for s, n in answer_nll(model, tokenizer, prompts, answers,
-                                                        batch_size=batch_size, progress=progress, desc=desc)]
-
-    gt = mean_nll(questions, [r["answer"] for r in records], f"{split}: answer")
-    para = gt if all("paraphrased_answer" not in r for r in records) else mean_nll(
-        questions, paraphrased, f"{split}: paraphrase")
-    flat_q = [q for q, k in zip(questions, n_pert) for _ in range(k)]
-    flat_a = [a for r in records for a in r["perturbed_answer"]]
-    flat = mean_nll(flat_q, flat_a, f"{split}: perturbed")
-    pert, pos = [], 0
-    for k in n_pert:
-        pert.append(flat[pos : pos + k])
-        pos += k
+    gt, para, pert = _split_nlls(model, tokenizer, records, split, batch_size, progress)
     # questions may have different numbers of perturbed answers, so ratios go row by row
     ratios = np.concatenate([
         truth_ratios([para[i]], [pert[i]], perturbed_mean=perturbed_mean) for i in range(len(records))

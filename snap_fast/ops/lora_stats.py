@@ -74,6 +74,45 @@ def _sqrt_factor(gram: torch.Tensor) -> torch.Tensor:
     return evals.clamp_min(0).sqrt().unsqueeze(-1) * evecs.transpose(-1, -2)
 
 
+def _singular_values(factors: list[LoraFactors], grams, device: torch.device) -> list[torch.Tensor]:
+    """σ(ΔW) per layer, float64, from the r×r cores; one eigh/svd call per distinct rank."""
+    by_rank: dict[int, list[int]] = {}
+    for i, f in enumerate(factors):
+        by_rank.setdefault(f.rank, []).append(i)
+    sigma: list[torch.Tensor | None] = [None] * len(factors)
+    for idx in by_rank.values():
+        g_u = torch.stack([grams[i][0] for i in idx])
+        g_v = torch.stack([grams[i][1] for i in idx])
+        scale = torch.tensor([factors[i].scaling for i in idx], dtype=torch.float64, device=device)
+        core = scale[:, None, None] * (_sqrt_factor(g_u) @ _sqrt_factor(g_v).transpose(-1, -2))
+        for j, s in zip(idx, torch.linalg.svdvals(core)):
+            sigma[j] = s
+    return sigma  # type: ignore[return-value]
+
+
+def _layer_stats(f: LoraFactors, g_u: torch.Tensor, g_v: torch.Tensor, sv: torch.Tensor, with_base: bool,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's STAT_KEYS row (float64) and its row norms ‖ΔW_i‖."""
+    s = f.scaling
+    u, v = (t.detach() for t in f.uv())
+    fro = abs(s) * (g_u.double() * g_v.double().t()).sum().clamp_min(0).sqrt()
+    u32 = u.float()
+    rows = abs(s) * ((u32 @ g_v) * u32).sum(dim=1).clamp_min(0).sqrt()
+    base_norm = _base_norm(f.base).double()
+    if with_base:
+        w0_vt = f.base @ v.t().to(f.base.dtype)  # (n, r)
+        inner = s * (w0_vt.double() * u.double()).sum()
+    else:
+        inner = torch.tensor(math.nan, dtype=torch.float64, device=device)
+    total_sv = sv.sum()
+    probs = sv / total_sv.clamp_min(torch.finfo(torch.float64).tiny)
+    entropy = -(probs * torch.log(probs.clamp_min(torch.finfo(torch.float64).tiny))).sum()
+    erank = torch.where(total_sv > 0, entropy.exp(), torch.zeros_like(entropy))
+    row = torch.stack([fro, rows.max().double(), rows.mean().double(), base_norm, fro / base_norm, inner,
+                       sv.max(), erank])
+    return row, rows
+
+
 @torch.no_grad()
 def lora_delta_stats(
     model: torch.nn.Module, *, with_base: bool = True, backend: str | None = None
@@ -104,43 +143,12 @@ def lora_delta_stats(
     device = factors[0].base.device
     grams = _grams(factors, choose_gram_backend(device, backend, max(f.rank for f in factors)))
 
+    sigma = _singular_values(factors, grams, device)
     per_layer: list[torch.Tensor] = []  # rows of STAT_KEYS values (float64) per layer
     row_sums, row_counts = [], []
-    # Singular values batched per rank: one eigh/svd call per distinct r.
-    by_rank: dict[int, list[int]] = {}
-    for i, f in enumerate(factors):
-        by_rank.setdefault(f.rank, []).append(i)
-    sigma: list[torch.Tensor | None] = [None] * len(factors)
-    for idx in by_rank.values():
-        g_u = torch.stack([grams[i][0] for i in idx])
-        g_v = torch.stack([grams[i][1] for i in idx])
-        scale = torch.tensor([factors[i].scaling for i in idx], dtype=torch.float64, device=device)
-        core = scale[:, None, None] * (_sqrt_factor(g_u) @ _sqrt_factor(g_v).transpose(-1, -2))
-        for j, s in zip(idx, torch.linalg.svdvals(core)):
-            sigma[j] = s
-
-    for i, f in enumerate(factors):
-        s = f.scaling
-        u, v = (t.detach() for t in f.uv())
-        g_u, g_v = grams[i]
-        fro = abs(s) * (g_u.double() * g_v.double().t()).sum().clamp_min(0).sqrt()
-        u32 = u.float()
-        rows = abs(s) * ((u32 @ g_v) * u32).sum(dim=1).clamp_min(0).sqrt()
-        base_norm = _base_norm(f.base).double()
-        if with_base:
-            w0_vt = f.base @ v.t().to(f.base.dtype)  # (n, r)
-            inner = s * (w0_vt.double() * u.double()).sum()
-        else:
-            inner = torch.tensor(math.nan, dtype=torch.float64, device=device)
-        sv = sigma[i]
-        total_sv = sv.sum()
-        probs = sv / total_sv.clamp_min(torch.finfo(torch.float64).tiny)
-        entropy = -(probs * torch.log(probs.clamp_min(torch.finfo(torch.float64).tiny))).sum()
-        erank = torch.where(total_sv > 0, entropy.exp(), torch.zeros_like(entropy))
-        per_layer.append(torch.stack([
-            fro, rows.max().double(), rows.mean().double(), base_norm,
-            fro / base_norm, inner, sv.max(), erank,
-        ]))
+    for f, (g_u, g_v), sv in zip(factors, grams, sigma):
+        row, rows = _layer_stats(f, g_u, g_v, sv, with_base, device)
+        per_layer.append(row)
         row_sums.append(rows.double().sum())
         row_counts.append(rows.numel())
 

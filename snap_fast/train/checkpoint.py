@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
 __all__ = [
     "last_checkpoint",
     "list_checkpoints",

@@ -13,30 +13,67 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.io import read_jsonl
+from ..checks import check_choice, check_int, check_number
+from ..io import read_jsonl
+from ..ops.backends import BACKENDS
+from ..regularizer.core import MODES as REG_MODES
+from .methods import METHODS as METHOD_REGISTRY
 
-__all__ = ["METHODS", "PARALLEL", "PRECISIONS", "REG_MODES", "RETAIN_LOSSES", "UnlearnConfig", "read_jsonl"]
+__all__ = ["METHODS", "PARALLEL", "PRECISIONS", "REG_MODES", "RETAIN_LOSSES", "UnlearnConfig"]
 
-#: Training methods, see :mod:`snap_fast.train.losses`.
-METHODS = ("snap", "snap-npo", "ga", "grad-diff", "npo", "idk")
+#: Training methods, see :mod:`snap_fast.train.methods`.
+METHODS = tuple(METHOD_REGISTRY)
 PRECISIONS = ("fp32", "bf16")
-REG_MODES = ("resample", "refresh", "fixed")
 #: Retain terms: NLL of the original answers (SNAP's), or KL to the original model on them.
 RETAIN_LOSSES = ("nll", "kl")
 #: Multi-process strategies (``torchrun``): replicate the model (DDP) or shard it (FSDP2).
 PARALLEL = ("ddp", "fsdp")
 
-# Methods whose forget term trains on the obliterated "I don't know" responses; the others push
-# the model away from the original answers (``original_response``) of the forget set.
-OBLITERATED_METHODS = ("snap", "idk")
-# Methods with a retain (hard-positive) term.
-RETAIN_METHODS = ("snap", "snap-npo", "grad-diff", "idk")
-# Methods whose default λ is SNAP's 0.1; the others default to no regularizer.
-REGULARIZED_METHODS = ("snap", "snap-npo")
+
+#: The regularizer's concrete sort backends.
+REG_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
+
+
+def _arg(default: Any, help: str, *, type: type | None = None, choices: Sequence[str] | None = None,
+         flag: str | None = None, action: str | None = None, const: Any = None, group: str | None = None):
+    """A config field and its command-line flag, described once (see :func:`cli_options`).
+
+    ``flag`` defaults to ``--<field-name-with-dashes>``; ``type`` to the default's type;
+    ``action``/``const`` are argparse's (``store_true``, ``store_false``, ``store_const``); fields
+    sharing a ``group`` are mutually exclusive on the command line.
+    """
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "flag": flag,
+                                             "action": action, "const": const, "group": group})
+
+
+def cli_options() -> list[tuple[str, dict[str, Any], str | None]]:
+    """``(flag, argparse keyword arguments, group)`` for every :class:`UnlearnConfig` field with a
+    flag, help text ending with the field's default: what ``snap-fast unlearn --help`` shows."""
+    options = []
+    for f in dataclasses.fields(UnlearnConfig):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        help_text = meta["help"]
+        if meta["action"] is None and f.default not in (None, ""):
+            help_text += f" (default {f.default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
+        if meta["action"] is not None:
+            kwargs["action"] = meta["action"]
+            if meta["const"] is not None:
+                kwargs["const"] = meta["const"]
+        else:
+            kwargs["type"] = meta["type"] or (str if f.default is None else type(f.default))
+            if meta["choices"] is not None:
+                kwargs["choices"] = meta["choices"]
+        options.append((flag, kwargs, meta["group"]))
+    return options
 
 # Fields that may change between a run and its resume: they do not change what is computed.
 RESUMABLE_CHANGES = frozenset(
@@ -115,52 +152,60 @@ class UnlearnConfig:
         progress: show a tqdm progress bar.
     """
 
-    model: str = "smollm2-135m-instruct"
-    data: str = ""
-    out: str = ""
-    method: str = "snap"
-    lora: bool = True
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: str | list[str] = "all-linear"
-    lora_layers: str | list[int] | float | None = None
-    lr: float | None = None
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    retain_batch_size: int | None = None
-    general_batch_size: int | None = None
-    grad_accum: int = 4
-    max_length: int = 512
-    weight_decay: float = 0.01
-    warmup: int = 0
-    max_grad_norm: float = 1.0
-    alpha: float = 1.0
-    retain_loss: str = "nll"
-    reference_cache_gib: float = 2.0
-    lam: float | None = None
-    reg_mode: str = "resample"
-    reg_refresh_every: int = 10
-    n_projections: int = 100
-    reg_p: float = 2.0
-    reg_backend: str | None = None
-    npo_beta: float = 0.1
-    use_general: bool = True
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    log_every: int = 1
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    lora_stats_every: int = 10
-    merge: bool = False
-    overwrite: bool = False
-    resume: bool = False
-    device: str = "auto"
-    parallel: str = "ddp"
-    trust_remote_code: bool = False
-    progress: bool = True
+    model: str = _arg("smollm2-135m-instruct", "hub id, local folder, .gguf file, or smollm2-135m-instruct")
+    data: str = _arg("", "data folder written by `snap-fast data`")
+    out: str = _arg("", "run folder to create")
+    method: str = _arg("snap", "training method", choices=METHODS)
+    lora: bool = _arg(True, "full fine-tuning instead of LoRA", flag="--full", action="store_false")
+    lora_r: int = _arg(8, "LoRA rank")
+    lora_alpha: int = _arg(16, "LoRA alpha")
+    lora_dropout: float = _arg(0.0, "LoRA dropout")
+    lora_targets: str | list[str] = _arg("all-linear", "all-linear or comma-separated module names")
+    lora_layers: str | list[int] | float | None = _arg(
+        None, "decoder layers with adapters: 15-29, 0,2,4 or a top fraction such as 0.5 (default: all)", type=str)
+    lr: float | None = _arg(None, "peak learning rate (default 1e-4 with LoRA, 1e-5 full)", type=float)
+    epochs: float = _arg(1.0, "passes over the forget set")
+    max_steps: int | None = _arg(None, "optimizer steps (overrides --epochs)", type=int)
+    batch_size: int = _arg(8, "examples per micro-batch and set")
+    retain_batch_size: int | None = _arg(
+        None, "examples per micro-batch of the retain set (default: --batch-size)", type=int)
+    general_batch_size: int | None = _arg(
+        None, "examples per micro-batch of the general set (default: --retain-batch-size)", type=int)
+    grad_accum: int = _arg(4, "micro-batches per optimizer step")
+    max_length: int = _arg(512, "max tokens per example")
+    weight_decay: float = _arg(0.01, "AdamW weight decay")
+    warmup: int = _arg(0, "linear warm-up steps")
+    max_grad_norm: float = _arg(1.0, "gradient clipping norm, 0 = off")
+    alpha: float = _arg(1.0, "weight of the retain / general terms")
+    retain_loss: str = _arg("nll", "retain term: nll of the original answers or kl to the original model",
+                            choices=RETAIN_LOSSES)
+    reference_cache_gib: float = _arg(
+        2.0, "--retain-loss kl: cache the original's answer log-probabilities up to this many GiB")
+    lam: float | None = _arg(None, "λ, regularizer weight (default: 0.1 for snap and snap-npo, else 0)",
+                             type=float)
+    reg_mode: str = _arg("resample", "regularizer directions", choices=REG_MODES)
+    reg_refresh_every: int = _arg(10, "K for --reg-mode refresh")
+    n_projections: int = _arg(100, "regularizer directions L")
+    reg_p: float = _arg(2.0, "regularizer exponent p")
+    reg_backend: str | None = _arg(None, "force the sort backend (default: automatic)", choices=REG_BACKENDS)
+    npo_beta: float = _arg(0.1, "β of NPO")
+    use_general: bool = _arg(True, "do not train on general.jsonl", flag="--no-general", action="store_false")
+    precision: str = _arg("fp32", "fp32 or bf16 autocast", choices=PRECISIONS)
+    gradient_checkpointing: bool = _arg(False, "recompute activations in backward (less memory)",
+                                        action="store_true")
+    seed: int = _arg(0, "seed of adapters, data order and regularizer directions")
+    log_every: int = _arg(1, "steps between metrics lines")
+    save_every: int = _arg(0, "steps between checkpoints, 0 = end only")
+    keep_checkpoints: int = _arg(2, "newest checkpoints kept, 0 = all")
+    lora_stats_every: int = _arg(10, "steps between LoRA-delta statistics")
+    merge: bool = _arg(False, "also save the merged model", action="store_true")
+    overwrite: bool = _arg(False, "replace an existing run folder", action="store_true", group="start")
+    resume: bool = _arg(False, "continue from the last checkpoint", action="store_true", group="start")
+    device: str = _arg("auto", "auto, cpu, cuda, cuda:N")
+    parallel: str = _arg("ddp", "under torchrun: shard the model with FSDP2 instead of DDP", flag="--fsdp",
+                         action="store_const", const="fsdp")
+    trust_remote_code: bool = _arg(False, "passed to the model loader", action="store_true")
+    progress: bool = _arg(True, "no progress bar", flag="--no-progress", action="store_false")
     # Free-form notes carried into config.yaml (e.g. the command line); never read by training.
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -170,8 +215,8 @@ class UnlearnConfig:
         out = dataclasses.replace(self, notes=dict(self.notes))
         if out.lr is None:
             out.lr = 1e-4 if out.lora else 1e-5
-        if out.lam is None:
-            out.lam = 0.1 if out.method in REGULARIZED_METHODS else 0.0
+        if out.lam is None and out.method in METHOD_REGISTRY:  # an unknown method fails in validate()
+            out.lam = METHOD_REGISTRY[out.method].default_lam
         if out.device == "auto":
             import torch
 
@@ -186,11 +231,12 @@ class UnlearnConfig:
     def forget_target(self) -> str:
         """Which response of a forget record the forget term uses: "response" (obliterated) or
         "original_response" (the knowledge that gradient ascent / NPO push away from)."""
-        return "response" if self.method in OBLITERATED_METHODS else "original_response"
+        return METHOD_REGISTRY[self.method].forget_target
 
     @property
     def uses_retain(self) -> bool:
-        return self.method in RETAIN_METHODS
+        """Whether the method has a retain (hard-positive and general) term."""
+        return METHOD_REGISTRY[self.method].trains_retain
 
     # ------------------------------------------------------------------ validation
     def validate(self, *, run_folder: bool = True) -> None:
@@ -205,34 +251,45 @@ class UnlearnConfig:
             ValueError / TypeError naming the offending field (``FileNotFoundError``, a
             subclass of ``OSError``, is turned into ``ValueError`` so callers catch one type).
         """
-        _check_choice("method", self.method, METHODS)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("reg_mode", self.reg_mode, REG_MODES)
-        _check_choice("parallel", self.parallel, PARALLEL)
-        _check_choice("retain_loss", self.retain_loss, RETAIN_LOSSES)
+        self._validate_fields()
+        self._validate_lora()
+        self._validate_model()
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise ValueError("out (the run folder) must be given")
+        if run_folder:
+            self._validate_run_folder()
+        self._validate_data()
+
+    def _validate_fields(self) -> None:
+        """Types and ranges of the scalar fields."""
+        check_choice("method", self.method, METHODS)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("reg_mode", self.reg_mode, REG_MODES)
+        check_choice("parallel", self.parallel, PARALLEL)
+        check_choice("retain_loss", self.retain_loss, RETAIN_LOSSES)
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "n_projections",
                      "reg_refresh_every", "log_every", "lora_stats_every"):
-            _check_int(name, getattr(self, name), minimum=1)
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup", "save_every", "keep_checkpoints", "seed"):
-            _check_int(name, getattr(self, name), minimum=0)
+            check_int(name, getattr(self, name), minimum=0)
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         for name in ("retain_batch_size", "general_batch_size"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
+                check_int(name, getattr(self, name), minimum=1)
         if self.max_steps is not None:
-            _check_int("max_steps", self.max_steps, minimum=1)
-        _check_number("epochs", self.epochs, positive=True)
+            check_int("max_steps", self.max_steps, minimum=1)
+        check_number("epochs", self.epochs, positive=True)
         for name in ("weight_decay", "max_grad_norm", "alpha", "lora_dropout", "reference_cache_gib"):
-            _check_number(name, getattr(self, name), positive=False)
-        _check_number("npo_beta", self.npo_beta, positive=True)
-        _check_number("reg_p", self.reg_p, positive=True)
+            check_number(name, getattr(self, name), nonnegative=True)
+        check_number("npo_beta", self.npo_beta, positive=True)
+        check_number("reg_p", self.reg_p, positive=True)
         if self.lora_dropout >= 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lr is not None:
-            _check_number("lr", self.lr, positive=True)
+            check_number("lr", self.lr, positive=True)
         if self.lam is not None:
-            _check_number("lam", self.lam, positive=False)
+            check_number("lam", self.lam, nonnegative=True)
         for name in ("lora", "use_general", "gradient_checkpointing", "merge", "overwrite", "resume",
                      "trust_remote_code", "progress"):
             if not isinstance(getattr(self, name), bool):
@@ -241,6 +298,15 @@ class UnlearnConfig:
             raise ValueError("overwrite and resume exclude each other: pick one")
         if self.merge and not self.lora:
             raise ValueError("merge only applies to LoRA runs (full fine-tuning already saves the whole model)")
+        if self.reg_backend is not None:
+            check_choice("reg_backend", self.reg_backend, REG_BACKENDS)
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        ):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    def _validate_lora(self) -> None:
+        """``lora_targets`` and ``lora_layers`` (the latter only with LoRA)."""
         if not isinstance(self.lora_targets, (str, list)) or not self.lora_targets:
             raise ValueError(f"lora_targets must be 'all-linear' or module names, got {self.lora_targets!r}")
         if self.lora_layers is not None:
@@ -253,21 +319,9 @@ class UnlearnConfig:
                                  f"got {layers!r}")
             else:
                 for i in layers:
-                    _check_int("lora_layers", i, minimum=0)
+                    check_int("lora_layers", i, minimum=0)
             if not self.lora:
                 raise ValueError("lora_layers only applies to LoRA runs (lora=True)")
-        if self.reg_backend is not None:
-            _check_choice("reg_backend", self.reg_backend, ("torch", "triton", "cpp"))
-        if not isinstance(self.device, str) or not (
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
-        ):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        self._validate_model()
-        if not isinstance(self.out, str) or not self.out.strip():
-            raise ValueError("out (the run folder) must be given")
-        if run_folder:
-            self._validate_run_folder()
-        self._validate_data()
 
     def _validate_model(self) -> None:
         from ..models import resolve_spec
@@ -410,28 +464,3 @@ def _parse_layers(text: str) -> list[int] | float:
             raise ValueError(f"lora_layers must look like '15-29', '0,2,4' or '0.5', got {text!r}")
         layers.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
     return sorted(layers)
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}")
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_number(name: str, value: object, *, positive: bool) -> None:
-    import math
-
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if not positive and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")

@@ -1,4 +1,4 @@
-"""Loss functions of SNAP and of the baselines, for the recipe and for hand-written loops.
+"""Loss functions of SNAP and of the baselines: plain functions of logits and labels.
 
 Every function takes the model's ``logits`` (B, T, V) and the collator's ``labels`` (B, T, long,
 ``-100`` on prompt tokens and padding); position t predicts label t+1 (the usual causal shift,
@@ -13,23 +13,12 @@ done here). Reductions are explicit:
   alternative to the retain NLL (zero, with zero gradient, until the model moves);
   :func:`kl_to_reference_logprobs` takes the original's log-probabilities precomputed
   (:func:`answer_logprobs`), as the recipe does when they fit in memory.
-* :func:`gradient_ascent_loss`, :func:`grad_diff_loss`, :func:`npo_loss` — the baselines.
+* :func:`gradient_ascent_loss`, :func:`npo_loss` — the baselines' forget terms.
+* :func:`combine` — ``forget + α·(retain + general) + λ·reg``.
 
-How the methods combine them (``λ·SWD`` is added by the caller when λ > 0, to any method)::
-
-    snap       nll(forget, obliterated) + α·(nll(retain) + nll(general)) + λ·SWD   (λ = 0.1)
-    idk        snap with λ = 0
-    snap-npo   even steps: npo(forget, original);  odd steps: α·(nll(retain) + nll(general));
-               + λ·SWD every step                                                    (λ = 0.1)
-    ga         −nll(forget, original)
-    grad-diff  −nll(forget, original) + α·(nll(retain) + nll(general))
-    npo        npo(forget, original)
-
-With ``retain_loss="kl"`` every ``nll(retain)`` / ``nll(general)`` above is
-:func:`kl_to_reference` against the original model instead.
-
-:func:`step_terms` says which sets a method trains on at a given step, :func:`forget_loss` the
-forget term of a method, :func:`combine` the weighted sum.
+Which of them a method uses, and on which steps, is the method registry
+(:mod:`snap_fast.train.methods`); the recipe calls them through the term objects of
+:mod:`snap_fast.train.terms`.
 """
 
 from __future__ import annotations
@@ -41,15 +30,12 @@ __all__ = [
     "IGNORE_INDEX",
     "answer_logprobs",
     "combine",
-    "forget_loss",
-    "grad_diff_loss",
     "gradient_ascent_loss",
     "kl_to_reference",
     "kl_to_reference_logprobs",
     "nll",
     "npo_loss",
     "sequence_logprob",
-    "step_terms",
     "token_nll",
 ]
 
@@ -172,17 +158,6 @@ def gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return -nll(logits, labels)
 
 
-def grad_diff_loss(
-    forget_logits: torch.Tensor,
-    forget_labels: torch.Tensor,
-    retain_logits: torch.Tensor,
-    retain_labels: torch.Tensor,
-    alpha: float = 1.0,
-) -> torch.Tensor:
-    """Gradient difference: −nll(forget) + α·nll(retain)."""
-    return gradient_ascent_loss(forget_logits, forget_labels) + alpha * nll(retain_logits, retain_labels)
-
-
 def npo_loss(logprob: torch.Tensor, ref_logprob: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
     """Negative preference optimisation (Zhang et al., 2024) on the forget answers.
 
@@ -203,45 +178,6 @@ def npo_loss(logprob: torch.Tensor, ref_logprob: torch.Tensor, beta: float = 0.1
         raise ValueError(f"beta must be > 0, got {beta}")
     log_ratio = logprob.float() - ref_logprob.detach().float().to(logprob.device)
     return -F.logsigmoid(-beta * log_ratio).mean() * (2.0 / beta)
-
-
-def forget_loss(
-    method: str,
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ref_logprob: torch.Tensor | None = None,
-    beta: float = 0.1,
-) -> torch.Tensor:
-    """The forget term of ``method`` on one forget batch.
-
-    ``labels`` must hold the obliterated responses for ``snap``/``idk`` and the original answers
-    for the others (see :attr:`snap_fast.train.UnlearnConfig.forget_target`); NPO methods need
-    ``ref_logprob`` (B,).
-    """
-    if method in ("snap", "idk"):
-        return nll(logits, labels)
-    if method in ("ga", "grad-diff"):
-        return gradient_ascent_loss(logits, labels)
-    if method in ("npo", "snap-npo"):
-        if ref_logprob is None:
-            raise ValueError(f"method {method!r} needs ref_logprob (reference log-probabilities)")
-        return npo_loss(sequence_logprob(logits, labels), ref_logprob, beta)
-    raise ValueError(f"unknown method {method!r}")
-
-
-def step_terms(method: str, step: int, has_retain: bool) -> tuple[bool, bool]:
-    """``(train_forget, train_retain)`` for optimizer step ``step`` (0-based).
-
-    ``snap-npo`` alternates (v3 of SNAP): forget on even steps, retain on odd steps — unless
-    there is no retain data, then every step is a forget step. ``ga`` and ``npo`` never train
-    on retain data; the others train on both every step.
-    """
-    if method in ("ga", "npo") or not has_retain:
-        return True, False
-    if method == "snap-npo":
-        return step % 2 == 0, step % 2 == 1
-    return True, True
 
 
 def combine(

@@ -35,6 +35,7 @@ reaches each rank's own rows only, also once, and no weight is gathered.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -211,6 +212,74 @@ class DataParallel:
         with collective_guard("gather per-rank state on rank 0"):
             dist.gather_object(obj, out, dst=0)
         return out
+
+    # ------------------------------------------------------------------ the recipe's strategy
+    def build_regularizer(self, model: torch.nn.Module, **kwargs):
+        """The regularizer for this layout: the sharded one under FSDP2 (it never gathers a
+        weight; same value), the plain one otherwise (under DDP every rank holds all weights)."""
+        if self.sharded:
+            from ..dist import ShardedSlicedWassersteinRegularizer as Regularizer
+        else:
+            from ..regularizer import SlicedWassersteinRegularizer as Regularizer
+        return Regularizer(model, **kwargs)
+
+    @property
+    def holds_whole_weights(self) -> bool:
+        """Every rank holds every weight (False under FSDP2, which never gathers them all)."""
+        return not self.sharded
+
+    def checkpoint_payload(self, model, optimizer, regularizer) -> tuple[dict[str, Any], dict | None, dict | None]:
+        """What a checkpoint stores beyond the step's own fields. Collective under FSDP2.
+
+        Returns ``(state, model_state, optimizer_state)``: ``state`` holds the optimizer and
+        regularizer entries of ``trainer_state.pt``; under FSDP2 the full trainable weights and
+        optimizer state are gathered on rank 0 (``model_state``/``optimizer_state``, saved as
+        files of their own) and the regularizer's state is one entry per rank (its cache is
+        sharded), without its initial copies: a resume rebuilds them from the original model.
+        """
+        if not self.sharded:
+            state = {"optimizer": optimizer.state_dict(),
+                     "regularizer": regularizer.state_dict() if regularizer is not None else None}
+            return state, None, None
+        model_state, optim_state = self.full_state(model, optimizer)
+        per_rank = (self.gather_objects(regularizer.state_dict(include_initial=False))
+                    if regularizer is not None else None)
+        return {"optimizer": None, "regularizer": None, "regularizer_ranks": per_rank}, model_state, optim_state
+
+    def restore(self, checkpoint: Path, model, optimizer, regularizer) -> dict[str, Any]:
+        """Load a checkpoint into the model, optimizer and regularizer; returns its trainer state
+        (scheduler, RNG, step). Under FSDP2 rank 0 reads the full weights and optimizer state and
+        every rank keeps its rows. Collective under FSDP2."""
+        from .checkpoint import OPTIMIZER_FILE, load_checkpoint, read_full_weights
+
+        state = load_checkpoint(checkpoint, None if self.sharded else model)
+        reg_state = self._regularizer_state(state, checkpoint) if regularizer is not None else None
+        if self.sharded:
+            weights = read_full_weights(checkpoint, model) if self.is_main else {}
+            optim = torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu") if self.is_main else {}
+            self.load_full_state(model, weights, optimizer, optim)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        if regularizer is not None:
+            regularizer.load_state_dict(reg_state)
+        return state
+
+    def _regularizer_state(self, state: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+        """This rank's regularizer state from a checkpoint; FSDP2 keeps one per rank."""
+        per_rank = state.get("regularizer_ranks")
+        if self.sharded and (per_rank is None or len(per_rank) != self.world_size):
+            written = f"{len(per_rank)} FSDP2 processes" if per_rank else "a run without FSDP2 sharding"
+            raise ValueError(f"resume: checkpoint {checkpoint} was written by {written}; this run has "
+                             f"{self.world_size}: resume with the same number of processes")
+        if not self.sharded and per_rank is not None:
+            raise ValueError(f"resume: checkpoint {checkpoint} was written by {len(per_rank)} FSDP2 processes; "
+                             f"resume with the same number of processes (torchrun --nproc_per_node {len(per_rank)})")
+        return per_rank[self.rank] if self.sharded else state["regularizer"]
+
+    def final_weights(self, model) -> dict[str, torch.Tensor] | None:
+        """The trainable weights rank 0 saves under FSDP2 (collective); None otherwise (the
+        model saves its own)."""
+        return self.full_state(model)[0] if self.sharded else None
 
     # ------------------------------------------------------------------ agreement
     def reduce(self, values: dict[str, float]) -> dict[str, float]:

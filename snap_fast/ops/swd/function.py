@@ -1,4 +1,4 @@
-"""Stateless operations: the sliced-Wasserstein distance of SNAP.md §2 for one tensor pair.
+"""The sliced-Wasserstein distance with autograd: one tensor pair, or a flat buffer of projections.
 
 The fast paths all share one shape of computation, written once in :func:`swd_from_projections`:
 project (a GEMM, done by PyTorch so autograd gives ``∂/∂W = G Θᵀ``), then — without autograd —
