@@ -10,10 +10,12 @@ or CUDA build satisfies.
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["snap_fast", "snap_fast.*"]) + ["snap_fast.kernels", "snap_fast.csrc"]
+version: dict = {}
+exec(open("snap_fast/version.py", encoding="utf-8").read(), version)  # the one place the version is written
 
 setup(
     name="snap_fast",
-    version="0.1.0",
+    version=version["__version__"],
     description="Selective unlearning for LLMs with SNAP (negative instructions, hard positives, "
     "sliced-Wasserstein regularization), with Triton and C++ kernels",
     long_description=open("README.md", encoding="utf-8").read(),

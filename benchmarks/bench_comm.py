@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from snap_fast.io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -32,12 +32,19 @@ import time
 from pathlib import Path
 
 import torch
+
 from snap_fast.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_regularizer import STAGES, machine_description, machine_name, time_calls, time_stages
+from bench_regularizer import (
+    STAGES,
+    machine_description,
+    machine_name,
+    time_calls,
+    time_stages,
+)
 from peer import draw_directions_cpu, peer_swd
 
 from snap_fast import SlicedWassersteinRegularizer

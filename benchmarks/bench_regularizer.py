@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from snap_fast.io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import peer` when loaded by path

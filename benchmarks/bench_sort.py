@@ -6,8 +6,8 @@ projected values are random with the spread of real projections (std 0.02). Time
 repeats after a warm-up, all in one run:
 
 * ``torch.sort`` per run of equal-length segments (the PyTorch backend's sort),
-* the extension's keys-only sort (``_ext.sort_segments``: the sorted initial projections),
-* matched targets with a full sort (``_ext.match_sorted`` without state: ``resample`` mode),
+* the extension's keys-only sort (``cpp.sort_segments``: the sorted initial projections),
+* matched targets with a full sort (``cpp.match_sorted`` without state: ``resample`` mode),
 * matched targets with permutation reuse after a drift of the projections by N(0, σ²) per step
   (``fixed`` mode, and ``refresh`` between redraws), for several σ; each timed call sees the next
   step of one drifting sequence, as in training. The share of segments still sorted / repaired /
@@ -33,10 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from snap_fast.io import atomic_write_text
 
-from snap_fast.ops.swd import cpp as _ext
+from snap_fast.io import atomic_write_text
 from snap_fast.ops.backends import match_sorted, sort_segments
+from snap_fast.ops.swd import cpp
 from snap_fast.ops.swd.function import swd_from_projections
 from snap_fast.ops.swd.layout import SegmentLayout
 
@@ -90,24 +90,24 @@ def run(args: argparse.Namespace) -> str:
     ]
     t_torch = median_time(lambda: sort_segments(x, layout, "torch"), reps)
     lines.append(f"| torch.sort (PyTorch backend) | {t_torch:.3f} | 1.0× | |")
-    t = median_time(lambda: _ext.sort_segments(x, layout), reps)
+    t = median_time(lambda: cpp.sort_segments(x, layout), reps)
     lines.append(f"| C++ sort, keys only | {t:.3f} | {t_torch / t:.1f}× | |")
     t = median_time(lambda: match_sorted(x, ref, layout, "torch"), reps)
     lines.append(f"| torch match (argsort + scatter) | {t:.3f} | {t_torch / t:.1f}× | |")
-    t = median_time(lambda: _ext.match_sorted(x, ref, layout), reps)
+    t = median_time(lambda: cpp.match_sorted(x, ref, layout), reps)
     lines.append(f"| C++ match, full sort | {t:.3f} | {t_torch / t:.1f}× | |")
 
     for sigma in args.sigmas:
         state: dict = {}
         current = [x.clone()]
-        _ext.match_sorted(current[0], ref, layout, state)
+        cpp.match_sorted(current[0], ref, layout, state)
         counts = {"already_sorted": 0, "repaired": 0, "resorted": 0}
 
         def drift(sigma=sigma, current=current):
             current[0] = current[0] + sigma * torch.randn(layout.total, generator=gen)
 
         def call(state=state, current=current, counts=counts):
-            _ext.match_sorted(current[0], ref, layout, state)
+            cpp.match_sorted(current[0], ref, layout, state)
             for k in counts:
                 counts[k] += state["cpp_stats"][k]
 
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.cpu_time else time.perf_counter
-    if not _ext.available():
-        print(f"the C++ extension is unavailable: {_ext.unavailable_reason()}", file=sys.stderr)
+    if not cpp.available():
+        print(f"the C++ extension is unavailable: {cpp.unavailable_reason()}", file=sys.stderr)
         return 1
     table = run(args)
     print(table)

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from snap_fast.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent

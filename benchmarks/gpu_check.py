@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from snap_fast.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent

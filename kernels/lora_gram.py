@@ -30,13 +30,12 @@ __all__ = ["MAX_RANK", "gram_matrices_triton"]
 
 MAX_RANK = 64
 BLOCK_M = 32
-TABLE_COLS = 6  # offset, row_start, row_end, stride_row, stride_col, rank
 
 
 @triton.jit
 def _gram_chunk_kernel(x_ptr, table_ptr, out_ptr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     chunk = tl.program_id(0)
-    entry = table_ptr + chunk * 6
+    entry = table_ptr + chunk * 6  # a table row: offset, row_start, row_end, stride_row, stride_col, rank
     offset = tl.load(entry)
     row_start = tl.load(entry + 1)
     row_end = tl.load(entry + 2)

@@ -19,8 +19,7 @@ from .ops.swd.function import sliced_wasserstein
 from .ops.swd.naive import random_projections, sliced_wasserstein_reference
 from .regularizer import MODES, SlicedWassersteinRegularizer
 from .train import UnlearnConfig, unlearn
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "MODES",
@@ -28,8 +27,8 @@ __all__ = [
     "UnlearnConfig",
     "generate_answers",
     "load_model",
-    "model_identity",
     "lora_delta_stats",
+    "model_identity",
     "random_projections",
     "sliced_wasserstein",
     "sliced_wasserstein_reference",

@@ -10,12 +10,16 @@ import pytest
 
 from snap_fast import io as data_io
 from snap_fast.data.build import QA_SETS, build_dataset
-from snap_fast.io import read_jsonl, write_jsonl
 from snap_fast.data.patterns import HELDOUT_PATTERNS, TRAIN_PATTERNS
-from snap_fast.data.positives import GENERAL_INSTRUCTIONS, HELDOUT_TEXTS, load_instruction_file
+from snap_fast.data.positives import (
+    GENERAL_INSTRUCTIONS,
+    HELDOUT_TEXTS,
+    load_instruction_file,
+)
 from snap_fast.data.responses import OBLITERATED_RESPONSES, is_obliterated
 from snap_fast.data.target import TargetSpec, builtin_target, normalize
 from snap_fast.generation import generate_answers
+from snap_fast.io import read_jsonl, write_jsonl
 from tests.helpers import make_tiny_llama
 
 KEYS = {"id", "prompt", "response", "original_response", "original_truncated", "kind", "source", "entity"}

@@ -21,7 +21,11 @@ import torch
 from snap_fast.ops.swd import cpp as _ext
 from snap_fast.ops.swd.function import sliced_wasserstein
 from snap_fast.ops.swd.layout import SegmentLayout
-from snap_fast.ops.swd.naive import matched_targets, random_projections, sliced_wasserstein_reference
+from snap_fast.ops.swd.naive import (
+    matched_targets,
+    random_projections,
+    sliced_wasserstein_reference,
+)
 from snap_fast.regularizer import SlicedWassersteinRegularizer
 from tests.helpers import projection_rtol, relative_error
 

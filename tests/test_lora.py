@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_models import dense_delta, expected_scaling, factors_of, lora_layers, peft_model
+from lora_models import (
+    dense_delta,
+    expected_scaling,
+    factors_of,
+    lora_layers,
+    peft_model,
+)
 from peft import LoraConfig, get_peft_model
 
 from snap_fast import SlicedWassersteinRegularizer, sliced_wasserstein_reference

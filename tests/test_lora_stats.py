@@ -7,7 +7,13 @@ import math
 
 import pytest
 import torch
-from lora_models import dense_delta, expected_scaling, factors_of, lora_layers, peft_model
+from lora_models import (
+    dense_delta,
+    expected_scaling,
+    factors_of,
+    lora_layers,
+    peft_model,
+)
 from snap_fast.kernels.lora_gram import MAX_RANK, gram_matrices_triton
 
 from snap_fast.ops.lora_stats import STAT_KEYS, lora_delta_stats

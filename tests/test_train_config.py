@@ -199,3 +199,31 @@ def test_cli_sigint_in_a_subprocess_saves_a_checkpoint(assets, tmp_path):
     assert ckpt == Path(out) / "checkpoints" / f"step-{steps}"
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     assert state["step"] == steps and state["regularizer"]["calls"] == steps
+
+
+def test_flags_help_and_docs_come_from_the_config_fields():
+    """Every UnlearnConfig field but ``notes`` has exactly one flag whose help ends with the
+    field's default, and docs/training.md's flag table is the generated one."""
+    import argparse
+    import dataclasses
+    import pathlib
+
+    from snap_fast.train.cli import add_arguments, options_markdown
+    from snap_fast.train.config import cli_options
+
+    options = cli_options()
+    assert sorted(kwargs["dest"] for _, kwargs, _ in options) == sorted(
+        f.name for f in dataclasses.fields(UnlearnConfig) if f.name != "notes")
+    for _, kwargs, _ in options:
+        default = getattr(UnlearnConfig, kwargs["dest"])
+        if "action" not in kwargs and default not in (None, ""):
+            assert kwargs["help"].endswith(f"(default {default})"), kwargs
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--reg-backend", "cpp", "--full", "--fsdp", "--lam", "0.3"])
+    assert (args.reg_backend, args.lora, args.parallel, args.lam) == ("cpp", False, "fsdp", 0.3)
+    assert "method" not in vars(args)  # only given flags override the YAML / defaults
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "training.md").read_text(encoding="utf-8")
+    start = page.index("-->\n", page.index("<!-- options:start")) + 4
+    assert page[start:page.index("<!-- options:end -->")] == options_markdown(), (
+        "docs/training.md's flag table is stale: paste snap_fast.train.cli.options_markdown() there")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -39,7 +40,6 @@ from .responses import obliterated_response
 from .target import TargetSpec, builtin_target, normalize
 
 QA_SETS = ("forget", "retain", "general", "heldout_forget", "heldout_retain", "heldout_general")
-SOURCES = ("pattern", "model", "endpoint", "user", "builtin")
 _HELDOUT_GENERATED_SHARE = 0.2  # share of LLM-generated forget questions kept for evaluation
 
 
@@ -226,12 +226,7 @@ def build_dataset(
     user_records = _read_user_forget(user_forget, target) if user_forget is not None else []
     user_general = load_instruction_file(general_file) if general_file is not None else []
 
-    def rng_for(part: str) -> random.Random:
-        # One stream per set: a held-out set depends on the seed and its own size only, not on
-        # how many training examples were drawn before it (runs with a larger forget set are
-        # evaluated on the same questions).
-        return random.Random(f"{seed}:{part}")
-
+    rng_for = functools.partial(_rng_for, seed)
     llm = ModelGenerator(model, tokenizer, progress=progress) if generator == "self" else (
         None if isinstance(generator, str) else generator)
     neighbours, neighbour_source = _choose_neighbours(target, llm, model, tokenizer, n_neighbours, progress)
@@ -249,11 +244,8 @@ def build_dataset(
         model_id, originals_generated, originals_cached = fill_original_answers(
             sets, model, tokenizer, model_id=model_id, cache_dir=cache_dir, max_new_tokens=max_new_tokens,
             batch_size=batch_size, seed=seed, progress=progress)
-    summary = DatasetSummary(
-        out_dir=out_dir, counts={}, by_source={}, by_kind={}, neighbours=neighbours,
-        neighbour_source=neighbour_source, originals_generated=originals_generated,
-        originals_cached=originals_cached, generation_stats=vars(gen_stats) if gen_stats else None,
-    )
+    summary = DatasetSummary(out_dir, {}, {}, {}, neighbours, neighbour_source, originals_generated,
+                             originals_cached, vars(gen_stats) if gen_stats else None)
     _write_folder(summary, sets, target, {
         "model_identity": model_id, "seed": seed, "target": target.name,
         "generator": generator if isinstance(generator, str) else generator.source,
@@ -261,6 +253,13 @@ def build_dataset(
     })
     summary.seconds = time.time() - t0
     return summary
+
+
+def _rng_for(seed: int, part: str) -> random.Random:
+    """One random stream per set: a held-out set depends on the seed and its own size only, not
+    on how many training examples were drawn before it (runs with a larger forget set are
+    evaluated on the same questions)."""
+    return random.Random(f"{seed}:{part}")
 
 
 _RECORD_KEYS = ("id", "prompt", "response", "original_response", "original_truncated", "kind", "source", "entity")
@@ -390,7 +389,7 @@ def _write_folder(summary: DatasetSummary, sets: dict[str, list[dict[str, Any]]]
     summary.by_source = {name: dict(Counter(r["source"] for r in recs)) for name, recs in sets.items()}
     summary.by_kind = {name: dict(Counter(r["kind"] for r in recs)) for name, recs in sets.items()}
     summary.examples = {name: [{k: r.get(k) for k in _RECORD_KEYS} for r in recs[:3]] for name, recs in sets.items()}
-    from .. import __version__
+    from ..version import __version__
 
     write_json(manifest_path, {
         "snap_fast_version": __version__,

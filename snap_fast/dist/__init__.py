@@ -10,7 +10,12 @@ Under DDP every rank holds all weights and the plain regularizer runs unchanged 
 """
 
 from .comm import direction_bounds, predicted_comm_bytes
-from .context import DistributedContext, DistributedFailure, collective_guard, init_from_env
+from .context import (
+    DistributedContext,
+    DistributedFailure,
+    collective_guard,
+    init_from_env,
+)
 from .fsdp import fully_shard_model
 from .regularizer import ShardedSlicedWassersteinRegularizer
 from .terms import ShardedLoraTerm, ShardedTerm

@@ -25,7 +25,9 @@ class DistributedContext:
     Attributes:
         rank, world_size, local_rank: from the launcher (``torchrun``, ``accelerate launch``).
         device: the device this rank computes on (``cuda:<local_rank>`` or ``cpu``).
-        backend: the process-group backend (``nccl`` or ``gloo``), ``None`` for a single process.
+        group_backend: the process-group backend (``nccl`` or ``gloo``), ``None`` for a single
+            process.
+        collectives_on_device: collectives take tensors on ``device`` (NCCL), not on the CPU (gloo).
         owns_group: True when :func:`init_from_env` created the default group (and so should
             destroy it at the end).
     """
@@ -34,7 +36,8 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    backend: str | None = None
+    group_backend: str | None = None
+    collectives_on_device: bool = False
     owns_group: bool = False
 
     @property
@@ -105,7 +108,7 @@ def init_from_env(
         owns = True
     return DistributedContext(
         rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
-        backend=dist.get_backend(), owns_group=owns,
+        group_backend=dist.get_backend(), collectives_on_device=dist.get_backend() == "nccl", owns_group=owns,
     )
 
 

@@ -33,6 +33,7 @@ parameter that is not a DTensor (or is ``Replicate()``) is computed redundantly 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,17 @@ from ..regularizer import SlicedWassersteinRegularizer
 from ..regularizer.terms import ParamFilter, RegularizedTerm, select_terms
 from .comm import direction_bounds, ring_all_reduce_bytes
 from .context import collective_guard
-from .terms import COLS, REPLICATED, ROWS, DTensor, AllReduceSum, ShardedLoraTerm, ShardedTerm, classify, local_tensor
+from .terms import (
+    COLS,
+    REPLICATED,
+    ROWS,
+    AllReduceSum,
+    DTensor,
+    ShardedLoraTerm,
+    ShardedTerm,
+    classify,
+    local_tensor,
+)
 
 __all__ = ["ShardedSlicedWassersteinRegularizer"]
 
@@ -78,31 +89,12 @@ class ShardedSlicedWassersteinRegularizer(SlicedWassersteinRegularizer):
         DistributedFailure: a collective failed (a peer died or timed out).
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        n_projections: int = 100,
-        p: float = 2.0,
-        mode: str = "resample",
-        refresh_every: int = 10,
-        seed: int = 0,
-        param_filter: ParamFilter | None = None,
-        reference_dtype: torch.dtype = torch.bfloat16,
-        backend: str | None = None,
-        cache_directions: bool | None = None,
-        process_group: dist.ProcessGroup | None = None,
-    ):
+    def __init__(self, model: torch.nn.Module, *, process_group: dist.ProcessGroup | None = None, **kwargs: Any):
         self._group = process_group
         # _select_terms (called by the base constructor) needs the group and the world size;
         # the base constructor then builds the fixed-mode cache through our _sorted_initial.
-        super().__init__(
-            model, n_projections=n_projections, p=p, mode=mode, refresh_every=refresh_every,
-            seed=seed, param_filter=param_filter, reference_dtype=reference_dtype, backend=backend,
-            cache_directions=cache_directions,
-        )
+        super().__init__(model, **kwargs)
 
-    # ------------------------------------------------------------------ selection
     def _select_terms(
         self, model: torch.nn.Module, param_filter: ParamFilter | None, initial_dtype: torch.dtype | None
     ) -> list[RegularizedTerm]:

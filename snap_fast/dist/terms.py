@@ -110,7 +110,7 @@ class ShardedLoraTerm(ShardedTerm):
     gradient of the global value), then ``P_local = W0_local Θ + s · U[local rows] (V Θ)``.
     """
 
-    def __init__(self, term: RegularizedTerm):
+    def __init__(self, term: LoraTerm):
         self.factors = term.factors
         super().__init__(term.name, term.factors.base, None, ROWS)
         self.full_factors: tuple[torch.Tensor, torch.Tensor] | None = None

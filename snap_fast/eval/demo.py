@@ -98,8 +98,8 @@ PRESETS = {
 
 def choose_threads() -> int:
     """Threads for torch: all cores on an idle machine, one when the load average already
-    exceeds the core count (measured on a shared 2-core box: 8 prompts x 48 tokens took 21 s on
-    one thread and 379 s on two, because waiting OpenMP threads contend with other processes)."""
+    exceeds the core count (then OpenMP threads that wait for each other also wait for the other
+    processes, and generation gets many times slower than on one thread)."""
     cores = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]

@@ -327,8 +327,8 @@ def headline(summary: Mapping) -> dict:
     }
 
 
-# Quality targets of the demo (issue 7): obliteration >= 90 %, hard-positive ROUGE-L recall
-# >= 0.8, perplexity within +10 % of the original model.
+# Quality targets of the demo: obliteration >= 90 %, hard-positive ROUGE-L recall >= 0.8,
+# perplexity within +10 % of the original model.
 TARGETS = {"obliteration_rate": 0.90, "retain_rougeL_recall": 0.80, "perplexity_increase": 0.10}
 
 

@@ -1,4 +1,4 @@
-"""The object a training loop holds: SNAP's sliced-Wasserstein regularizer over a whole model.
+"""SlicedWassersteinRegularizer: direction modes, the flat call, caches and resume state.
 
 Build it once from the model before training; call it every step and add ``λ ·`` its value to
 the loss::

@@ -36,6 +36,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         target.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
 
 
+def options_markdown() -> str:
+    """The flag table of docs/training.md, from the same field metadata as ``--help`` (a test
+    keeps the page equal to it)."""
+    lines = ["| flag | config field | default | meaning |", "|---|---|---|---|"]
+    for flag, kwargs, _ in cli_options():
+        field = kwargs["dest"]
+        default = getattr(UnlearnConfig, field)
+        shown = "—" if default in (None, "") else f"`{default}`"
+        action = kwargs.get("action")
+        if action is not None:
+            set_to = kwargs["const"] if action == "store_const" else action == "store_true"
+            shown = f"`{default}` (`{set_to}` with the flag)"
+        meaning = kwargs["help"].removesuffix(f" (default {default})")
+        lines.append(f"| `{flag}` | `{field}` | {shown} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
 def config_from_args(args: argparse.Namespace) -> UnlearnConfig:
     """The :class:`UnlearnConfig` the flags describe (YAML base, flags on top)."""
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}

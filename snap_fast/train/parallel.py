@@ -287,7 +287,7 @@ class DataParallel:
         if not self.ctx.distributed or not values:
             return dict(values)
         keys = sorted(values)
-        device = self.ctx.device if self.ctx.backend == "nccl" else torch.device("cpu")
+        device = self.ctx.device if self.ctx.collectives_on_device else torch.device("cpu")
         buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
         with collective_guard("all_reduce metrics"):
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)

@@ -16,7 +16,7 @@ import torch
 from ..io import atomic_write_text
 from .config import UnlearnConfig
 
-__all__ = ["prepare_run_folder", "save_final", "MetricsLog", "write_summary"]
+__all__ = ["MetricsLog", "prepare_run_folder", "save_final", "write_summary"]
 
 
 def prepare_run_folder(cfg: UnlearnConfig) -> Path:
@@ -38,7 +38,7 @@ def prepare_run_folder(cfg: UnlearnConfig) -> Path:
 
 def write_summary(run_dir: Path, cfg: UnlearnConfig, **fields) -> None:
     """``summary.json``: the run's outcome, with the settings that identify it."""
-    from .. import __version__
+    from ..version import __version__
 
     summary = {"snap_fast_version": __version__, "method": cfg.method, "lora": cfg.lora, "lam": cfg.lam,
                "model": cfg.model, "data": cfg.data, **fields}

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .config import UnlearnConfig
     from .runtime import Runtime
 
-__all__ = ["ForgetNLL", "GradientAscent", "LossTerm", "NPO", "RetainKL", "RetainNLL", "SetBatch", "TermSetup"]
+__all__ = ["NPO", "ForgetNLL", "GradientAscent", "LossTerm", "RetainKL", "RetainNLL", "SetBatch", "TermSetup"]
 
 
 @dataclass

@@ -34,15 +34,15 @@ import torch
 from .layout import SegmentLayout
 
 __all__ = [
+    "DISABLE_ENV",
     "available",
     "cuda_available",
-    "sort_segments",
-    "match_sorted",
-    "swd_forward",
     "cuda_segmented_argsort",
     "cuda_sort_rows",
+    "match_sorted",
+    "sort_segments",
+    "swd_forward",
     "unavailable_reason",
-    "DISABLE_ENV",
 ]
 
 DISABLE_ENV = "SNAP_FAST_DISABLE_EXT"

@@ -16,7 +16,7 @@ from ..backends import Backend, choose_backend, get_backend
 from .layout import SegmentLayout
 from .naive import as_matrix, random_projections, sliced_wasserstein_reference
 
-__all__ = ["sliced_wasserstein", "swd_from_projections", "check_swd_args"]
+__all__ = ["check_swd_args", "sliced_wasserstein", "swd_from_projections"]
 
 
 def check_swd_args(n_projections: int, p: float) -> None:

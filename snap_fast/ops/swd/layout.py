@@ -32,7 +32,7 @@ class SegmentLayout:
     _offsets: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_blocks(cls, blocks: list[tuple[int, int]]) -> "SegmentLayout":
+    def from_blocks(cls, blocks: list[tuple[int, int]]) -> SegmentLayout:
         """Build from ``[(count, length), ...]``: ``count`` segments of ``length`` each, in order."""
         lengths: list[int] = []
         runs: list[tuple[int, int, int]] = []
