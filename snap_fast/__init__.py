@@ -23,6 +23,7 @@ from .version import __version__
 
 __all__ = [
     "MODES",
+    "__version__",
     "SlicedWassersteinRegularizer",
     "UnlearnConfig",
     "generate_answers",
