@@ -14,7 +14,7 @@ _EXPORTS = {
     "builtin_target": "target",
     "build_dataset": "build",
     "DatasetSummary": "build",
-    "QA_SETS": "build",
+    "QA_SETS": "sets",
     "ChatCollator": "collator",
     "render_prompt": "collator",
     "EndpointGenerator": "generators",

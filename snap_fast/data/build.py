@@ -37,9 +37,9 @@ from .originals import fill_original_answers
 from .patterns import patterns_for
 from .positives import GENERAL_INSTRUCTIONS, HELDOUT_TEXTS, load_instruction_file
 from .responses import obliterated_response
+from .sets import QA_SETS  # noqa: F401 (re-exported: the sets this module writes)
 from .target import TargetSpec, builtin_target, normalize
 
-QA_SETS = ("forget", "retain", "general", "heldout_forget", "heldout_retain", "heldout_general")
 _HELDOUT_GENERATED_SHARE = 0.2  # share of LLM-generated forget questions kept for evaluation
 
 

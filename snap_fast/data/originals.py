@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import read_jsonl, write_jsonl
+from .sets import FORGET_SETS
 
 __all__ = ["OriginalsCache", "fill_original_answers"]
 
@@ -82,7 +83,7 @@ def fill_original_answers(
             r["original_response"], finished = cache.get(r["prompt"], max_new_tokens)
             # cut at max_new_tokens: trained on without an EOS after it (collator)
             r["original_truncated"] = not finished
-            if name not in ("forget", "heldout_forget"):
+            if name not in FORGET_SETS:
                 r["response"] = r["original_response"]
     return model_id, len(missing), len(prompts) - len(missing)
 

@@ -249,7 +249,8 @@ def _resolve_settings(settings: DemoSettings | str) -> tuple[str, DemoSettings]:
 def _build_data(data_dir: Path, base, tokenizer, identity: str, settings: DemoSettings, answer_cache,
                 progress: bool, log) -> Path:
     """Stage 2: the data folder (original answers from the cache when present)."""
-    from snap_fast.data.build import QA_SETS, build_dataset
+    from snap_fast.data.build import build_dataset
+    from snap_fast.data.sets import QA_SETS
     from snap_fast.data.target import builtin_target
 
     target = builtin_target(TARGET)

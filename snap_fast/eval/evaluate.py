@@ -29,14 +29,14 @@ from typing import Any
 import numpy as np
 
 from snap_fast.checks import check_int
+from snap_fast.data.sets import FORGET_SETS, QA_SETS
 from snap_fast.generation import generate_answers
 from snap_fast.io import read_jsonl, write_json, write_jsonl
 
 from .classifier import ObliterationJudge
 from .metrics import answer_nll, fluency_stats, rouge_l_recall, text_nll
 
-FORGET_SETS = ("forget", "heldout_forget")
-ALL_SETS = ("forget", "heldout_forget", "retain", "heldout_retain", "general", "heldout_general")
+ALL_SETS = QA_SETS
 DEFAULT_SETS = ("heldout_forget", "forget", "heldout_retain", "heldout_general")
 
 
