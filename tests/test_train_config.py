@@ -208,8 +208,7 @@ def test_flags_help_and_docs_come_from_the_config_fields():
     import dataclasses
     import pathlib
 
-    from snap_fast.train.cli import add_arguments, options_markdown
-    from snap_fast.train.config import cli_options
+    from snap_fast.train.cli import add_arguments, cli_options, options_markdown
 
     options = cli_options()
     assert sorted(kwargs["dest"] for _, kwargs, _ in options) == sorted(

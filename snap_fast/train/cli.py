@@ -12,17 +12,44 @@ command with ``--resume`` to continue.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from .config import UnlearnConfig, cli_options
+from .config import UnlearnConfig
 from .runtime import EXIT_CODES
+
+
+def cli_options() -> list[tuple[str, dict[str, Any], str | None]]:
+    """``(flag, argparse keyword arguments, group)`` for every :class:`UnlearnConfig` field with a
+    flag, help text ending with the field's default: what ``snap-fast unlearn --help`` shows."""
+    options = []
+    for f in dataclasses.fields(UnlearnConfig):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        help_text = meta["help"]
+        if meta["action"] is None and f.default not in (None, ""):
+            help_text += f" (default {f.default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
+        if meta["action"] is not None:
+            kwargs["action"] = meta["action"]
+            if meta["const"] is not None:
+                kwargs["const"] = meta["const"]
+        else:
+            kwargs["type"] = meta["type"] or (str if f.default is None else type(f.default))
+            if meta["choices"] is not None:
+                kwargs["choices"] = meta["choices"]
+        options.append((flag, kwargs, meta["group"]))
+    return options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``unlearn`` flags on ``parser``: one per :class:`UnlearnConfig` field, help
-    and defaults from the field's metadata (:func:`~snap_fast.train.config.cli_options`).
+    and defaults from the field's metadata (:func:`cli_options`).
 
     Every flag's argparse default is SUPPRESS, so only the flags the user gave override the YAML
     file and the dataclass defaults.

@@ -41,7 +41,7 @@ REG_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 
 def _arg(default: Any, help: str, *, type: type | None = None, choices: Sequence[str] | None = None,
          flag: str | None = None, action: str | None = None, const: Any = None, group: str | None = None):
-    """A config field and its command-line flag, described once (see :func:`cli_options`).
+    """A config field and its command-line flag, described once (see :func:`snap_fast.train.cli.cli_options`).
 
     ``flag`` defaults to ``--<field-name-with-dashes>``; ``type`` to the default's type;
     ``action``/``const`` are argparse's (``store_true``, ``store_false``, ``store_const``); fields
@@ -50,30 +50,6 @@ def _arg(default: Any, help: str, *, type: type | None = None, choices: Sequence
     return field(default=default, metadata={"help": help, "type": type, "choices": choices, "flag": flag,
                                              "action": action, "const": const, "group": group})
 
-
-def cli_options() -> list[tuple[str, dict[str, Any], str | None]]:
-    """``(flag, argparse keyword arguments, group)`` for every :class:`UnlearnConfig` field with a
-    flag, help text ending with the field's default: what ``snap-fast unlearn --help`` shows."""
-    options = []
-    for f in dataclasses.fields(UnlearnConfig):
-        meta = f.metadata
-        if "help" not in meta:
-            continue
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        help_text = meta["help"]
-        if meta["action"] is None and f.default not in (None, ""):
-            help_text += f" (default {f.default})"
-        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
-        if meta["action"] is not None:
-            kwargs["action"] = meta["action"]
-            if meta["const"] is not None:
-                kwargs["const"] = meta["const"]
-        else:
-            kwargs["type"] = meta["type"] or (str if f.default is None else type(f.default))
-            if meta["choices"] is not None:
-                kwargs["choices"] = meta["choices"]
-        options.append((flag, kwargs, meta["group"]))
-    return options
 
 # Fields that may change between a run and its resume: they do not change what is computed.
 RESUMABLE_CHANGES = frozenset(
@@ -86,70 +62,28 @@ RESUMABLE_CHANGES = frozenset(
 class UnlearnConfig:
     """Everything one run needs. Defaults follow SNAP.md §3 (LoRA by default).
 
-    Attributes:
-        model: model spec for :func:`snap_fast.models.load_model` (hub id, folder, ``.gguf``,
-            or ``"smollm2-135m-instruct"``).
-        data: data folder written by ``snap-fast data`` (``forget.jsonl``, ``retain.jsonl``,
-            optional ``general.jsonl``).
-        out: run folder to create.
-        method: one of :data:`METHODS`.
-        lora: train LoRA adapters (PEFT) instead of all weights.
-        lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator, dropout.
-        lora_targets: PEFT ``target_modules``: ``"all-linear"`` or a comma-separated / list of
-            module names (e.g. ``"q_proj,v_proj"``).
-        lora_layers: the decoder layers that get adapters (PEFT ``layers_to_transform``):
-            ``None`` (all), an inclusive range ``"15-29"``, a comma-separated / list of
-            indices, or a fraction in (0, 1] such as ``0.5`` (``"0.5"``): that share of the
-            layers, counted from the top (rounded, at least one). The layers below the lowest
-            adapted one need no backward pass, so a step gets cheaper (upper 15 of
-            SmolLM2-135M's 30 layers: about 20 % on the CPU).
-        lr: peak learning rate; ``None`` → 1e-4 with LoRA, 1e-5 for full fine-tuning.
-        epochs: passes over the forget set (may be fractional); ignored when ``max_steps`` is set.
-        max_steps: optimizer steps to run; overrides ``epochs``.
-        batch_size: examples per micro-batch, per set (forget, retain and general each).
-        retain_batch_size: examples per micro-batch of the retain set; ``None`` →
-            ``batch_size``. Larger than ``batch_size`` shows the model more hard positives per
-            forget example (each epoch then draws that many more of them).
-        general_batch_size: examples per micro-batch of the general set; ``None`` →
-            ``retain_batch_size``. General instructions are far from the target and their KL
-            stays small, so a smaller general batch frees compute for hard positives.
-        grad_accum: micro-batches per optimizer step (effective batch = batch_size·grad_accum).
-        max_length: token cap per example (prompt + response).
-        weight_decay, warmup: AdamW weight decay; linear warm-up steps.
-        max_grad_norm: gradient clipping norm (0 disables).
-        alpha: weight of the retain and general terms.
-        retain_loss: ``"nll"`` (SNAP: NLL of the original answers) or ``"kl"`` (mean KL from the
-            original model's next-token distributions to the model's, over the same answer
-            tokens; 0 with 0 gradient until the model moves). The original model is the base
-            with the adapter disabled under LoRA, and a frozen copy of the weights (twice the
-            memory) for full fine-tuning, which FSDP does not support. Both are needed only
-            when the original's answer-token log-probabilities exceed ``reference_cache_gib``.
-        reference_cache_gib: with ``retain_loss="kl"``, the original model's log-probabilities
-            at every retain/general answer position (answer tokens × vocabulary × 4 bytes) are
-            computed once before training and kept in CPU memory when they take at most this
-            many GiB, which saves one forward of the original model per retain/general batch
-            (and the frozen copy under full fine-tuning); 0 never caches.
-        lam: λ, weight of the sliced-Wasserstein regularizer; ``None`` → 0.1 for ``snap`` and
-            ``snap-npo``, 0 otherwise (``idk`` is SNAP with λ = 0). Any method takes λ > 0.
-        reg_mode, reg_refresh_every, n_projections, reg_p: regularizer settings
-            (:class:`snap_fast.SlicedWassersteinRegularizer`).
-        reg_backend: force the regularizer's sorting backend (``None``: automatic).
-        npo_beta: β of the NPO forget term (``npo``, ``snap-npo``).
-        use_general: train on ``general.jsonl`` too when it exists and is non-empty.
-        precision: ``"fp32"``, or ``"bf16"`` autocast (weights stay float32).
-        gradient_checkpointing: recompute activations in backward (less memory).
-        seed: seeds weights of new adapters, data order, regularizer directions.
-        log_every: steps between metrics lines; save_every: steps between checkpoints (0: only
-            at the end or on a signal); keep_checkpoints: how many of the newest checkpoints to
-            keep (0: all); lora_stats_every: steps between LoRA-delta statistics.
-        merge: also write ``final/merged/`` (LoRA merged into the weights, safetensors).
-        overwrite: replace an existing run folder; resume: continue from its last checkpoint.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``…
-        parallel: under several processes (``torchrun``), ``"ddp"`` replicates the model and
-            ``"fsdp"`` shards it with FSDP2 (``fully_shard`` per decoder layer, then the root)
-            and uses the sharded regularizer. A single process ignores it.
-        trust_remote_code: passed to the model loader.
-        progress: show a tqdm progress bar.
+    Each field's meaning and default are written once, in its ``_arg(...)`` below: they are the
+    help of its ``snap-fast unlearn`` flag and the table of docs/training.md. What a line cannot
+    say:
+
+    * ``lora_layers`` (PEFT ``layers_to_transform``): ``None`` (all), an inclusive range
+      ``"15-29"``, indices ``"0,2,4"`` / a list, or a fraction in (0, 1] counted from the top
+      (rounded, at least one). No backward pass runs below the lowest adapted layer, so steps get
+      cheaper (the upper 15 of SmolLM2-135M's 30 layers: about 20 % on the CPU).
+    * ``retain_batch_size`` larger than ``batch_size`` shows the model more hard positives per
+      forget example (each epoch then draws that many more); ``general_batch_size`` smaller
+      frees compute for them (general instructions are far from the target).
+    * ``retain_loss="kl"``: mean KL from the original model's next-token distributions to the
+      model's over the same answer tokens, 0 with 0 gradient until the model moves. Its
+      log-probabilities (answer tokens × vocabulary × 4 bytes) are computed once and kept when
+      they fit in ``reference_cache_gib``; otherwise every batch runs the original model: the
+      base with the adapter disabled under LoRA, a frozen copy (twice the memory, not under
+      FSDP) for full fine-tuning.
+    * ``lam=None`` takes the method's default (:mod:`snap_fast.train.methods`); any method takes
+      λ > 0. ``lr=None``: 1e-4 with LoRA, 1e-5 for full fine-tuning.
+    * ``parallel`` only matters under several processes (``torchrun``): ``"ddp"`` replicates the
+      model, ``"fsdp"`` shards it with FSDP2 and uses the sharded regularizer.
+    * ``notes``: free-form, carried into config.yaml, never read by training.
     """
 
     model: str = _arg("smollm2-135m-instruct", "hub id, local folder, .gguf file, or smollm2-135m-instruct")
