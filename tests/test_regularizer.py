@@ -324,3 +324,79 @@ def test_bad_environment_backend(monkeypatch):
 def test_last_directions_before_any_call():
     with pytest.raises(RuntimeError, match="at least one call"):
         SlicedWassersteinRegularizer(Tiny()).last_directions()
+
+
+# ----------------------------------------------------------------- low-precision weights
+# Bound: projections are accumulated and kept in float32, so what remains is the weights' own
+# rounding (identical in the oracle, which reads the same stored values) and the cast of the
+# gradient back to the weights' dtype: at most one unit roundoff per element, 2^-8 for bfloat16
+# and 2^-11 for float16, i.e. 0.4 % and 0.05 % norm-wise. 2 % leaves a 5x margin; rounding the
+# projections to bfloat16 instead gives tens of percent (the differences of sorted projections
+# are ‖W − W0‖ / ‖W‖ times smaller than the projections).
+LOW_PRECISION_BOUND = 0.02
+
+
+@pytest.mark.parametrize("dtype, shape", [(torch.bfloat16, (257, 576)), (torch.float16, (96, 40))])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_weights_lose_only_their_own_rounding(dtype, shape, backend):
+    from snap_fast import random_projections, sliced_wasserstein
+
+    g = torch.Generator().manual_seed(3)
+    w0 = (0.02 * torch.randn(shape, generator=g)).to(dtype)
+    w = (w0.float() + 0.002 * torch.randn(shape, generator=g)).to(dtype).requires_grad_()
+    theta = random_projections(shape[1], 16, generator=g)
+    w64 = w.detach().double().requires_grad_()
+    ref = sliced_wasserstein_reference(w0.double(), w64, theta.double())
+    ref.backward()
+    got = sliced_wasserstein(w0, w, projections=theta, backend=backend)
+    got.backward()
+    assert abs(float(got) - float(ref)) / float(ref) < LOW_PRECISION_BOUND
+    assert w.grad.dtype == dtype
+    assert relative_error(w.grad, w64.grad) < LOW_PRECISION_BOUND
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(w0.clone())
+
+    model = Model()
+    reg = SlicedWassersteinRegularizer(model, n_projections=16, mode="resample", seed=1, backend=backend,
+                                       reference_dtype=dtype)
+    with torch.no_grad():
+        model.weight.copy_(w.detach())
+    value = reg()
+    value.backward()
+    (theta_used,) = reg.last_directions()
+    w64 = w.detach().double().requires_grad_()
+    ref = sliced_wasserstein_reference(w0.double(), w64, theta_used.double())
+    ref.backward()
+    assert abs(float(value) - float(ref)) / float(ref) < LOW_PRECISION_BOUND
+    assert relative_error(model.weight.grad, w64.grad) < LOW_PRECISION_BOUND
+
+
+@pytest.mark.parametrize("mode", ["fixed", "refresh"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_saved_state_gives_the_saved_values_in_a_fresh_regularizer_of_another_seed(mode, backend):
+    model = Tiny()
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, mode=mode, refresh_every=3, seed=0, backend=backend)
+    reg()
+    reg()
+    buffer = io.BytesIO()
+    torch.save(reg.state_dict(), buffer)
+    with torch.no_grad():  # training moves the weights after the checkpoint
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    expected = [reg().detach() for _ in range(4)]
+    fresh = SlicedWassersteinRegularizer(model, n_projections=L, mode=mode, refresh_every=3, seed=7,
+                                         backend=backend)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=False))
+    got = [fresh().detach() for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)), (got, expected)
+
+
+def test_fixed_state_without_the_initial_projections_refuses_other_directions():
+    reg = SlicedWassersteinRegularizer(Tiny(), n_projections=L, mode="fixed", seed=0)
+    other = SlicedWassersteinRegularizer(Tiny(), n_projections=L, mode="fixed", seed=7)
+    with pytest.raises(ValueError, match="seed=0"):
+        other.load_state_dict(reg.state_dict(include_initial=False))

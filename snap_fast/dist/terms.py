@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.swd.naive import as_matrix
+from ..ops.swd.naive import as_matrix, projections_t
 from ..regularizer.terms import LoraTerm, RegularizedTerm
 from .context import collective_guard
 
@@ -65,15 +65,13 @@ class ShardedTerm(RegularizedTerm):
 
     def project(self, theta: torch.Tensor) -> torch.Tensor:
         """Local projections with autograd: (n_local, L); for ``cols`` a partial sum (1, L)."""
-        w = self.local_matrix(self.param)
-        return w @ self._local_theta(theta).to(w.dtype)
+        return projections_t(self._local_theta(theta), self.local_matrix(self.param)).t()
 
     @torch.no_grad()
     def initial_projection(self, theta: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`project` for the initial weights, float32, no autograd."""
         w0 = self.initial if self.initial is not None else self.local_matrix(self.param.detach())
-        compute = self.param.dtype if self.param.is_floating_point() else torch.float32
-        return (w0.to(compute) @ self._local_theta(theta).to(compute)).float()
+        return projections_t(self._local_theta(theta), w0).t()
 
 
 class AllReduceSum(torch.autograd.Function):

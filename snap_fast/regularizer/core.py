@@ -130,6 +130,10 @@ class SlicedWassersteinRegularizer:
         # Generator state right before the latest resample draw: lets last_directions() redraw
         # them on demand instead of holding d×L floats per tensor between calls.
         self._last_draw_state: torch.Tensor | None = None
+        # Fixed-mode directions are a function of (seed, the device type they are drawn on): a
+        # CUDA generator draws other numbers than a CPU one. Both are saved in state_dict(), so a
+        # resume on another device draws the same directions (on the saved device, then moved).
+        self._fixed_draw_device = self.device.type
         if mode == "fixed":
             self._rebuild_cache()
 
@@ -141,12 +145,13 @@ class SlicedWassersteinRegularizer:
 
     # ------------------------------------------------------------------ directions
     def _draw(self, generator: torch.Generator) -> list[torch.Tensor]:
-        """(d, L) directions for every term, one RNG call per distinct width."""
+        """(d, L) directions for every term, one RNG call per distinct width, drawn on the
+        generator's device and moved to the regularizer's."""
         theta: list[torch.Tensor | None] = [None] * len(self.terms)
         for g in self._groups:
             block = torch.randn(
-                len(g.indices), g.d, self.n_projections, generator=generator, device=self.device
-            )
+                len(g.indices), g.d, self.n_projections, generator=generator, device=generator.device
+            ).to(self.device)
             block = block / block.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
             for j, i in enumerate(g.indices):
                 theta[i] = block[j]
@@ -155,7 +160,7 @@ class SlicedWassersteinRegularizer:
     def _fixed_directions(self) -> list[torch.Tensor]:
         if self._theta is not None:
             return self._theta
-        theta = self._draw(torch.Generator(device=self.device).manual_seed(self.seed))
+        theta = self._draw(torch.Generator(device=self._fixed_draw_device).manual_seed(self.seed))
         if self.cache_directions:
             self._theta = theta
         return theta
@@ -290,6 +295,8 @@ class SlicedWassersteinRegularizer:
             "calls": self.calls,
             "generator": self._generator.get_state(),
             "names": self.parameter_names,
+            "seed": self.seed,
+            "fixed_draw_device": self._fixed_draw_device,
             **self._state_owner(),
         }
         if self.mode == "refresh":
@@ -316,8 +323,14 @@ class SlicedWassersteinRegularizer:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; the next call continues the saved sequence.
 
+        A fixed-mode state carries the seed and the generator's device type of its directions:
+        loaded into a regularizer built with another seed, or on another device, the saved
+        directions are drawn again (on the saved device type, then moved), so the values are the
+        saved run's.
+
         Raises:
-            ValueError: the state is for another mode or another set of parameters.
+            ValueError: the state is for another mode or another set of parameters, or for other
+                fixed directions without the sorted initial projections that belong to them.
         """
         if state.get("mode") != self.mode:
             raise ValueError(f"state is for mode {state.get('mode')!r}, this regularizer is {self.mode!r}")
@@ -327,6 +340,8 @@ class SlicedWassersteinRegularizer:
                 f"state is for {len(state['names'])} parameters {state['names'][:3]}..., this "
                 f"regularizer has {len(self.terms)} {self.parameter_names[:3]}..."
             )
+        if self.mode == "fixed":
+            self._load_fixed_directions(state)
         for t, w0 in zip(self.terms, state.get("initial") or []):
             if w0 is not None:
                 expected = tuple(t.initial.shape) if t.initial is not None else (t.n, t.d)
@@ -346,6 +361,26 @@ class SlicedWassersteinRegularizer:
                 )
             self._sorted_ref = state["sorted_ref"].to(self.device)
         self._sort_state = {}
+
+    def _load_fixed_directions(self, state: dict) -> None:
+        """Adopt the saved seed and draw device of fixed-mode directions (the saved sorted
+        initial projections belong to them)."""
+        seed = state.get("seed", self.seed)
+        draw_device = state.get("fixed_draw_device", self._fixed_draw_device)
+        if (seed, draw_device) == (self.seed, self._fixed_draw_device):
+            return
+        if state.get("sorted_ref") is None:
+            raise ValueError(
+                f"state is for seed {seed} (directions drawn on {draw_device}) but holds no sorted initial "
+                f"projections (include_initial=False): build the regularizer with seed={seed} on a "
+                f"{draw_device} device, or save the state with include_initial=True"
+            )
+        if draw_device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("state's fixed directions were drawn by a CUDA generator; this machine has no CUDA")
+        self.seed, self._fixed_draw_device = seed, draw_device
+        self._theta = None
+        self.cache_directions = self.cache_directions or draw_device != self.device.type
+        self._pin(self._fixed_directions())
 
     def __iter__(self) -> Iterator[RegularizedTerm]:
         return iter(self.terms)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..adapters import LoraFactors, find_lora_factors
-from ..ops.swd.naive import as_matrix
+from ..ops.swd.naive import as_matrix, projections_t
 
 try:
     from torch.distributed.tensor import DTensor
@@ -62,17 +62,15 @@ class RegularizedTerm:
 
     def project(self, theta: torch.Tensor) -> torch.Tensor:
         """Current projections W Θ, (n, L), carrying autograd to the parameter."""
-        w = as_matrix(self.param)
-        # (Θᵀ Wᵀ)ᵀ: the very GEMM of the initial projection and of the regularizer's flat path
-        # (which writes Θᵀ Wᵀ into its buffer), so W = W0 gives bitwise equal projections.
-        return (theta.t().to(w.dtype) @ w.t()).t()
+        # (Θᵀ Wᵀ)ᵀ in float32: the very GEMM of the initial projection and of the regularizer's
+        # flat path (which writes Θᵀ Wᵀ into its buffer), so W = W0 gives bitwise equal projections.
+        return projections_t(theta, as_matrix(self.param)).t()
 
     @torch.no_grad()
     def initial_projection(self, theta: torch.Tensor) -> torch.Tensor:
         """Initial projections W0 Θ, (n, L) float32, without autograd."""
         w0 = self.initial if self.initial is not None else as_matrix(self.param)
-        compute = self.param.dtype if self.param.is_floating_point() else torch.float32
-        return (theta.t().to(compute) @ w0.to(compute).t()).t().float()
+        return projections_t(theta, w0).t()
 
     def pin_directions(self, theta: torch.Tensor, dtype: torch.dtype) -> None:
         """Called when ``theta`` (d, L) will be reused by every call until the next pin.
@@ -124,8 +122,7 @@ class LoraTerm(RegularizedTerm):
     # regularizer flattens terms direction by direction, so this layout packs without a copy.
     @torch.no_grad()
     def _base_projection_t(self, theta: torch.Tensor) -> torch.Tensor:
-        base = self.factors.base
-        return (theta.t().to(base.dtype) @ base.t()).float()
+        return projections_t(theta, self.factors.base)
 
     def w0_theta_t(self, theta: torch.Tensor) -> torch.Tensor:
         """(W0 Θ)ᵀ, (L, n) float32: pinned, handed off by initial_projection, or computed."""

@@ -14,7 +14,12 @@ import torch
 from ...checks import check_int, check_number, check_tensor
 from ..backends import Backend, choose_backend, get_backend
 from .layout import SegmentLayout
-from .naive import as_matrix, random_projections, sliced_wasserstein_reference
+from .naive import (
+    as_matrix,
+    projections_t,
+    random_projections,
+    sliced_wasserstein_reference,
+)
 
 __all__ = ["check_swd_args", "sliced_wasserstein", "swd_from_projections"]
 
@@ -124,9 +129,8 @@ def sliced_wasserstein(
 
     chosen = choose_backend(w.device, backend)
     layout = SegmentLayout.from_blocks([(n_dirs, n)])
-    theta = projections.to(a.dtype)
-    proj = (a @ theta).t().reshape(-1)
+    proj = projections_t(projections, a).reshape(-1)  # float32 whatever the weights' dtype
     with torch.no_grad():
-        proj0 = (a0.to(a.dtype) @ theta).t().reshape(-1).float()
+        proj0 = projections_t(projections, a0).reshape(-1)
         sorted_ref = chosen.sort_segments(proj0, layout)
     return swd_from_projections(proj, sorted_ref, layout, n_projections=n_dirs, p=float(p), backend=chosen)

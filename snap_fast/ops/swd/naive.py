@@ -17,7 +17,9 @@ import math
 
 import torch
 
-__all__ = ["as_matrix", "matched_targets", "power_sum", "random_projections", "sliced_wasserstein_reference"]
+__all__ = [
+    "as_matrix", "matched_targets", "power_sum", "projections_t", "random_projections", "sliced_wasserstein_reference",
+]
 
 
 def random_projections(
@@ -91,3 +93,15 @@ def matched_targets(proj: torch.Tensor, sorted_ref: torch.Tensor) -> torch.Tenso
 def power_sum(diff: torch.Tensor, p: float) -> torch.Tensor:
     """``Σ |diff|^p``, with the exact square for p = 2 (the common case, one cheap pass)."""
     return diff.square().sum() if p == 2 else diff.abs().pow(p).sum()
+
+
+def projections_t(theta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``Θᵀ Wᵀ``, (L, n) float32, for directions Θ (d, L) and a matrix W (n, d) of any float dtype.
+
+    Accumulated and returned in float32: bfloat16 / float16 weights then lose only their own
+    rounding. Rounding the projections to the weights' dtype would cost far more, because the
+    regularizer reads *differences* of sorted projections, ‖W − W0‖ / ‖W‖ times smaller than the
+    projections themselves. Autograd reaches W (its gradient in W's dtype).
+    """
+    w_t = w.t() if w.dtype == torch.float32 else w.t().float()
+    return theta.t().float() @ w_t
