@@ -9,6 +9,10 @@ current = initial + a small perturbation) and times, all in one run, on the same
   (``resample``; ``refresh`` with K = 10, amortised: 10 consecutive calls timed, divided by 10;
   ``fixed``) for each available CPU backend (``torch``; ``cpp`` when the extension builds),
 
+* the GEMM floor (:class:`GemmFloor`): only the two projection products any exact implementation
+  does per call for every tensor, ``Θᵀ Wᵀ`` forward and ``G Θᵀ`` backward, with cached
+  directions; every other row also reads against it (``× floor``),
+
 plus a per-stage breakdown of the snap_fast modes (directions and sorted W0 projections,
 projection GEMM, sort/match, reduction, backward; each stage timed on its own). Between timed
 calls every implementation takes the same small SGD step on its own gradient (outside the timer),
@@ -106,6 +110,41 @@ class ShapedModel(torch.nn.Module):
 
 
 # ----------------------------------------------------------------- timing
+
+
+class _TwoGemms(torch.autograd.Function):
+    """Forward ``Θᵢᵀ Wᵢᵀ`` and backward ``dWᵢ = Gᵢᵀ Θᵢᵀ`` for every tensor, nothing else."""
+
+    @staticmethod
+    def forward(ctx, floor, *params):  # type: ignore[override]
+        for theta_t, w, out in zip(floor.thetas_t, params, floor.outs):
+            torch.mm(theta_t, w.reshape(w.shape[0], -1).t(), out=out)
+        ctx.floor = floor
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        floor = ctx.floor
+        grads = [torch.mm(g.t(), theta_t).view(shape) for g, theta_t, shape in
+                 zip(floor.outs, floor.thetas_t, floor.shapes)]
+        return (None, *grads)
+
+
+class GemmFloor:
+    """The machine's floor for one exact call: the two projection GEMMs per tensor (L directions,
+    drawn once and cached), no sort, no reduction, no direction draw; called like a regularizer."""
+
+    def __init__(self, params: list[torch.nn.Parameter], n_projections: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.params = params
+        self.shapes = [p.shape if p.dim() > 1 else (1, p.numel()) for p in params]  # as passed to the GEMMs
+        mats = [p.detach().reshape(p.shape[0], -1) if p.dim() > 1 else p.detach().reshape(1, -1) for p in params]
+        self.thetas_t = [torch.randn(n_projections, m.shape[1], generator=g) for m in mats]
+        # the forward writes here; the backward reads it back as the incoming (L, n) gradient
+        self.outs = [torch.empty(n_projections, m.shape[0]) for m in mats]
+
+    def __call__(self) -> torch.Tensor:
+        return _TwoGemms.apply(self, *[p if p.dim() > 1 else p.reshape(1, -1) for p in self.params])
 
 
 def _clear_grads(params: list[torch.nn.Parameter]) -> None:
@@ -293,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
     # (label, backend, factory building the callable from the *initial* weights, window)
     jobs: list[tuple[str, str, Callable[[], Callable[[], torch.Tensor]], int]] = [
         ("peer loop", "torch", lambda: PeerRegularizer(params, L, p, args.seed), 1),
+        ("GEMM floor (Θᵀ Wᵀ + G Θᵀ)", "torch", lambda: GemmFloor(params, L, args.seed), 1),
     ]
     if not args.skip_pot:
         jobs.append(("POT per tensor", "torch", lambda: PotRegularizer(params, L, p, args.seed), 1))
@@ -324,6 +364,7 @@ def run(args: argparse.Namespace) -> int:
     _clear_grads(params)
 
     peer_s = rows[0][2]
+    floor_s = rows[1][2]
     pot_s = next((r[2] for r in rows if r[0] == "POT per tensor"), None)
     size = "SmolLM2-135M-shaped" if full_size else f"small ({layers} layers, vocab {vocab})"
     lines = [
@@ -334,15 +375,15 @@ def run(args: argparse.Namespace) -> int:
         f"Machine: {machine_description()}.",
         f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}.",
         "",
-        "| implementation | backend | median s | vs peer | vs POT | first value | cache MB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| implementation | backend | median s | vs peer | vs POT | × floor | first value | cache MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, backend, seconds, value, cache in rows:
         vs_pot = f"{pot_s / seconds:.2f}×" if pot_s else "—"
         cache_mb = f"{cache / 2**20:.1f}" if cache is not None else "—"
-        lines.append(
-            f"| {label} | {backend} | {seconds:.3f} | {peer_s / seconds:.2f}× | {vs_pot} | {value:.4g} | {cache_mb} |"
-        )
+        shown = "—" if label.startswith("GEMM floor") else f"{value:.4g}"
+        lines.append(f"| {label} | {backend} | {seconds:.3f} | {peer_s / seconds:.2f}× | {vs_pot} | "
+                     f"{seconds / floor_s:.2f} | {shown} | {cache_mb} |")
     lines += [
         "",
         "Per-stage breakdown of the snap_fast calls (median seconds per call, each stage timed on its own):",

@@ -85,6 +85,8 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     assert table in capsys.readouterr().out  # the printed table is the written one
     main, breakdown = table.split("Per-stage")
     assert "| peer loop | torch |" in main and "| 1.00× |" in main
+    floor_row = next(line for line in main.splitlines() if line.startswith("| GEMM floor"))
+    assert floor_row.split("|")[6].strip() == "1.00"  # the floor reads 1.00 against itself
     assert "POT per tensor" not in main
     for mode in ("resample", "refresh (K=10, amortised)", "fixed"):
         assert f"| snap_fast {mode} | torch |" in main
