@@ -10,8 +10,8 @@ current = initial + a small perturbation) and times, all in one run, on the same
   ``fixed``) for each available CPU backend (``torch``; ``cpp`` when the extension builds),
 
 * the GEMM floor (:class:`GemmFloor`): only the two projection products any exact implementation
-  does per call for every tensor, ``Θᵀ Wᵀ`` forward and ``G Θᵀ`` backward, with cached
-  directions; every other row also reads against it (``× floor``),
+  does per call for every tensor, ``W Θ`` forward and ``G Θᵀ`` backward, with cached directions;
+  every other row also reads against it (``× floor``),
 
 plus a per-stage breakdown of the snap_fast modes (directions and sorted W0 projections,
 projection GEMM, sort/match, reduction, backward; each stage timed on its own). Between timed
@@ -113,19 +113,21 @@ class ShapedModel(torch.nn.Module):
 
 
 class _TwoGemms(torch.autograd.Function):
-    """Forward ``Θᵢᵀ Wᵢᵀ`` and backward ``dWᵢ = Gᵢᵀ Θᵢᵀ`` for every tensor, nothing else."""
+    """Forward ``Wᵢ Θᵢ`` and backward ``dWᵢ = Gᵢ Θᵢᵀ`` for every tensor, nothing else, each in the
+    operand order MKL runs fastest on these shapes (measured: ``W Θ`` 0.36 s against 0.58 s for
+    ``(Θᵀ Wᵀ)`` over SmolLM2-135M's tensors at 2 threads)."""
 
     @staticmethod
     def forward(ctx, floor, *params):  # type: ignore[override]
-        for theta_t, w, out in zip(floor.thetas_t, params, floor.outs):
-            torch.mm(theta_t, w.reshape(w.shape[0], -1).t(), out=out)
+        for theta, w, out in zip(floor.thetas, params, floor.outs):
+            torch.mm(w.reshape(w.shape[0], -1), theta, out=out)
         ctx.floor = floor
         return params[0].new_zeros(())
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         floor = ctx.floor
-        grads = [torch.mm(g.t(), theta_t).view(shape) for g, theta_t, shape in
+        grads = [torch.mm(g, theta_t).view(shape) for g, theta_t, shape in
                  zip(floor.outs, floor.thetas_t, floor.shapes)]
         return (None, *grads)
 
@@ -140,8 +142,9 @@ class GemmFloor:
         self.shapes = [p.shape if p.dim() > 1 else (1, p.numel()) for p in params]  # as passed to the GEMMs
         mats = [p.detach().reshape(p.shape[0], -1) if p.dim() > 1 else p.detach().reshape(1, -1) for p in params]
         self.thetas_t = [torch.randn(n_projections, m.shape[1], generator=g) for m in mats]
-        # the forward writes here; the backward reads it back as the incoming (L, n) gradient
-        self.outs = [torch.empty(n_projections, m.shape[0]) for m in mats]
+        self.thetas = [t.t().contiguous() for t in self.thetas_t]
+        # the forward writes here; the backward reads it back as the incoming (n, L) gradient
+        self.outs = [torch.empty(m.shape[0], n_projections) for m in mats]
 
     def __call__(self) -> torch.Tensor:
         return _TwoGemms.apply(self, *[p if p.dim() > 1 else p.reshape(1, -1) for p in self.params])
@@ -332,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     # (label, backend, factory building the callable from the *initial* weights, window)
     jobs: list[tuple[str, str, Callable[[], Callable[[], torch.Tensor]], int]] = [
         ("peer loop", "torch", lambda: PeerRegularizer(params, L, p, args.seed), 1),
-        ("GEMM floor (Θᵀ Wᵀ + G Θᵀ)", "torch", lambda: GemmFloor(params, L, args.seed), 1),
+        ("GEMM floor (W Θ + G Θᵀ)", "torch", lambda: GemmFloor(params, L, args.seed), 1),
     ]
     if not args.skip_pot:
         jobs.append(("POT per tensor", "torch", lambda: PotRegularizer(params, L, p, args.seed), 1))
