@@ -67,7 +67,11 @@ class LoraFactors:
 
     def uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, V)`` views, (n, r) and (r, d), with ``ΔW_stored = s · U @ V``; no copies."""
-        a, b = self.factor_params()
+        return self.uv_of(*self.factor_params())
+
+    def uv_of(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(U, V)`` views of factors laid out as this layer's ``(A, B)`` (its own, or copies
+        assembled from shards)."""
         if self.kind == "linear":
             return b, a
         # fan_in_fan_out stores W0 as (in, out) = (BA)ᵀ-shaped; lora_embedding_A is (r, num_emb)

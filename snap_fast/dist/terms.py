@@ -117,14 +117,9 @@ class ShardedLoraTerm(ShardedTerm):
         self.factor_rows = [(local_tensor(f).shape[0] if f.dim() else 1) for f in self.factors.factor_params()]
         self.factor_offsets = [0, 0]
 
-    def _uv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # the same (U, V) views as snap_fast.adapters.LoraFactors.uv, applied to the assembled factors
-        a, b = self.full_factors
-        return (b, a) if self.factors.kind == "linear" else (a.t(), b.t())
-
     def project(self, theta: torch.Tensor) -> torch.Tensor:
         """(n_local, L) float32 with autograd to the factors; needs :attr:`full_factors` set."""
-        u, v = self._uv()
+        u, v = self.factors.uv_of(*self.full_factors)
         u_local = u[self.row_offset : self.row_offset + self.n_local].float()
         w0_theta = self._pinned.float() if self._pinned is not None else self.initial_projection(theta)
         return torch.addmm(w0_theta, u_local, v.float() @ theta.float(), alpha=self.factors.scaling)

@@ -2,16 +2,15 @@
 
     result = unlearn(UnlearnConfig(model="smollm2-135m-instruct", data="hp_data", out="runs/hp"))
 
-:class:`UnlearnRecipe` ``setup()`` validates nothing twice: the config was checked when the
-recipe was built. It creates the run folder (``config.yaml`` first), loads the model, wraps it
-with LoRA (or trains all weights), builds the regularizer and prepares the method's loss terms
-from the *original* weights (NPO and KL read the original model there), restores the last
-checkpoint when resuming. ``train()`` runs the loop: per optimizer step, ``grad_accum``
-micro-batches of forget / retain / general examples through the method's terms
-(:mod:`snap_fast.train.methods`), ``λ · SWD`` once per step, clipping, AdamW, the linear
-schedule; logs to ``metrics.jsonl`` (and TensorBoard when installed); checkpoints atomically;
-stops cleanly on SIGINT/SIGTERM; and finally writes the adapter (and merged model) under
-``final/`` and ``summary.json``.
+:class:`UnlearnRecipe` checks the config when it is built; ``setup()`` then creates the run
+folder (``config.yaml`` first), loads the model, wraps it with LoRA (or trains all weights),
+builds the regularizer and prepares the method's loss terms from the *original* weights (NPO and
+KL read the original model there), restores the last checkpoint when resuming. ``train()`` runs
+the loop: per optimizer step, ``grad_accum`` micro-batches of forget / retain / general examples
+through the method's terms (:mod:`snap_fast.train.methods`), ``λ · SWD`` once per step,
+clipping, AdamW, the linear schedule; logs to ``metrics.jsonl`` (and TensorBoard when
+installed); checkpoints atomically; stops cleanly on SIGINT/SIGTERM; and finally writes the
+adapter (and merged model) under ``final/`` and ``summary.json``.
 
 Under ``torchrun`` the loop is data parallel: DDP, or with ``parallel="fsdp"`` FSDP2 (the model
 sharded right after it is built, the sharded regularizer, full state dicts gathered on rank 0
@@ -248,7 +247,7 @@ class UnlearnRecipe:
         logits = self.forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     **({"logits_to_keep": keep} if keep else {})).logits
         labels = batch["labels"][:, -keep:] if keep else batch["labels"]
-        return SetBatch(name, batch, logits, labels, mb[name + "_idx"], keep or None)
+        return SetBatch(name, batch, logits, labels, mb[name + "_idx"], keep)
 
     def _regularize(self, step: int, sums: dict[str, float]) -> float | None:
         """λ·SWD once per optimizer step, in float32 outside autocast; its value (or None)."""

@@ -89,19 +89,18 @@ class MetricsLog:
 
     Args:
         run_dir: the run folder.
-        resume_step: steps after this one are dropped from an existing log (a resumed run logs
-            them again); None starts a new log.
+        resume_step: the step the run starts from; records of later steps are dropped from an
+            existing log (a resumed run logs them again; 0 starts an empty one).
         enabled: False on ranks other than 0 (nothing is written).
     """
 
-    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool):
+    def __init__(self, run_dir: Path, resume_step: int, enabled: bool):
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
-        if resume_step is not None:
-            self._truncate(resume_step)
+        self._truncate(resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
