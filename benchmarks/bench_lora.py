@@ -310,12 +310,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default 3)")
     parser.add_argument("--backend", choices=["torch", "cpp", "triton"], default=None, help="sort backend (default auto)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: check the script, not the machine")
-    parser.add_argument("--out", type=Path, default=None, help="output file (default benchmarks/results/lora_<machine>.md)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output file (default benchmarks/results/lora_<machine>_<threads>threads.md)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     text = run_cpu(args.repeats, args.backend, shape="tiny" if args.tiny else "smollm2")
-    out = args.out or HERE / "results" / f"lora_{machine_name()}{'_tiny' if args.tiny else ''}.md"
+    name = f"lora_{machine_name()}_{torch.get_num_threads()}threads{'_tiny' if args.tiny else ''}.md"
+    out = args.out or HERE / "results" / name
     atomic_write_text(out, text)
     print(text)
     print(f"written to {out}")

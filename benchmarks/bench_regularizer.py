@@ -1,7 +1,7 @@
 """CPU benchmark: whole-model regularizer forward + backward (SNAP.md §5).
 
 Builds the SmolLM2-135M-shaped parameter set (272 tensors, 134.5 M parameters; random weights,
-current = initial + a small perturbation) and times, all in one run, on the same weights:
+current = initial + a small perturbation) and times, in one run, from the same weights:
 
 * the peer loop (``peer.PeerRegularizer``: the authors' per-tensor loop, SNAP.md §2),
 * POT per tensor (``peer.PotRegularizer``, same kind of fresh per-tensor directions),
@@ -13,14 +13,17 @@ current = initial + a small perturbation) and times, all in one run, on the same
   does per call for every tensor, ``W Θ`` forward and ``G Θᵀ`` backward, with cached directions;
   every other row also reads against it (``× floor``),
 
-plus a per-stage breakdown of the snap_fast modes (directions and sorted W0 projections,
+timed in interleaved rounds (every implementation once per round, in turn, each on its own weight
+trajectory), so slow drifts of a shared machine hit all of them alike; plus a per-stage breakdown
+of the snap_fast modes (directions and sorted W0 projections,
 projection GEMM, sort/match, reduction, backward; each stage timed on its own). Between timed
 calls every implementation takes the same small SGD step on its own gradient (outside the timer),
 so the weights drift as in training and permutation caches see realistic, not frozen, inputs.
 
 Medians over repeats after a warm-up call; ratios are speedups (baseline time / time). Prints a
-markdown table and writes it atomically to ``benchmarks/results/cpu_<machine>.md`` (full size) or
-to ``--output``. ``--quick`` runs a 2-layer model with a 4096-token vocabulary (9.4 M parameters);
+markdown table (with the thread count and whether the CPU has bf16 dot-product instructions:
+without them the peer loop's bf16 GEMMs are emulated, 5-150x slower) and writes it atomically to
+``benchmarks/results/cpu_<machine>_<threads>threads.md`` (full size) or to ``--output``. ``--quick`` runs a 2-layer model with a 4096-token vocabulary (9.4 M parameters);
 ``--layers``/``--vocab`` shrink it further for smoke tests (CI adds ``--layers 1 --vocab 512
 --skip-pot --n-projections 8``).
 
@@ -162,30 +165,70 @@ def _sgd_step(params: list[torch.nn.Parameter]) -> None:
             param.add_(param.grad, alpha=-SGD_LR)
 
 
+def timed_window(reg: Callable[[], torch.Tensor], params: list[torch.nn.Parameter], window: int) -> tuple[float, float]:
+    """Seconds of ``window`` consecutive forward + backward calls (each followed by the SGD step,
+    outside the timer), divided by ``window``; and the first call's value."""
+    elapsed, first = 0.0, None
+    for _ in range(window):
+        _clear_grads(params)
+        start = time.perf_counter()
+        value = reg()
+        value.backward()
+        elapsed += time.perf_counter() - start
+        if first is None:
+            first = value.item()
+        _sgd_step(params)
+    return elapsed / window, first
+
+
 def time_calls(
     reg: Callable[[], torch.Tensor], params: list[torch.nn.Parameter], repeats: int, window: int = 1
 ) -> tuple[float, float]:
-    """Median seconds of one forward + backward, and the first value.
-
-    One warm-up window, then ``repeats`` windows of ``window`` consecutive calls, each timed as a
-    whole and divided by ``window`` (amortises a refresh every ``window`` calls).
-    """
+    """One implementation alone: median seconds per call over ``repeats`` windows after a
+    warm-up window, and the first value (see :func:`time_interleaved` to compare several)."""
     first = None
     times = []
     for r in range(repeats + 1):
-        elapsed = 0.0
-        for _ in range(window):
-            _clear_grads(params)
-            start = time.perf_counter()
-            value = reg()
-            value.backward()
-            elapsed += time.perf_counter() - start
-            if first is None:
-                first = value.item()
-            _sgd_step(params)
-        if r > 0:  # the first window is the warm-up
-            times.append(elapsed / window)
+        seconds, value = timed_window(reg, params, window)
+        first = value if first is None else first
+        if r > 0:
+            times.append(seconds)
     return statistics.median(times), first
+
+
+def time_interleaved(
+    jobs: list[tuple[str, Callable[[], torch.Tensor], int]], params: list[torch.nn.Parameter],
+    weights: dict[str, list[torch.Tensor]], repeats: int,
+) -> dict[str, tuple[float, float]]:
+    """Median seconds per call and first value of every job, timed in interleaved rounds.
+
+    Round 0 is every job's warm-up; then each round times one window of every job in turn, so
+    drifts of the machine (other tenants, thermal state, allocator) hit all jobs alike. Every job
+    keeps its own weight trajectory in ``weights[label]``, copied into ``params`` for its turn.
+    """
+    times: dict[str, list[float]] = {label: [] for label, _, _ in jobs}
+    first: dict[str, float] = {}
+    for r in range(repeats + 1):
+        for label, reg, window in jobs:
+            _load(params, weights[label])
+            seconds, value = timed_window(reg, params, window)
+            _store(params, weights[label])
+            first.setdefault(label, value)
+            if r > 0:
+                times[label].append(seconds)
+    return {label: (statistics.median(times[label]), first[label]) for label, _, _ in jobs}
+
+
+@torch.no_grad()
+def _load(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
+    for w, v in zip(params, values):
+        w.copy_(v)
+
+
+@torch.no_grad()
+def _store(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
+    for w, v in zip(params, values):
+        v.copy_(w)
 
 
 STAGES = ("directions + sorted W0", "projection GEMM", "sort/match", "reduction", "backward")
@@ -255,6 +298,15 @@ def machine_name() -> str:
     return host
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -263,9 +315,11 @@ def machine_description() -> str:
     except OSError:
         pass
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    bf16 = "yes" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "no (bf16 GEMMs are emulated: the peer loop is far slower)"
     return (
-        f"{cpu}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; torch {torch.__version__}; "
-        f"snap_fast {snap_fast.__version__}; Python {platform.python_version()}; load average {load}"
+        f"{cpu}; bf16 dot-product instructions: {bf16}; {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()}; torch {torch.__version__}; snap_fast {snap_fast.__version__}; "
+        f"Python {platform.python_version()}; load average {load}"
     )
 
 
@@ -284,6 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (smoke tests)")
     parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
 
 
 def _validate(args: argparse.Namespace) -> list[str]:
@@ -292,6 +347,8 @@ def _validate(args: argparse.Namespace) -> list[str]:
     for name in ("layers", "vocab"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.n_projections < 1:
         raise ValueError(f"--n-projections must be >= 1, got {args.n_projections}")
     if not args.p > 0:
@@ -321,24 +378,21 @@ def run(args: argparse.Namespace) -> int:
     if full_size:  # the model of SNAP.md §5, exactly
         assert len(shapes) == SMOLLM2_TENSORS and n_params == SMOLLM2_PARAMS, (len(shapes), n_params)
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model = ShapedModel(shapes, seed=args.seed)
     params = list(model.parameters())
     initial = [w.detach().clone() for w in params]
     model.perturb(seed=args.seed + 1)
     current = [w.detach().clone() for w in params]
 
-    def reset(to: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for w, v in zip(params, to):
-                w.copy_(v)
-
     # (label, backend, factory building the callable from the *initial* weights, window)
-    jobs: list[tuple[str, str, Callable[[], Callable[[], torch.Tensor]], int]] = [
+    specs: list[tuple[str, str, Callable[[], Callable[[], torch.Tensor]], int]] = [
         ("peer loop", "torch", lambda: PeerRegularizer(params, L, p, args.seed), 1),
         ("GEMM floor (W Θ + G Θᵀ)", "torch", lambda: GemmFloor(params, L, args.seed), 1),
     ]
     if not args.skip_pot:
-        jobs.append(("POT per tensor", "torch", lambda: PotRegularizer(params, L, p, args.seed), 1))
+        specs.append(("POT per tensor", "torch", lambda: PotRegularizer(params, L, p, args.seed), 1))
     for backend in backends:
         for mode in snap_fast.MODES:
             label = f"snap_fast {mode}" + (f" (K={REFRESH_K}, amortised)" if mode == "refresh" else "")
@@ -349,20 +403,33 @@ def run(args: argparse.Namespace) -> int:
                     model, n_projections=L, p=p, mode=mode, refresh_every=REFRESH_K, seed=args.seed, backend=backend
                 )
 
-            jobs.append((label, backend, factory, window))
+            specs.append((label, backend, factory, window))
 
+    # Every implementation snapshots the same W0, then starts from the same perturbed weights and
+    # follows its own trajectory (its own SGD steps), kept in `weights` between its turns.
+    regs: dict[str, Callable[[], torch.Tensor]] = {}
+    weights: dict[str, list[torch.Tensor]] = {}
+    for label, backend, factory, _ in tqdm(specs, desc="building", unit="impl", file=sys.stderr):
+        _load(params, initial)
+        regs[label + backend] = factory()
+        weights[label + backend] = [c.clone() for c in current]
+    del initial
+    jobs = [(label + backend, regs[label + backend], window) for label, backend, _, window in specs]
+    print(f"timing {len(jobs)} implementations in {repeats + 1} interleaved rounds "
+          f"({torch.get_num_threads()} threads)...", file=sys.stderr)
+    timed = time_interleaved(jobs, params, weights, repeats)
     rows = []
-    stages: list[tuple[str, str, dict[str, float], float]] = []
-    for label, backend, factory, window in tqdm(jobs, desc="regularizer benchmark", unit="impl", file=sys.stderr):
-        reset(initial)  # every implementation snapshots the same W0 ...
-        reg = factory()
-        reset(current)  # ... and starts from the same perturbed weights
-        seconds, value = time_calls(reg, params, repeats, window)
+    for label, backend, _, _ in specs:
+        reg = regs[label + backend]
         cache = reg.cache_nbytes() if hasattr(reg, "cache_nbytes") else None
-        rows.append((label, backend, seconds, value, cache))
+        rows.append((label, backend, *timed[label + backend], cache))
+
+    stages: list[tuple[str, str, dict[str, float], float]] = []
+    for label, backend, _, window in tqdm(specs, desc="per-stage breakdown", unit="impl", file=sys.stderr):
+        reg = regs.pop(label + backend)
         if isinstance(reg, snap_fast.SlicedWassersteinRegularizer):
-            reset(current)
-            stages.append((label, backend, time_stages(reg, params, repeats, window), seconds))
+            _load(params, weights[label + backend])
+            stages.append((label, backend, time_stages(reg, params, repeats, window), timed[label + backend][0]))
         del reg
     _clear_grads(params)
 
@@ -373,8 +440,10 @@ def run(args: argparse.Namespace) -> int:
     lines = [
         f"# Regularizer forward + backward, CPU, {size}",
         "",
-        f"{len(shapes)} tensors, {n_params / 1e6:.1f} M parameters, float32 weights, L = {L}, p = {p:g}; "
-        f"median of {repeats} repeat(s) after a warm-up; ratios are speedups (baseline time / time).",
+        f"{len(shapes)} tensors, {n_params / 1e6:.1f} M parameters, float32 weights, L = {L}, p = {p:g}, "
+        f"{torch.get_num_threads()} torch thread(s); median of {repeats} interleaved round(s) after a warm-up "
+        "round (each round times every implementation once, in turn); ratios are speedups (baseline time / "
+        "time); × floor is time / GEMM floor.",
         f"Machine: {machine_description()}.",
         f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}.",
         "",
@@ -408,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     output = args.output
     if output is None and full_size:
-        output = RESULTS_DIR / f"cpu_{machine_name()}.md"
+        output = RESULTS_DIR / f"cpu_{machine_name()}_{torch.get_num_threads()}threads.md"
     if output is not None:
         atomic_write_text(Path(output), table)
         print(f"wrote {output}", file=sys.stderr)

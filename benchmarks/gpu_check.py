@@ -1,91 +1,183 @@
-"""One script for a CUDA machine: check, test and time snap_fast's regularizer in under 5 minutes.
+"""The one script a GPU loan runs: build, verify and time snap_fast on the card, in at most 6 minutes.
 
-Usage (on a GPU machine, from the repository root)::
+Usage (from the repository root)::
 
-    python3 benchmarks/gpu_check.py                  # writes benchmarks/results/gpu_<gpu>.md
-    python3 benchmarks/gpu_check.py --skip-8b        # SmolLM2-135M shapes only
-    python3 benchmarks/gpu_check.py --dry-run        # CPU, tiny shapes: checks the script itself
+    python3 benchmarks/gpu_check.py             # GPU: writes benchmarks/results/gpu_<card>.{json,md}
+    python3 benchmarks/gpu_check.py --dry-run   # CPU: runs what can run on toy shapes, skips the rest
+    python3 benchmarks/gpu_check.py --only build,precision --budget-s 120
 
-Sections (each one is a function; a failing section is reported in the output and the script
-goes on):
+A 15-minute loan can run it twice. Every step runs in its own child process with its own time
+limit, cut to what is left of the total budget (``--budget-s``, default 330 s): a step that
+fails, crashes or hangs is recorded as such and the next step runs; a step that would start after
+the budget is spent is recorded as skipped. Without a CUDA device every GPU step is recorded as
+skipped, with the reason, in a few seconds. The C++/CUDA extensions are built first, in a fresh
+directory of their own (``SNAP_FAST_CACHE``), so no step can wait on another process's build lock.
 
-1. ``section_environment``: torch, triton, CUDA and GPU name; imports the script relies on.
-2. ``section_tests``: ``pytest -q tests/test_kernels_triton.py tests/test_regularizer.py`` run
-   natively (``TRITON_INTERPRET`` removed from the environment).
-3. ``section_timings``: whole-model regularizer forward + backward in bfloat16, L = 100, p = 2,
-   on SmolLM2-135M and Llama-3.1-8B shapes (random weights, built directly as parameters), for
-   the peer loop of SNAP.md §2, POT per tensor, and ``SlicedWassersteinRegularizer`` in modes
-   ``resample``, ``refresh`` (K = 10, amortised over 10 calls) and ``fixed``. Medians of
-   ``torch.cuda.Event`` timings, speed-up over the peer loop, achieved GB/s (weights read once +
-   gradients written once, over the time) and its fraction of the measured device-to-device copy
-   bandwidth, the bytes each implementation keeps besides the model, and peak memory.
-4. Hooks filled by other parts of the project, each skipped with a note when absent:
-   ``section_lora`` (``benchmarks/bench_lora.py: gpu_section()``), ``section_cuda_extension``
-   (``snap_fast.ops.swd.cpp.cuda_available()`` → ``pytest tests/test_ext.py``) and ``section_training``
-   (``benchmarks/bench_train.py: gpu_section()``). A ``gpu_section()`` takes no argument and
-   returns markdown text (``str``) or a list of row dicts (rendered as a table).
+Steps (:data:`STEPS`; each child prints one JSON object, see :func:`child_main`):
+
+* ``environment``: versions, device, imports the steps rely on.
+* ``build``: the C++ CPU extension and the CUDA segmented-sort extension, with a timeout.
+* ``triton_blocks``: every Triton kernel at every block size (16 … 4096, full and ragged
+  segments) against ``torch.sort`` / float64 Grams; registers and spills per compiled kernel.
+* ``cub``: CUB's segmented sort on long segments against ``torch.sort``; the regularizer's long
+  segment path run under ``torch.cuda.set_sync_debug_mode("error")`` to prove it never syncs.
+* ``precision``: bf16 / fp16 / fp32 weights on odd shapes, value and gradient against float64.
+* ``determinism``: fixed directions identical across regularizers and across a CPU → CUDA resume.
+* ``tf32``: fp32 SmolLM2-shaped regularizer with and without TF32: time and value change.
+* ``smollm2``: SmolLM2-135M shapes, bf16: the peer loop of SNAP.md §2 and every mode, interleaved.
+* ``llama8b``: Llama-3.1-8B shapes, bf16, fixed and resample forward + backward, per-stage
+  profiler breakdown, against the bandwidth floor (read W once + write dW once).
+* ``lora``: LoRA regularizer and LoRA-delta statistics on CUDA tensors against dense
+  computations on the CPU, then ``benchmarks/bench_lora.py: gpu_section()`` (share of a step).
+* ``train``: ``benchmarks/bench_train.py: gpu_section()``, a training step with and without the
+  regularizer (last: it gets what the budget has left).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import importlib
-import importlib.util
+import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
-
-from snap_fast.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_BUDGET_S = 330.0
 L_DIRECTIONS = 100
-P = 2.0
 
 
-# ------------------------------------------------------------------------------ report model
+# ---------------------------------------------------------------------------------- the steps
+@dataclass(frozen=True)
+class Step:
+    name: str
+    timeout_s: float
+    needs_cuda: bool
+    what: str
+
+
+STEPS: tuple[Step, ...] = (
+    Step("environment", 30, False, "versions, device, imports"),
+    Step("build", 150, True, "C++ CPU and CUDA extensions in their own directory"),
+    Step("triton_blocks", 60, True, "Triton kernels at every block size; registers and spills"),
+    Step("cub", 30, True, "CUB long-segment sort vs torch.sort; no host sync"),
+    Step("precision", 30, True, "bf16/fp16/fp32 on odd shapes vs float64"),
+    Step("determinism", 25, True, "fixed directions across regularizers and a CPU -> CUDA resume"),
+    Step("tf32", 40, True, "fp32 with and without TF32"),
+    Step("smollm2", 60, True, "SmolLM2-135M shapes: peer loop and every mode"),
+    Step("llama8b", 100, True, "Llama-3.1-8B shapes: fixed and resample with a profile"),
+    Step("lora", 60, True, "LoRA regularizer and delta stats on CUDA"),
+    Step("train", 60, True, "training step with and without the regularizer (bench_train.py)"),
+)
+
+
 @dataclass
-class Report:
-    """Markdown sections collected as the script runs; written once at the end."""
-
-    title: str
-    sections: list[tuple[str, str]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-    def add(self, heading: str, body: str) -> None:
-        self.sections.append((heading, body))
-        print(f"\n## {heading}\n{body}", flush=True)
-
-    def markdown(self) -> str:
-        parts = [f"# {self.title}\n"]
-        if self.failures:
-            parts.append("Failed sections: " + ", ".join(self.failures) + "\n")
-        parts += [f"## {h}\n\n{b}\n" for h, b in self.sections]
-        return "\n".join(parts)
+class StepResult:
+    name: str
+    status: str  # "ok", "failed", "timeout", "skipped"
+    seconds: float
+    reason: str = ""
+    markdown: str = ""
+    data: dict = field(default_factory=dict)
 
 
-def run_section(report: Report, heading: str, fn: Callable[[], str]) -> None:
-    """Run one section; an exception becomes a FAILED entry in the report, never a crash."""
+# ------------------------------------------------------------------------------- the runner
+def run_child(command: list[str], timeout_s: float, env: dict[str, str]) -> tuple[str, str, float]:
+    """Run ``command`` in its own process group; ``(status, stdout or reason, seconds)``.
+
+    On timeout the whole group is killed (a compiler or build the step started dies with it).
+    """
     start = time.perf_counter()
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        body = fn()
-    except Exception as exc:  # noqa: BLE001 - every failure is reported, the script goes on
-        report.failures.append(heading)
-        body = f"**FAILED** ({type(exc).__name__}: {exc})\n\n```\n{traceback.format_exc()[-3000:]}```"
-    report.add(heading, f"{body}\n\n_section time: {time.perf_counter() - start:.1f} s_")
+        out, err = proc.communicate(timeout=max(timeout_s, 0.1))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return "timeout", f"killed after {timeout_s:.0f} s", time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "\n".join((err or out).strip().splitlines()[-25:])
+        return "failed", f"exit {proc.returncode}: {tail}", seconds
+    return "ok", out, seconds
 
 
+def parse_child_output(name: str, out: str, seconds: float) -> StepResult:
+    """The step's result from the last JSON line a child printed."""
+    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
+    if not lines:
+        return StepResult(name, "failed", seconds, "the step printed no JSON result")
+    try:
+        payload = json.loads(lines[-1])
+    except json.JSONDecodeError as exc:
+        return StepResult(name, "failed", seconds, f"unreadable result: {exc}")
+    return StepResult(name, payload.get("status", "ok"), seconds, payload.get("reason", ""),
+                      payload.get("markdown", ""), payload.get("data", {}))
+
+
+def run_steps(
+    steps: list[Step], command_for: Callable[[Step], list[str]], *, budget_s: float,
+    skip_reason: Callable[[Step], str | None], env: dict[str, str], log: Callable[[str], None] = print,
+) -> list[StepResult]:
+    """Every step in order, each time-boxed to ``min(its timeout, what is left of the budget)``.
+
+    A step ``skip_reason`` names a reason for is skipped with it; a step whose turn comes after
+    the budget is spent is skipped; a failed or timed-out step never stops the next one.
+    """
+    deadline = time.monotonic() + budget_s
+    results = []
+    for step in steps:
+        left = deadline - time.monotonic()
+        reason = skip_reason(step)
+        if reason:
+            result = StepResult(step.name, "skipped", 0.0, reason)
+        elif left < 1.0:
+            result = StepResult(step.name, "skipped", 0.0, f"total budget of {budget_s:.0f} s spent")
+        else:
+            limit = min(step.timeout_s, left)
+            status, out, seconds = run_child(command_for(step), limit, env)
+            if status == "ok":
+                result = parse_child_output(step.name, out, seconds)
+            else:
+                result = StepResult(step.name, status, seconds, out)
+        log(f"[gpu_check] {step.name}: {result.status} in {result.seconds:.1f} s"
+            + (f" ({result.reason.splitlines()[0][:160]})" if result.reason else ""))
+        results.append(result)
+    return results
+
+
+def render(title: str, results: list[StepResult], total_s: float) -> str:
+    """The markdown report: a summary table, then each step's own section."""
+    lines = [f"# {title}", "", f"Total {total_s:.0f} s.", "", "| step | status | s | note |", "|---|---|---:|---|"]
+    for r in results:
+        note = r.reason.splitlines()[0][:120].replace("|", "/") if r.reason else ""
+        lines.append(f"| {r.name} | {r.status} | {r.seconds:.1f} | {note} |")
+    for r in results:
+        if r.markdown or r.status in ("failed", "timeout"):
+            lines += ["", f"## {r.name}", ""]
+            if r.markdown:
+                lines.append(r.markdown)
+            if r.status in ("failed", "timeout"):
+                lines += ["", "```", r.reason[-3000:], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+# ------------------------------------------------------------------------------ helpers used by steps
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)"
@@ -95,63 +187,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+def rel_err(a, b) -> float:
+
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-# ------------------------------------------------------------------------------ 1. environment
-def section_environment(device: torch.device) -> str:
-    rows = [
-        {"item": "python", "value": platform.python_version()},
-        {"item": "torch", "value": torch.__version__},
-        {"item": "CUDA (torch build)", "value": torch.version.cuda or "none"},
-        {"item": "device", "value": device_name(device)},
-    ]
-    for module in ("triton", "snap_fast", "snap_fast.kernels.segmented_sort", "ot", "pytest"):
-        try:
-            mod = importlib.import_module(module)
-            rows.append({"item": f"import {module}", "value": getattr(mod, "__version__", "ok")})
-        except Exception as exc:  # noqa: BLE001 - a missing optional import is a row, not a crash
-            rows.append({"item": f"import {module}", "value": f"FAILED: {type(exc).__name__}: {exc}"})
-    rows.append({"item": "TRITON_INTERPRET", "value": os.environ.get("TRITON_INTERPRET", "unset")})
-    return markdown_table(rows)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-# ------------------------------------------------------------------------------ 2. native tests
-def run_pytest(files: list[str], *, collect_only: bool, timeout_s: float) -> str:
-    """``pytest -q`` on the files that exist, without the interpreter; a summary and the tail."""
-    present = [f for f in files if (ROOT / f).exists()]
-    missing = [f for f in files if f not in present]
-    if not present:
-        return f"skipped: none of {files} exists"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *present]
-    if collect_only:
-        cmd.append("--collect-only")
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return f"**FAILED**: `{' '.join(cmd[2:])}` ran past {timeout_s:.0f} s"
-    elapsed = time.perf_counter() - start
-    tail = (proc.stdout + proc.stderr).strip().splitlines()
-    summary = tail[-1] if tail else "(no output)"
-    status = "passed" if proc.returncode == 0 else f"**FAILED** (exit {proc.returncode})"
-    body = f"`{' '.join(cmd[2:])}`: {status} in {elapsed:.1f} s: {summary}"
-    if missing:
-        body += f"\n\nnot present (skipped): {', '.join(missing)}"
-    if proc.returncode != 0:
-        body += "\n\n```\n" + "\n".join(tail[-40:]) + "\n```"
-    return body
-
-
-# ------------------------------------------------------------------------------ 3. timings
 def smollm2_135m_shapes() -> list[tuple[int, ...]]:
     """SmolLM2-135M: hidden 576, intermediate 1536, 30 layers, 9/3 heads, vocab 49152, tied."""
     h, i, kv = 576, 1536, 3 * 64
@@ -167,39 +208,39 @@ def llama31_8b_shapes() -> list[tuple[int, ...]]:
 
 
 def tiny_shapes() -> list[tuple[int, ...]]:
-    """A toy decoder for --tiny / --dry-run: checks the script's logic on the CPU in seconds."""
+    """A toy decoder: the dry run's stand-in for the real shapes."""
     h, i = 64, 160
     layer = [(h, h), (16, h), (16, h), (h, h), (i, h), (i, h), (h, i), (h,), (h,)]
     return [(512, h)] + layer * 2 + [(h,)]
 
 
-class ShapeModel(torch.nn.Module):
-    """Parameters of the given shapes, random (std 0.02), in one ParameterList."""
+def shaped_model(shapes, dtype, device, seed: int = 0):
+    """Parameters of the given shapes, std 0.02, in one ParameterList."""
+    import torch
 
-    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        params = []
-        for shape in shapes:
-            t = torch.empty(shape, dtype=dtype, device=device)
-            t.normal_(0.0, 0.02)
-            params.append(torch.nn.Parameter(t))
-        self.weights = torch.nn.ParameterList(params)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, device=device, dtype=torch.float32).mul_(0.02).to(dtype))
+              for s in shapes]
+    model = torch.nn.Module()
+    model.weights = torch.nn.ParameterList(params)
+    return model
 
-    @torch.no_grad()
-    def perturb(self, scale: float = 1e-3) -> None:
-        """Move the weights away from the snapshot, one tensor at a time (bounded temporaries)."""
-        for p in self.parameters():
+
+def perturb(model, scale: float = 1e-3) -> None:
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=scale)
 
-    def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
 
-
-def peer_loop(model: torch.nn.Module, initial_bf16: list[torch.Tensor], n_projections: int, p: float):
+def peer_loop(params, initial_bf16, n_projections: int = L_DIRECTIONS, p: float = 2.0):
     """The authors' loop (SNAP.md §2): per tensor, fresh CPU directions copied over, bf16 copy of
-    W0, two matmuls, two ``torch.sort`` along the rows, a sum; a Python loop over the tensors."""
+    W0, projections cast to bf16, two ``torch.sort`` along the rows, a sum."""
+    import torch
+
     total = 0.0
-    for w, w0 in zip(model.parameters(), initial_bf16):
+    for w, w0 in zip(params, initial_bf16):
         a = w.reshape(1, -1) if w.dim() == 1 else w
         a0 = w0.reshape(1, -1) if w0.dim() == 1 else w0
         theta = torch.randn(a.shape[1], n_projections)
@@ -208,343 +249,463 @@ def peer_loop(model: torch.nn.Module, initial_bf16: list[torch.Tensor], n_projec
         with torch.no_grad():
             proj0 = a0 @ theta
         diff = torch.sort(proj, dim=0).values - torch.sort(proj0, dim=0).values
-        total = total + diff.abs().pow(p).sum() / n_projections
+        total = total + diff.float().abs().pow(p).sum() / n_projections
     return total
 
 
-def pot_loop(model: torch.nn.Module, initial_bf16: list[torch.Tensor], n_projections: int, p: float):
-    """POT's ``sliced_wasserstein_distance`` per tensor (torch backend, float32 on the device),
-    scaled to SNAP's sum over rows: n · SW_p^p."""
-    import ot
+def time_ms(fn: Callable[[], object], device, repeats: int) -> float:
+    """Median milliseconds of ``fn`` after one warm-up call (CUDA events on a GPU)."""
+    import torch
 
-    total = 0.0
-    for w, w0 in zip(model.parameters(), initial_bf16):
-        a = (w.reshape(1, -1) if w.dim() == 1 else w).float()
-        a0 = (w0.reshape(1, -1) if w0.dim() == 1 else w0).float()
-        theta = torch.randn(a.shape[1], n_projections, device=a.device)
-        theta = theta / theta.norm(dim=0, keepdim=True)
-        sw = ot.sliced_wasserstein_distance(a0, a, projections=theta, p=int(p))
-        total = total + a.shape[0] * sw**p
-    return total
-
-
-class Timer:
-    """Milliseconds of a callable: CUDA events on a GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __call__(self, fn: Callable[[], None]) -> float:
-        if self.device.type == "cuda":
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end)
-        begin = time.perf_counter()
-        fn()
-        return (time.perf_counter() - begin) * 1e3
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
-def copy_bandwidth_gbs(device: torch.device, nbytes: int, timer: Timer, repeats: int = 5) -> float:
-    """Device-to-device copy bandwidth: bytes read + bytes written over the median time."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = [timer(lambda: dst.copy_(src)) for _ in range(repeats)]
-    return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
-
-
-@dataclass
-class Measurement:
-    implementation: str
-    median_ms: float | None
-    kept_bytes: int | None = None
-    peak_bytes: int | None = None
-    note: str = ""
-
-
-def measure(
-    name: str,
-    model: ShapeModel,
-    timer: Timer,
-    step: Callable[[], torch.Tensor],
-    *,
-    calls_per_sample: int,
-    repeats: int,
-    kept_bytes: Callable[[], int] | None = None,
-) -> Measurement:
-    """Median time of ``calls_per_sample`` forward+backward calls of ``step``, per call."""
-
-    def sample() -> None:
-        for _ in range(calls_per_sample):
-            step().backward()
-
-    def clear_grads() -> None:
-        for p in model.parameters():
+def fwd_bwd(reg, params) -> Callable[[], None]:
+    def call() -> None:
+        for p in params:
             p.grad = None
+        reg().backward()
 
-    clear_grads()
-    sample()  # warm-up: Triton compilation, cuBLAS heuristics, allocator growth
-    timer.sync()
-    if timer.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(timer.device)
-    times = []
-    for _ in range(repeats):
-        clear_grads()
-        timer.sync()
-        times.append(timer(sample) / calls_per_sample)
-    peak = torch.cuda.max_memory_allocated(timer.device) if timer.device.type == "cuda" else None
-    clear_grads()
-    return Measurement(name, statistics.median(times), kept_bytes() if kept_bytes else None, peak)
+    return call
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+# ------------------------------------------------------------------------------ step bodies
+# Each takes (device, tiny) and returns (markdown, data); raising makes the step "failed".
+def step_environment(device, tiny):
+    import torch
 
-
-def time_baselines(model: ShapeModel, timer: Timer, repeats: int) -> list[Measurement]:
-    """The peer loop and POT per tensor, from a bf16 snapshot of the current weights."""
-    initial = [p.detach().to(torch.bfloat16, copy=True) for p in model.parameters()]
-    model.perturb()
-    copy_bytes = sum(t.numel() * t.element_size() for t in initial)
-    baselines = [
-        ("peer loop (SNAP.md §2)", peer_loop, repeats),
-        ("POT per tensor", pot_loop, max(1, repeats // 2)),
-    ]
-    out = []
-    for name, loop, n in baselines:
-        if loop is pot_loop and importlib.util.find_spec("ot") is None:
-            out.append(Measurement(name, None, note="n/a: POT not importable"))
-            continue
+    rows = [{"item": "python", "value": platform.python_version()}, {"item": "torch", "value": torch.__version__},
+            {"item": "CUDA (torch build)", "value": torch.version.cuda or "none"},
+            {"item": "device", "value": device_name(device)}]
+    for module in ("triton", "snap_fast", "snap_fast.kernels.segmented_sort", "transformers", "peft", "pytest"):
         try:
-            out.append(
-                measure(
-                    name, model, timer, lambda loop=loop: loop(model, initial, L_DIRECTIONS, P),
-                    calls_per_sample=1, repeats=n, kept_bytes=lambda: copy_bytes,
-                )
-            )
-        except Exception as exc:  # noqa: BLE001 - one failing implementation is a row
-            out.append(Measurement(name, None, note=f"FAILED: {type(exc).__name__}: {exc}"[:300]))
-    return out
+            mod = __import__(module, fromlist=["_"])
+            rows.append({"item": f"import {module}", "value": getattr(mod, "__version__", "ok")})
+        except Exception as exc:  # noqa: BLE001 - a missing import is a row, the steps that need it fail
+            rows.append({"item": f"import {module}", "value": f"FAILED: {type(exc).__name__}: {exc}"[:200]})
+    return markdown_table(rows), {r["item"]: r["value"] for r in rows}
 
 
-def time_model(
-    label: str,
-    shapes: list[tuple[int, ...]],
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    repeats: int,
-    copy_gbs: float,
-    deadline: float,
-) -> str:
-    """Every implementation on one model shape; a markdown table."""
+def step_build(device, tiny):
+    from snap_fast.ops.swd import cpp
+
+    rows = []
+    for kind, available in (("cpu", cpp.available), ("cuda", cpp.cuda_available)):
+        start = time.perf_counter()
+        ok = available()
+        rows.append({"extension": kind, "built": ok, "s": round(time.perf_counter() - start, 1),
+                     "reason": "" if ok else str(cpp.unavailable_reason(kind))[:200]})
+    return markdown_table(rows), {"extensions": rows}
+
+
+def step_triton_blocks(device, tiny):
+    import torch
+
+    from kernels import lora_gram, segmented_sort
+    from snap_fast.ops.swd.layout import SegmentLayout
+
+    blocks = [16, 64] if tiny else [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for block in blocks:
+        for length in sorted({block, max(block - 3, block // 2 + 1)}):
+            layout = SegmentLayout.from_blocks([(3, length)])
+            x = torch.randn(layout.total, generator=gen, device=device)
+            ref = torch.sort(torch.randn(layout.total, generator=gen, device=device).view(3, length), dim=1).values
+            out = torch.full((layout.total,), float("nan"), device=device)  # every element must be written
+            got = segmented_sort.sort_segments_triton(x, layout, out=out)
+            want = torch.sort(x.view(3, length), dim=1).values.reshape(-1)
+            targets = segmented_sort.match_sorted_triton(x, ref.reshape(-1), layout)
+            cost = ((x.view(3, length) - targets.view(3, length)) ** 2).sum()
+            want_cost = ((torch.sort(x.view(3, length), dim=1).values - ref) ** 2).sum()
+            rows.append({"kernel": "sort/match", "block": block, "length": length,
+                         "sort exact": bool(torch.equal(got, want)),
+                         "match cost rel err": f"{rel_err(cost, want_cost):.1e}"})
+    rows += _compiled_kernel_rows(segmented_sort)
+    mats = [torch.randn(m, r, generator=gen, device=device) for m, r in ((5000, 8), (97, 16), (4096, 64))]
+    grams = lora_gram.gram_matrices_triton(mats)
+    err = max(rel_err(g, (m.double().t() @ m.double())) for g, m in zip(grams, mats))
+    rows.append({"kernel": "lora gram", "block": lora_gram.BLOCK_M, "length": "5000/97/4096 rows",
+                 "sort exact": "", "match cost rel err": f"max rel err vs float64 {err:.1e}"})
+    failed = [r for r in rows if r.get("sort exact") is False]
+    if failed:
+        raise AssertionError(f"Triton sort differs from torch.sort at {[(r['block'], r['length']) for r in failed]}")
+    return markdown_table(rows), {"rows": rows}
+
+
+def _compiled_kernel_rows(module) -> list[dict]:
+    """Registers and spills of every compiled variant of the module's Triton kernels."""
+    rows = []
+    for name in ("_sort_segments_kernel", "_match_sorted_kernel"):
+        kernel = getattr(module, name)
+        for cache in getattr(kernel, "device_caches", {}).values():
+            compiled = cache[0] if isinstance(cache, tuple) else cache
+            for key, ck in dict(compiled).items():
+                ck._init_handles() if hasattr(ck, "_init_handles") else None
+                rows.append({"kernel": name, "block": re.findall(r"BLOCK[^0-9]*(\d+)", str(key))[:1] or "?",
+                             "registers": getattr(ck, "n_regs", "?"), "spills": getattr(ck, "n_spills", "?")})
+    return rows
+
+
+def step_cub(device, tiny):
+    import torch
+
+    from snap_fast import SlicedWassersteinRegularizer
+    from snap_fast.ops.swd import cpp
+
+    if not cpp.cuda_available():
+        return f"skipped: CUDA extension unavailable ({cpp.unavailable_reason('cuda')})", {"skipped": True}
+    gen = torch.Generator(device=device).manual_seed(1)
+    rows = []
+    for count, n in ((4, 128256), (100, 5000), (3, 4097)):
+        block = torch.randn(count, n, generator=gen, device=device)
+        values, idx = cpp.cuda_sort_rows(block)
+        want = torch.sort(block, dim=1).values
+        rows.append({"segments": f"{count} × {n}", "values exact": bool(torch.equal(values, want)),
+                     "indices consistent": bool(torch.equal(torch.gather(block, 1, idx), values))})
+    model = shaped_model([(20000, 64), (64,)], torch.float32, device)
+    reg = SlicedWassersteinRegularizer(model, n_projections=16, mode="fixed")
+    perturb(model)
+    reg().backward()  # warm-up: compilations and allocations may sync once
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        reg().backward()
+        syncs = "none"
+    except RuntimeError as exc:
+        syncs = f"SYNC: {exc}"[:200]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    rows.append({"segments": "regularizer, 20000-row tensor (long segments)", "values exact": "",
+                 "indices consistent": f"host syncs: {syncs}"})
+    return markdown_table(rows), {"rows": rows, "host_syncs": syncs}
+
+
+def step_precision(device, tiny):
+    import torch
+
+    from snap_fast import (
+        random_projections,
+        sliced_wasserstein,
+        sliced_wasserstein_reference,
+    )
+
+    rows = []
+    for dtype, shape in ((torch.bfloat16, (257, 576)), (torch.float16, (96, 40)), (torch.float32, (257, 576)),
+                         (torch.bfloat16, (1, 577))):
+        gen = torch.Generator().manual_seed(3)
+        w0 = (0.02 * torch.randn(shape, generator=gen)).to(dtype)
+        w = (w0.float() + 0.002 * torch.randn(shape, generator=gen)).to(dtype)
+        theta = random_projections(shape[1], 16, generator=gen)
+        w64 = w.double().requires_grad_()
+        ref = sliced_wasserstein_reference(w0.double(), w64, theta.double())
+        ref.backward()
+        leaf = w.to(device).requires_grad_()
+        got = sliced_wasserstein(w0.to(device), leaf, projections=theta.to(device))
+        got.backward()
+        rows.append({"dtype": str(dtype).split(".")[-1], "shape": f"{shape[0]}×{shape[1]}",
+                     "value rel err": f"{rel_err(got, ref):.1e}", "grad rel err": f"{rel_err(leaf.grad, w64.grad):.1e}",
+                     "≤ 2 %": rel_err(leaf.grad, w64.grad) <= 0.02})
+    return markdown_table(rows), {"rows": rows}
+
+
+def step_determinism(device, tiny):
+    import torch
+
     from snap_fast import SlicedWassersteinRegularizer
 
-    timer = Timer(device)
-    torch.manual_seed(0)
-    model = ShapeModel(shapes, dtype, device)
-    weight_bytes = model.weight_bytes()
-    # Weights read once + gradients (same dtype) written once: the memory floor of one call.
-    floor_bytes = 2 * weight_bytes
-    n_params = sum(p.numel() for p in model.parameters())
-    results: list[Measurement] = []
+    shapes = tiny_shapes()
+    model = shaped_model(shapes, torch.float32, device)
+    a = SlicedWassersteinRegularizer(model, mode="fixed", seed=5, cache_directions=False)
+    b = SlicedWassersteinRegularizer(model, mode="fixed", seed=5, cache_directions=False)
+    perturb(model)
+    same_values = a().item() == b().item() == a().item()
+    same_dirs = all(torch.equal(x, y) for x, y in zip(a.last_directions(), b.last_directions()))
+    # a state saved on the CPU, loaded on the device: the CPU-drawn directions are used again
+    cpu_model = shaped_model(shapes, torch.float32, torch.device("cpu"))
+    cpu_reg = SlicedWassersteinRegularizer(cpu_model, mode="fixed", seed=5, reference_dtype=torch.float32)
+    state = cpu_reg.state_dict()
+    perturb(cpu_model)
+    cpu_value = cpu_reg().item()
+    dev_model = shaped_model(shapes, torch.float32, device)
+    with torch.no_grad():
+        for p, q in zip(dev_model.parameters(), cpu_model.parameters()):
+            p.copy_(q)
+    dev_reg = SlicedWassersteinRegularizer(dev_model, mode="fixed", seed=9, reference_dtype=torch.float32)
+    dev_reg.load_state_dict(state)
+    resumed = dev_reg().item()
+    rows = [{"check": "two fixed regularizers, same seed: same directions", "result": same_dirs},
+            {"check": "repeated calls, same weights: bitwise equal values", "result": same_values},
+            {"check": "CPU state -> device regularizer of another seed: value rel diff",
+             "result": f"{abs(resumed - cpu_value) / abs(cpu_value):.1e}"}]
+    return markdown_table(rows), {"rows": rows}
 
-    def over_budget(name: str) -> bool:
-        if time.perf_counter() > deadline:
-            results.append(Measurement(name, None, note="skipped: time budget spent"))
-            return True
-        return False
 
-    def guarded(name: str, body: Callable[[], Measurement]) -> None:
-        if over_budget(name):
-            return
-        try:
-            results.append(body())
-        except Exception as exc:  # noqa: BLE001 - one failing implementation is a row
-            results.append(Measurement(name, None, note=f"FAILED: {type(exc).__name__}: {exc}"[:300]))
-        free_memory(device)
+def step_tf32(device, tiny):
+    import torch
 
-    # The peer and POT both keep a full bf16 copy of the initial weights, as the authors do; it
-    # lives only inside this call.
-    if not over_budget("peer loop (SNAP.md §2)"):
-        results.extend(time_baselines(model, timer, repeats))
-    free_memory(device)
+    from snap_fast import SlicedWassersteinRegularizer
 
-    # Each regularizer snapshots the weights at construction; perturbing afterwards makes the
-    # distance non-zero, as in training. The refresh mode is timed over blocks of K = 10 calls.
-    for mode, calls in (("resample", 1), ("refresh", 10), ("fixed", 1)):
-        name = f"snap_fast {mode}" + (" (K=10, amortised)" if mode == "refresh" else "")
+    model = shaped_model(tiny_shapes() if tiny else smollm2_135m_shapes(), torch.float32, device)
+    params = list(model.parameters())
+    reg = SlicedWassersteinRegularizer(model, mode="fixed", reference_dtype=torch.float32)
+    perturb(model)
+    rows, values = [], {}
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        values[tf32] = reg().item()
+        rows.append({"TF32": tf32, "fixed fwd+bwd ms": f"{time_ms(fwd_bwd(reg, params), device, 5):.2f}",
+                     "value": f"{values[tf32]:.6g}"})
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows.append({"TF32": "value rel change", "fixed fwd+bwd ms": "",
+                 "value": f"{abs(values[True] - values[False]) / abs(values[False]):.1e}"})
+    return markdown_table(rows), {"rows": rows}
 
-        def body(mode: str = mode, calls: int = calls, name: str = name) -> Measurement:
-            reg = SlicedWassersteinRegularizer(
-                model, n_projections=L_DIRECTIONS, p=P, mode=mode, refresh_every=10
-            )
-            model.perturb()
-            m = measure(
-                name, model, timer, reg, calls_per_sample=calls, repeats=repeats,
-                kept_bytes=reg.cache_nbytes,
-            )
-            m.note = f"backend={reg.backend}"
-            return m
 
-        guarded(name, body)
+def _modes_table(shapes, device, dtype, repeats: int, with_peer: bool, modes) -> tuple[str, dict]:
+    """Every implementation on one shape list, interleaved rounds; medians."""
+    import torch
 
-    peer_ms = next((m.median_ms for m in results if m.implementation.startswith("peer")), None)
+    from snap_fast import SlicedWassersteinRegularizer
+
+    model = shaped_model(shapes, dtype, device)
+    params = list(model.parameters())
+    initial = [p.detach().to(torch.bfloat16, copy=True) for p in params] if with_peer else None
+    regs = {m: SlicedWassersteinRegularizer(model, n_projections=L_DIRECTIONS, mode=m, refresh_every=10) for m in modes}
+    perturb(model)
+    calls: dict[str, Callable[[], None]] = {m: fwd_bwd(r, params) for m, r in regs.items()}
+    if with_peer:
+        def peer() -> None:
+            for p in params:
+                p.grad = None
+            peer_loop(params, initial).backward()
+        calls = {"peer loop": peer, **calls}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            times[name].append(time_ms(call, device, 1))
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
     rows = []
-    for m in results:
-        row = {"implementation": m.implementation}
-        if m.median_ms is None:
-            row["median ms"] = "—"
-        else:
-            row["median ms"] = f"{m.median_ms:.2f}"
-            row["× vs peer"] = f"{peer_ms / m.median_ms:.2f}" if peer_ms else "—"
-            gbs = floor_bytes / (m.median_ms * 1e-3) / 1e9
-            row["GB/s"] = f"{gbs:.1f}"
-            row["of copy BW"] = f"{100 * gbs / copy_gbs:.1f} %"
-        if m.kept_bytes is not None:
-            row["kept / weights"] = f"{100 * m.kept_bytes / weight_bytes:.2f} %"
-        if m.peak_bytes is not None:
-            row["peak GiB"] = f"{m.peak_bytes / 2**30:.1f}"
-        row["note"] = m.note
+    peer_ms = statistics.median(times["peer loop"]) if with_peer else None
+    for name, ts in times.items():
+        ms = statistics.median(ts)
+        row = {"implementation": name, "median ms": f"{ms:.2f}",
+               "GB/s (W read + dW written)": f"{2 * weight_bytes / (ms * 1e-3) / 1e9:.0f}"}
+        if peer_ms:
+            row["× vs peer"] = f"{peer_ms / ms:.2f}"
+        if name in regs:
+            row["backend"] = regs[name].backend
+            row["kept / weights"] = f"{100 * regs[name].cache_nbytes() / weight_bytes:.2f} %"
         rows.append(row)
-    header = (
-        f"{label}: {len(shapes)} tensors, {n_params / 1e6:.1f} M parameters, {dtype}, "
-        f"L = {L_DIRECTIONS}, p = {P:g}, forward + backward per call, median of {repeats}. "
-        f"Memory floor per call: {floor_bytes / 1e9:.2f} GB (weights read + gradients written); "
-        f"measured copy bandwidth {copy_gbs:.0f} GB/s. 'kept / weights': bytes kept besides the "
-        "model (initial-weight copy, caches) over the weight bytes."
-    )
-    return header + "\n\n" + markdown_table(rows)
+    return markdown_table(rows), {"rows": rows, "weight_bytes": weight_bytes}
 
 
-# ------------------------------------------------------------------------------ 4. hooks
-def _load_benchmark_module(filename: str):
-    path = ROOT / "benchmarks" / filename
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location(f"_snap_fast_bench_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+def step_smollm2(device, tiny):
+    import torch
+
+    text, data = _modes_table(tiny_shapes() if tiny else smollm2_135m_shapes(), device, torch.bfloat16,
+                              repeats=3, with_peer=True, modes=("resample", "refresh", "fixed"))
+    return "SmolLM2-135M shapes, bf16, L = 100, interleaved rounds, medians.\n\n" + text, data
 
 
-def hook_section(filename: str) -> str:
-    """Call ``gpu_section()`` of ``benchmarks/<filename>`` if it defines one."""
-    module = _load_benchmark_module(filename)
-    if module is None or not callable(getattr(module, "gpu_section", None)):
-        return f"skipped: benchmarks/{filename} does not define gpu_section()"
-    result = module.gpu_section()
-    if isinstance(result, list):
-        return markdown_table(result)
-    return str(result)
+def step_llama8b(device, tiny):
+    import torch
+
+    shapes = tiny_shapes() if tiny else llama31_8b_shapes()
+    copy_gbs = _copy_bandwidth(device, (16 << 20) if tiny else (4 << 30))
+    text, data = _modes_table(shapes, device, torch.bfloat16, repeats=3, with_peer=False, modes=("fixed", "resample"))
+    floor_ms = 2 * data["weight_bytes"] / (copy_gbs * 1e9) * 1e3
+    profile = _stage_profile(shapes, device)
+    head = (f"Llama-3.1-8B shapes, bf16, L = 100. Bandwidth floor (read W once + write dW once at the measured "
+            f"copy bandwidth {copy_gbs:.0f} GB/s): {floor_ms:.1f} ms.")
+    data.update({"copy_gbs": copy_gbs, "floor_ms": floor_ms, "profile": profile})
+    return f"{head}\n\n{text}\n\nTop device kernels, fixed mode, one call:\n\n{markdown_table(profile)}", data
 
 
-def section_cuda_extension(timeout_s: float) -> str:
-    try:
-        ext = importlib.import_module("snap_fast.ops.swd.cpp")
-    except ImportError as exc:
-        return f"skipped: snap_fast.ops.swd.cpp not importable ({exc})"
-    if not callable(getattr(ext, "cuda_available", None)):
-        return "skipped: snap_fast.ops.swd.cpp has no cuda_available()"
-    if not ext.cuda_available():
-        reason = getattr(ext, "unavailable_reason", lambda kind: None)("cuda")
-        return f"skipped: CUDA extension unavailable ({reason})"
-    return run_pytest(["tests/test_ext.py"], collect_only=False, timeout_s=timeout_s)
+def _copy_bandwidth(device, nbytes: int) -> float:
+    import torch
+
+    src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, 5)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-# ------------------------------------------------------------------------------ main
+def _stage_profile(shapes, device) -> list[dict]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from snap_fast import SlicedWassersteinRegularizer
+
+    model = shaped_model(shapes, torch.bfloat16, device)
+    reg = SlicedWassersteinRegularizer(model, mode="fixed")
+    perturb(model)
+    call = fwd_bwd(reg, list(model.parameters()))
+    call()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:12]
+    return [{"kernel / op": e.key[:70], "calls": e.count, "ms": f"{getattr(e, key, 0.0) / 1e3:.2f}"} for e in events]
+
+
+def step_lora(device, tiny):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from lora_models import dense_stats, lora_layers, peft_model
+
+    from snap_fast import SlicedWassersteinRegularizer, lora_delta_stats
+    from snap_fast.ops.lora_stats import STAT_KEYS
+
+    model = peft_model("llama", 8, False)
+    dense = {name: dense_stats(m) for name, m in lora_layers(model)}  # float64 on the CPU
+    reg_cpu = SlicedWassersteinRegularizer(model, mode="fixed", n_projections=16, reference_dtype=torch.float32)
+    value_cpu = reg_cpu().item()
+    model_dev = model.to(device)
+    rows = []
+    for backend in ("torch", "triton") if device.type == "cuda" else ("torch",):
+        stats = lora_delta_stats(model_dev, backend=backend)
+        worst = {key: max(abs(stats[n][key] - d[key]) / max(abs(d[key]), 1e-12) for n, d in dense.items())
+                 for key in STAT_KEYS}
+        rows.append({"check": f"lora_delta_stats ({backend}) on {device.type} vs dense float64: max rel err",
+                     "result": ", ".join(f"{k} {v:.0e}" for k, v in worst.items()),
+                     "≤ 1e-4": max(worst.values()) <= 1e-4})
+    reg_dev = SlicedWassersteinRegularizer(model_dev, mode="fixed", n_projections=16, reference_dtype=torch.float32)
+    reg_dev.load_state_dict(reg_cpu.state_dict())
+    value_dev = reg_dev().item()
+    rows.append({"check": "LoRA regularizer, CPU state resumed on the device: value rel diff",
+                 "result": f"{abs(value_dev - value_cpu) / abs(value_cpu):.1e}", "≤ 1e-4": ""})
+    text = markdown_table(rows)
+    if device.type == "cuda":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import bench_lora
+
+        text += "\n\n" + str(bench_lora.gpu_section())
+    return text, {"rows": rows}
+
+
+def step_train(device, tiny):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    return str(bench_train.gpu_section(device=device.type, tiny=tiny)), {}
+
+
+STEP_BODIES: dict[str, Callable] = {
+    "environment": step_environment, "build": step_build, "triton_blocks": step_triton_blocks, "cub": step_cub,
+    "precision": step_precision, "determinism": step_determinism, "tf32": step_tf32, "smollm2": step_smollm2,
+    "llama8b": step_llama8b, "lora": step_lora, "train": step_train,
+}
+# Steps whose logic can run on the CPU in a dry run (the Triton ones under the interpreter).
+DRY_RUN_STEPS = ("environment", "triton_blocks", "precision", "determinism", "lora")
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+# ------------------------------------------------------------------------------ processes
+def child_main(step_name: str, dry_run: bool) -> int:
+    """Run one step in this process and print its result as one JSON line."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    device = torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
+    markdown, data = STEP_BODIES[step_name](device, dry_run)
+    skipped = isinstance(data, dict) and data.get("skipped")
+    payload = {"status": "skipped" if skipped else "ok", "markdown": markdown, "data": data}
+    print(json.dumps(payload, default=str))
+    return 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    parser.add_argument("--tiny", action="store_true", help="toy shapes instead of SmolLM2/Llama")
-    parser.add_argument(
-        "--dry-run", action="store_true",
-        help="check the script on the CPU: implies --device cpu --tiny, pytest only collects",
-    )
-    parser.add_argument("--skip-tests", action="store_true", help="skip the native pytest run")
-    parser.add_argument("--skip-8b", action="store_true", help="skip the Llama-3.1-8B shapes")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per implementation")
-    parser.add_argument("--budget-s", type=float, default=270.0, help="skip timings started after this")
-    parser.add_argument("--out", type=Path, default=None, help="markdown output path")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"total time budget in seconds (default {DEFAULT_BUDGET_S:.0f}, at most 360)")
+    parser.add_argument("--only", default=None, help="comma-separated step names (default: all)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU: run the steps whose logic runs on the CPU on toy shapes (Triton interpreted)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where gpu_<card>.{json,md} go (default: benchmarks/results on a GPU; nowhere otherwise)")
+    parser.add_argument("--step", default=None, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args(argv)
-    if args.dry_run:
-        args.device, args.tiny = "cpu", True
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if not 0 < args.budget_s <= 360:
+        parser.error(f"--budget-s must be in (0, 360], got {args.budget_s}")
+    names = [s.name for s in STEPS]
+    if args.only is not None:
+        chosen = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in chosen if n not in names]
+        if unknown or not chosen:
+            parser.error(f"--only: unknown step(s) {unknown or chosen}; steps are {names}")
+        args.only = chosen
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.step is not None:
+        return child_main(args.step, args.dry_run)
+    import torch
+
     start = time.perf_counter()
-    deadline = start + args.budget_s
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device visible; use --dry-run to check the script on the CPU")
-        return 2
-    name = device_name(device)
-    report = Report(f"snap_fast GPU check: {name}")
-    run_section(report, "1. Environment", lambda: section_environment(device))
-
-    tests = ["tests/test_kernels_triton.py", "tests/test_regularizer.py"]
-    if args.skip_tests:
-        report.add("2. Native tests", "skipped: --skip-tests")
+    cuda = torch.cuda.is_available() and not args.dry_run
+    steps = [s for s in STEPS if args.only is None or s.name in args.only]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if args.dry_run:
+        env["TRITON_INTERPRET"] = "1"  # the Triton steps run interpreted on the CPU
     else:
-        run_section(
-            report, "2. Native tests",
-            lambda: run_pytest(tests, collect_only=args.dry_run or device.type != "cuda", timeout_s=150),
-        )
+        # A fresh extension cache: no step can wait on a build lock another process holds.
+        env["SNAP_FAST_CACHE"] = tempfile.mkdtemp(prefix="snap_fast_gpu_check_")
+    script = str(Path(__file__).resolve())
 
-    copy_holder: dict[str, float] = {}
+    def command_for(step: Step) -> list[str]:
+        return [sys.executable, script, "--step", step.name] + (["--dry-run"] if args.dry_run else [])
 
-    def copy_bw() -> str:
-        nbytes = (16 << 20) if args.tiny else (2 << 30)
-        copy_holder["gbs"] = copy_bandwidth_gbs(device, nbytes, Timer(device))
-        return f"device-to-device copy of {nbytes / 2**30:.2f} GiB: {copy_holder['gbs']:.0f} GB/s (read + write)"
+    def skip_reason(step: Step) -> str | None:
+        if args.dry_run:
+            return None if step.name in DRY_RUN_STEPS else "needs a CUDA device (not part of the dry run)"
+        if step.needs_cuda and not cuda:
+            return "no CUDA device visible (torch.cuda.is_available() is False)"
+        return None
 
-    run_section(report, "3a. Copy bandwidth", copy_bw)
-    copy_gbs = copy_holder.get("gbs", float("nan"))
-    models = [("toy decoder", tiny_shapes())] if args.tiny else [("SmolLM2-135M shapes", smollm2_135m_shapes())]
-    if not args.tiny and not args.skip_8b:
-        models.append(("Llama-3.1-8B shapes", llama31_8b_shapes()))
-    for i, (label, shapes) in enumerate(models):
-        run_section(
-            report, f"3{'bcd'[i]}. Regularizer timings: {label}",
-            lambda label=label, shapes=shapes: time_model(
-                label, shapes, device=device, dtype=torch.bfloat16, repeats=args.repeats,
-                copy_gbs=copy_gbs, deadline=deadline,
-            ),
-        )
-        free_memory(device)
+    results = run_steps(steps, command_for, budget_s=args.budget_s, skip_reason=skip_reason, env=env)
+    card = torch.cuda.get_device_name(0) if cuda else device_name(torch.device("cpu"))
+    total = time.perf_counter() - start
+    report = render(f"snap_fast GPU check: {card}", results, total)
+    print(report)
+    out_dir = args.out_dir if args.out_dir is not None else (RESULTS if cuda else None)
+    if out_dir is not None:
+        from snap_fast.io import atomic_write_text
 
-    run_section(report, "4a. LoRA mode (issue 3 hook)", lambda: hook_section("bench_lora.py"))
-    if device.type == "cuda":
-        run_section(report, "4b. CUDA segmented-sort extension", lambda: section_cuda_extension(120))
-    else:
-        report.add("4b. CUDA segmented-sort extension", "skipped: not on a CUDA device")
-    run_section(report, "4c. Training overhead (hook)", lambda: hook_section("bench_train.py"))
-
-    report.add("Total", f"{time.perf_counter() - start:.1f} s")
-    out = args.out
-    if out is None and not args.dry_run:
-        out = RESULTS / f"gpu_{slug(name)}.md"
-    if out is not None:
-        atomic_write_text(out, report.markdown())
-        print(f"\nwrote {out}")
-    return 1 if report.failures else 0
+        stem = f"gpu_{slug(card)}"
+        payload = {"card": card, "total_s": total, "budget_s": args.budget_s, "steps": [asdict(r) for r in results]}
+        atomic_write_text(Path(out_dir) / f"{stem}.json", json.dumps(payload, indent=1, default=str) + "\n")
+        atomic_write_text(Path(out_dir) / f"{stem}.md", report)
+        print(f"wrote {Path(out_dir) / stem}.json and .md")
+    return 1 if any(r.status in ("failed", "timeout") for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from snap_fast.eval.demo import PRESETS, DemoSettings
+from snap_fast.forget import PRESETS, ForgetSettings
 
 # name -> overrides of the demo's training settings (method, λ, regularizer mode)
 CONFIGS: dict[str, dict] = {
@@ -48,7 +48,7 @@ MODES = ("snap-resample", "snap-fixed", "snap-refresh10")
 COMPARED = ("obliteration_rate", "retain_rougeL_recall", "general_rougeL_recall", "perplexity")
 
 
-def run_one(name: str, seed: int, settings: DemoSettings, demo_dir: Path, model: str, out: Path,
+def run_one(name: str, seed: int, settings: ForgetSettings, demo_dir: Path, model: str, out: Path,
             overrides: dict | None = None, tag: str = "") -> dict:
     """Train one configuration with one seed and evaluate it; returns the result record.
 
@@ -92,7 +92,7 @@ def _stats(rows: list[dict], key: str) -> tuple[float | None, float]:
     return statistics.mean(vals), (max(vals) - min(vals)) / 2
 
 
-def time_modes(settings: DemoSettings, repeats: int = 5, shape: str = "smollm2") -> dict[str, float]:
+def time_modes(settings: ForgetSettings, repeats: int = 5, shape: str = "smollm2") -> dict[str, float]:
     """Milliseconds per regularizer call (forward + backward) of each mode in :data:`MODES`.
 
     Measured in one process on a random-init model of the demo's shapes with LoRA of the demo's
@@ -163,7 +163,7 @@ def recommend(results: list[dict], reg_ms: dict[str, float] | None) -> str:
             f"per call, back to back in one process: {timed}){caveat}")
 
 
-def write_table(results: list[dict], original: dict, settings: DemoSettings, path: Path, notes: list[str],
+def write_table(results: list[dict], original: dict, settings: ForgetSettings, path: Path, notes: list[str],
                 reg_ms: dict[str, float] | None = None) -> None:
     """Markdown table: one row per configuration (mean ± half-spread over seeds)."""
     budget_keys = ("lr", "alpha", "max_steps", "batch_size", "retain_batch_size", "general_batch_size",
@@ -211,7 +211,7 @@ def write_table(results: list[dict], original: dict, settings: DemoSettings, pat
     tmp.replace(path)
 
 
-def _mode_timing(settings: DemoSettings, out: Path, retime: bool) -> dict[str, float]:
+def _mode_timing(settings: ForgetSettings, out: Path, retime: bool) -> dict[str, float]:
     """:func:`time_modes` for these settings, reused from ``<out>/mode_timing.json`` when it was
     measured for the same settings and thread count (written atomically)."""
     import torch
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from snap_fast.eval.demo import choose_threads
+    from snap_fast.forget import choose_threads
 
     demo_dir = Path(args.demo_dir)
     if not (demo_dir / "data" / "manifest.json").is_file():

@@ -314,14 +314,16 @@ void with_ref(const at::Tensor& t, F&& f) {
   }
 }
 
+// `check_range`: validate a reused permutation's indices up front (a caller that validates them
+// while reading, as the fused forward does, passes false and saves a pass over the buffer).
 int32_t* prepare_perm(const c10::optional<at::Tensor>& perm, bool reuse, const at::Tensor& offsets,
-                      int64_t total) {
+                      int64_t total, bool check_range = true) {
   const bool keep = perm.has_value() && perm->defined();
   TORCH_CHECK(keep || !reuse, "reuse=True needs a perm buffer");
   if (!keep) return nullptr;
   check_perm(*perm, total);
   int32_t* pm = perm->data_ptr<int32_t>();
-  if (reuse) check_perm_range(pm, offsets);
+  if (reuse && check_range) check_perm_range(pm, offsets);
   return pm;
 }
 
@@ -360,34 +362,77 @@ std::tuple<at::Tensor, at::Tensor> match_sorted(const at::Tensor& proj, const at
   return {out, counts};
 }
 
-// One segment of the fused forward: sorts x (through the loader), writes the gradient and the
-// permutation, returns the segment's float64 partial sum.
+// |d|^p and its gradient factor: the per-element work of the fused forward. At d = 0 the
+// subgradient 0 is used (autograd of |d|^p gives 0 there for p >= 1); a NaN d gives a NaN gradient.
+struct PowerTerm {
+  double p;
+  float gscale;
+  float pm1;
+
+  PowerTerm(double p_, float gscale_) : p(p_), gscale(gscale_), pm1(static_cast<float>(p_ - 1.0)) {}
+
+  // Adds |d|^p to acc and returns the gradient entry.
+  inline float operator()(float d, double& acc) const {
+    if (p == 2.0) {
+      acc += static_cast<double>(d) * d;
+      return gscale * d;
+    }
+    const float a = std::fabs(d);
+    acc += std::pow(static_cast<double>(a), p);
+    return (a == 0.f) ? 0.f : (d != d ? d : gscale * std::copysign(std::pow(a, pm1), d));
+  }
+};
+
+// The fused forward's common case with a kept permutation: after a small step it usually still
+// sorts the segment, so value and gradient are computed in the same pass that checks the order
+// (one read of the projections, no item buffer). Returns 1 when the segment was sorted (acc and
+// gs are final), 0 when it was not (gs holds partial values the caller overwrites), -1 when the
+// permutation holds an index outside the segment (checked before it is read through).
 template <typename Load, typename RefT>
-double fused_segment(const Load& x, const RefT* r, float* gs, int32_t* ps, int64_t n, bool reuse, double p,
-                     float gscale, ReuseStats& stats) {
+int sorted_pass(const Load& x, const RefT* r, float* gs, const int32_t* ps, int64_t n, const PowerTerm& term,
+                double& acc) {
+  int64_t descents = 0;
+  uint32_t prev = 0;
+  acc = 0.0;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t idx = static_cast<uint32_t>(ps[k]);
+    if (idx >= static_cast<uint64_t>(n)) return -1;
+    const float v = x(idx);
+    const uint32_t key = float_key(v);
+    descents += key < prev;
+    prev = key;
+    gs[idx] = term(v - static_cast<float>(r[k]), acc);
+  }
+  return descents == 0 ? 1 : 0;
+}
+
+// One segment of the fused forward: sorts x (through the loader), writes the gradient and the
+// permutation, returns the segment's float64 partial sum. Sets `bad_perm` (and returns 0) when a
+// reused permutation holds an out-of-range index.
+template <typename Load, typename RefT>
+double fused_segment(const Load& x, const RefT* r, float* gs, int32_t* ps, int64_t n, bool reuse,
+                     const PowerTerm& term, ReuseStats& stats, std::atomic<bool>& bad_perm) {
+  double acc = 0.0;
+  if (reuse) {
+    const int outcome = sorted_pass(x, r, gs, ps, n, term, acc);
+    if (outcome < 0) {
+      bad_perm.store(true, std::memory_order_relaxed);
+      return 0.0;
+    }
+    if (outcome > 0) {
+      stats.already_sorted.fetch_add(1, std::memory_order_relaxed);
+      return acc;
+    }
+  }
   thread_local std::vector<uint64_t> items_buf, tmp_buf;
   uint64_t* items = scratch(items_buf, n);
   uint64_t* tmp = scratch(tmp_buf, n);
   const bool unchanged = sort_segment_pairs(x, n, ps, reuse, items, tmp, stats);
-  double acc = 0.0;
-  if (p == 2.0) {
-    for (int64_t k = 0; k < n; ++k) {
-      const uint32_t idx = static_cast<uint32_t>(items[k]);
-      const float d = key_float(static_cast<uint32_t>(items[k] >> 32)) - static_cast<float>(r[k]);
-      acc += static_cast<double>(d) * d;
-      gs[idx] = gscale * d;
-    }
-  } else {
-    const float pm1 = static_cast<float>(p - 1.0);
-    for (int64_t k = 0; k < n; ++k) {
-      const uint32_t idx = static_cast<uint32_t>(items[k]);
-      const float d = key_float(static_cast<uint32_t>(items[k] >> 32)) - static_cast<float>(r[k]);
-      const float a = std::fabs(d);
-      acc += std::pow(static_cast<double>(a), p);
-      // At d = 0 the subgradient 0 is used (autograd of |d|^p gives 0 there for p >= 1);
-      // a NaN d gives a NaN gradient.
-      gs[idx] = (a == 0.f) ? 0.f : (d != d ? d : gscale * std::copysign(std::pow(a, pm1), d));
-    }
+  acc = 0.0;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t idx = static_cast<uint32_t>(items[k]);
+    const float v = key_float(static_cast<uint32_t>(items[k] >> 32));
+    gs[idx] = term(v - static_cast<float>(r[k]), acc);
   }
   if (ps != nullptr && !unchanged) {
     for (int64_t k = 0; k < n; ++k) ps[k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
@@ -413,7 +458,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
   if (shifted) check_ref(*offset, "offset", proj.numel());
   check_offsets(offsets, proj.numel(), "proj");
   TORCH_CHECK(p > 0, "p must be > 0, got ", p);
-  int32_t* pm = prepare_perm(perm, reuse, offsets, proj.numel());
+  // the indices of a reused permutation are checked segment by segment as they are read
+  int32_t* pm = prepare_perm(perm, reuse, offsets, proj.numel(), /*check_range=*/false);
   const int64_t num_segments = offsets.numel() - 1;
   // A caller that calls every step may pass its own gradient buffer: a fresh allocation of tens
   // of megabytes costs a page fault per 4 KiB on first touch, more than the scatter itself.
@@ -429,14 +475,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
   std::vector<double> partial(static_cast<size_t>(num_segments), 0.0);
   const float* x = proj.data_ptr<float>();
   float* g = grad.data_ptr<float>();
-  const float gscale = static_cast<float>(scale * p);
+  const PowerTerm term(p, static_cast<float>(scale * p));
   ReuseStats stats;
+  std::atomic<bool> bad_perm{false};
   with_ref(sorted_ref, [&](const auto* ref) {
     auto run = [&](const auto& make_loader) {
       for_each_segment(offsets, [&](int64_t s, int64_t start, int64_t n) {
         partial[static_cast<size_t>(s)] = fused_segment(make_loader(start), ref + start, g + start,
-                                                        pm != nullptr ? pm + start : nullptr, n, reuse, p,
-                                                        gscale, stats);
+                                                        pm != nullptr ? pm + start : nullptr, n, reuse, term,
+                                                        stats, bad_perm);
       });
     };
     if (!shifted) {
@@ -454,6 +501,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
       });
     }
   });
+  TORCH_CHECK(!bad_perm.load(), "perm holds an index outside its segment: it is not a kept permutation");
   double total = 0.0;
   for (double v : partial) total += v;
   at::Tensor value = at::scalar_tensor(total * scale, at::kDouble);

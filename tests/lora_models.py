@@ -67,3 +67,24 @@ def factors_of(module: LoraLayer, adapter: str = "default") -> tuple[torch.Tenso
     if isinstance(module, LoraEmbedding):
         return module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
     return module.lora_A[adapter].weight, module.lora_B[adapter].weight
+
+
+def dense_stats(module) -> dict[str, float]:
+    a, b = factors_of(module)
+    w0 = module.get_base_layer().weight.detach().double()
+    delta = dense_delta(module, a.detach().double(), b.detach().double(), expected_scaling(module))
+    sv = torch.linalg.svdvals(delta)
+    sv = sv[: min(module.r["default"], *delta.shape)]  # the rest are rounding noise of a rank-r matrix
+    probs = sv / sv.sum()
+    rows = delta.norm(dim=1)
+    return {
+        "fro_norm": delta.norm().item(),
+        "row_norm_max": rows.max().item(),
+        "row_norm_mean": rows.mean().item(),
+        "base_fro_norm": w0.norm().item(),
+        "rel_change": (delta.norm() / w0.norm()).item(),
+        "inner_w0": (w0 * delta).sum().item(),
+        "spectral_norm": sv.max().item(),
+        "effective_rank": math.exp(-(probs * probs.log()).sum().item()),
+        "rows": delta.shape[0],
+    }

@@ -10,9 +10,10 @@ import pytest
 
 from snap_fast import io as data_io
 from snap_fast.data.build import QA_SETS, build_dataset
-from snap_fast.data.patterns import HELDOUT_PATTERNS, TRAIN_PATTERNS
+from snap_fast.data.patterns import HELDOUT_PATTERNS, TRAIN_PATTERNS, reverse_questions
 from snap_fast.data.positives import (
     GENERAL_INSTRUCTIONS,
+    HELDOUT_GENERAL_INSTRUCTIONS,
     HELDOUT_TEXTS,
     load_instruction_file,
 )
@@ -56,13 +57,24 @@ def test_pattern_path_deterministic_and_well_formed(tmp_path):
         assert len({r["id"] for r in recs}) == len(recs)
         assert len({normalize(r["prompt"]) for r in recs}) == len(recs)  # no duplicates
     forget_prompts = {normalize(r["prompt"]) for r in sets["forget"]}
+    reverse = set(reverse_questions(target.facts, target.surface_forms, target.category))
     for r in sets["forget"] + sets["heldout_forget"]:
         assert is_obliterated(r["response"]) and r["source"] == "pattern"
-        assert target.mentioned_in(r["prompt"]) or target.description in r["prompt"]
+        if r["kind"] == "reverse":  # answered by the target, never naming it
+            assert r["prompt"] in reverse and target.mentioned_in(r["prompt"]) is None
+        else:
+            assert target.mentioned_in(r["prompt"]) or target.description in r["prompt"]
         named = target.mentioned_in(r["prompt"])
         if named is None:  # indirect question: the answer must not reveal the name
             assert target.mentioned_in(r["response"]) is None
     assert len({r["kind"] for r in sets["forget"]}) >= 8  # balanced across kinds
+    # half of the facts' reverse questions are held out (first, so the size cap keeps them)
+    held_reverse = [r["prompt"] for r in sets["heldout_forget"] if r["kind"] == "reverse"]
+    assert len(held_reverse) == len(reverse) // 2 == 4
+    assert 0 < sum(r["kind"] == "reverse" for r in sets["forget"]) <= len(reverse) - len(held_reverse)
+    # the held-out general requests come from their own bank, never trained on
+    assert {r["prompt"] for r in sets["heldout_general"]} <= set(HELDOUT_GENERAL_INSTRUCTIONS)
+    assert not {r["prompt"] for r in sets["general"]} & set(HELDOUT_GENERAL_INSTRUCTIONS)
     assert not forget_prompts & {normalize(r["prompt"]) for r in sets["heldout_forget"]}
     for name in ("retain", "heldout_retain"):
         assert all(target.mentioned_in(r["prompt"]) is None for r in sets[name])

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from snap_fast.eval.demo import PRESETS, DemoSettings, choose_threads, run_demo
+from snap_fast.eval.demo import run_demo
 from snap_fast.eval.evaluate import read_jsonl
 from snap_fast.eval.report import HEADINGS
+from snap_fast.forget import PRESETS, ForgetSettings, choose_threads
 from tests.eval_helpers import one_thread  # noqa: F401
 from tests.helpers import save_tiny_model
 
@@ -35,7 +36,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     metrics = read_jsonl(out / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, tiny.max_steps + 1))
     assert (out / "run" / "final" / "adapter" / "adapter_config.json").is_file()
-    summary = json.loads((out / "demo_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["preset"] == "tiny"  # the CLI passes the preset's settings: still named
     assert set(summary["timings_s"]) >= {"load", "data", "unlearn", "eval", "report", "total"}
     assert summary["original"]["perplexity"] > 1.0 and summary["unlearned"]["perplexity"] > 1.0
@@ -55,5 +56,43 @@ def test_demo_bad_input(tmp_path):
     with pytest.raises(TypeError, match="settings"):
         run_demo(tmp_path, settings=3)
     with pytest.raises(ValueError, match="threads"):
-        run_demo(tmp_path, settings=DemoSettings(), threads=0)
+        run_demo(tmp_path, settings=ForgetSettings(), threads=0)
     assert 1 <= choose_threads()
+
+
+def test_forget_any_target_end_to_end_resumes_and_guards_its_folder(tmp_path, capsys):
+    from snap_fast.cli import main
+
+    model = save_tiny_model(tmp_path / "model")
+    out = tmp_path / "ada"
+    target = ["--target", "Ada Lovelace", "--category", "person",
+              "--facts", "Ada Lovelace wrote the first published computer program.",
+              "Ada Lovelace's father was Lord Byron.",
+              "--neighbours", "Charles Babbage", "Alan Turing", "Grace Hopper"]
+    common = ["--tiny", "--model", str(model), "--threads", "1", "--answer-cache", str(tmp_path / "answers")]
+    assert main(["forget", *target, *common, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[5/5] Writing the report" in printed and "general_false_refusal_rate" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target"] == "Ada Lovelace" and summary["cached_stages"] == []
+    assert summary["unlearned"]["general_false_refusal_rate"] is not None
+    # the reverse questions written from the facts: half held out, half trained on
+    prompts = {s: {r["prompt"] for r in read_jsonl(out / "data" / f"{s}.jsonl")} for s in ("forget", "heldout_forget")}
+    reverse = {"Who wrote the first published computer program?", "Whose father was Lord Byron?"}
+    assert len(reverse & prompts["heldout_forget"]) == 1 and len(reverse & prompts["forget"]) == 1
+
+    # the same command again: every stage but loading, evaluation and report is cached
+    assert main(["forget", *target, *common, "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["cached_stages"] == ["data", "unlearn"]
+    capsys.readouterr()
+
+    # another target into the same folder: refused before any work, nothing changed
+    before = (out / "forget.json").read_text()
+    assert main(["forget", "--target", "Grace Hopper", *common, "--out", str(out)]) == 2
+    assert "holds a run for the target 'Ada Lovelace'" in capsys.readouterr().err
+    assert (out / "forget.json").read_text() == before
+    # a folder that is not a forget run is refused too
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(["forget", *target, *common, "--out", str(tmp_path / "other")]) == 2
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

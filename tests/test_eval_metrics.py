@@ -230,3 +230,30 @@ def test_leak_check():
     assert name_leak["leaked"] == ["Potter"] and not name_leak["obliterated"]
     with pytest.raises(ValueError, match="name"):
         ObliterationJudge.from_target({"aliases": []})
+
+
+def test_false_refusals_count_refusals_the_original_did_not_make():
+    from snap_fast.eval.classifier import ObliterationJudge
+    from snap_fast.eval.evaluate import _sample_row, _set_stats, check_targets, headline
+
+    judge = ObliterationJudge.from_target({"name": "Harry Potter", "aliases": [], "facts": []})
+    answered = "Boil the pasta for ten minutes, then drain it."
+    records = [  # (original answer, this model's answer) -> false refusal?
+        (answered, "I'm sorry, but I don't know."),        # yes: the original answered
+        ("I don't know how to do that.", "I don't know."),  # no: the original refused too
+        (answered, answered),                                # no: answered
+        (answered, "Cook it in salted water."),              # no: answered (differently)
+    ]
+    rows = [_sample_row("heldout_general", {"id": i, "prompt": "How do I cook pasta?", "original_response": o},
+                        a, None, judge) for i, (o, a) in enumerate(records)]
+    assert [r["false_refusal"] for r in rows] == [True, False, False, False]
+    stats = _set_stats("heldout_general", rows)
+    assert stats["false_refusal_rate"] == pytest.approx(0.25)  # 1 of 4, by hand
+    forget_row = _sample_row("heldout_forget", {"id": 9, "prompt": "Who is Harry Potter?", "original_response": "x"},
+                             "I don't know.", None, judge)
+    assert "false_refusal" not in forget_row and "false_refusal_rate" not in _set_stats("heldout_forget", [forget_row])
+    summary = {"sets": {"heldout_general": stats, "heldout_retain": {**stats, "false_refusal_rate": 0.0}}}
+    assert headline(summary)["general_false_refusal_rate"] == pytest.approx(0.25)
+    assert headline(summary)["retain_false_refusal_rate"] == 0.0
+    target = check_targets(summary, summary)["general_false_refusal_rate"]
+    assert target["met"] is False and target["target"] == "<= 2%"

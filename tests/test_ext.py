@@ -146,6 +146,36 @@ def test_permutation_reuse_paths_give_fresh_results(ext):
     assert state["cpp_stats"]["resorted"] == 1
 
 
+@pytest.mark.parametrize("p", [2.0, 1.5])
+def test_fused_forward_reusing_permutations_equals_a_fresh_call(ext, p):
+    # The fused forward computes value and gradient in the pass that checks a kept permutation;
+    # every outcome (still sorted, repaired, fully resorted) must give a fresh call's results.
+    gen = torch.Generator().manual_seed(6)
+    layout = SegmentLayout.from_blocks([(4, 1), (6, 64), (6, 2000), (3, 6000)])
+    ref = _per_segment_sort(torch.randn(layout.total, generator=gen), layout)
+    x = torch.randn(layout.total, generator=gen)
+    state: dict = {}
+    ext.swd_forward(x, ref, layout, p=p, scale=0.25, state=state)
+    cases = [
+        ("already_sorted", x),
+        ("repaired", x + 1e-4 * torch.randn(layout.total, generator=gen)),
+        ("resorted", torch.randn(layout.total, generator=gen)),
+    ]
+    for outcome, y in cases:
+        value, grad = ext.swd_forward(y, ref, layout, p=p, scale=0.25, state=state)
+        fresh_value, fresh_grad = ext.swd_forward(y, ref, layout, p=p, scale=0.25)
+        assert state["cpp_stats"][outcome] > 0, (outcome, state["cpp_stats"])
+        # same segment sums in the same order: equal up to float64 rounding of the few ties
+        torch.testing.assert_close(value, fresh_value, rtol=1e-12, atol=0)
+        # a tie may pair its two values the other way round: compare per-segment gradient sets
+        assert torch.equal(_per_segment_sort(grad, layout), _per_segment_sort(fresh_grad, layout))
+
+    # a corrupted kept permutation is refused before it is read through
+    state["cpp_perm"][70] = 10**6
+    with pytest.raises(RuntimeError, match="outside its segment"):
+        ext.swd_forward(x, ref, layout, p=p, scale=0.25, state=state)
+
+
 @pytest.mark.parametrize("p", [2.0, 1.0, 1.5])
 @pytest.mark.parametrize("shape", [(300, 40), (40,), (5000, 3)])
 def test_functional_value_and_gradient_vs_float64_reference(ext, p, shape):

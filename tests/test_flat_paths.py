@@ -161,6 +161,45 @@ def test_plain_flat_path_matches_float64_oracle(backend, mode):
         opt.step()
 
 
+@pytest.mark.skipif(not HAS_EXT, reason="no C++ extension")
+def test_fused_calls_alive_together_keep_their_own_gradients():
+    # The fused call lends its gradient buffer to the backward and gets it back after: graphs
+    # kept alive together must not share one, and a retained graph must not read a buffer a
+    # newer call has written.
+    model = _Plain()
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, mode="fixed", reference_dtype=torch.float32,
+                                       backend="cpp")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    reg().backward()
+    single = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    first = reg()
+    # the second call sees other weights, hence writes other gradients (.data: a plain term's
+    # backward reads only its gradient buffer and Θ, so changing W under the graph is allowed here)
+    for p in model.parameters():
+        p.data.mul_(1.5)
+    second = reg()
+    for p in model.parameters():
+        p.data.div_(1.5)
+    first.backward()
+    for got, want in zip(model.parameters(), single):
+        assert _rel(got.grad, want) < TOL
+    model.zero_grad(set_to_none=True)
+
+    retained = reg()
+    retained.backward(retain_graph=True)
+    retained.backward(retain_graph=True)  # no newer call yet: still its own buffer
+    for got, want in zip(model.parameters(), single):
+        assert _rel(got.grad, 2 * want) < TOL
+    second.backward()  # gives the second buffer back; the next call may take either
+    reg().backward()
+    reg().backward()
+    with pytest.raises(RuntimeError, match="reused by a later call"):
+        retained.backward()
+
+
 def test_non_float32_parameters_use_the_per_term_path():
     model = _Plain(torch.float64)
     reg = SlicedWassersteinRegularizer(model, n_projections=L, mode="fixed", reference_dtype=torch.float32, backend="torch")

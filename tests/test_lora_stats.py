@@ -7,37 +7,10 @@ import math
 
 import pytest
 import torch
-from lora_models import (
-    dense_delta,
-    expected_scaling,
-    factors_of,
-    lora_layers,
-    peft_model,
-)
+from lora_models import dense_stats, lora_layers, peft_model
 from snap_fast.kernels.lora_gram import MAX_RANK, gram_matrices_triton
 
 from snap_fast.ops.lora_stats import STAT_KEYS, lora_delta_stats
-
-
-def dense_stats(module) -> dict[str, float]:
-    a, b = factors_of(module)
-    w0 = module.get_base_layer().weight.detach().double()
-    delta = dense_delta(module, a.detach().double(), b.detach().double(), expected_scaling(module))
-    sv = torch.linalg.svdvals(delta)
-    sv = sv[: min(module.r["default"], *delta.shape)]  # the rest are rounding noise of a rank-r matrix
-    probs = sv / sv.sum()
-    rows = delta.norm(dim=1)
-    return {
-        "fro_norm": delta.norm().item(),
-        "row_norm_max": rows.max().item(),
-        "row_norm_mean": rows.mean().item(),
-        "base_fro_norm": w0.norm().item(),
-        "rel_change": (delta.norm() / w0.norm()).item(),
-        "inner_w0": (w0 * delta).sum().item(),
-        "spectral_norm": sv.max().item(),
-        "effective_rank": math.exp(-(probs * probs.log()).sum().item()),
-        "rows": delta.shape[0],
-    }
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -127,6 +127,21 @@ def test_resample_draws_new_directions_every_call():
         torch.testing.assert_close(th.norm(dim=0), torch.ones(L), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("reference_dtype", [torch.bfloat16, torch.float32])
+def test_refresh_directions_are_bf16_values_when_the_cache_is_bf16(reference_dtype):
+    # the bf16 cache lets W0 Θ run as a bf16 GEMM, exact only for bf16-representable directions;
+    # rounding a unit vector's components moves its norm by at most the relative rounding 2^-8
+    model = Tiny()
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, mode="refresh", reference_dtype=reference_dtype)
+    reg()
+    for th in _directions(reg):
+        if reference_dtype == torch.bfloat16:
+            assert torch.equal(th, th.bfloat16().float())
+            torch.testing.assert_close(th.norm(dim=0), torch.ones(L), rtol=0, atol=2.0**-8)
+        else:
+            torch.testing.assert_close(th.norm(dim=0), torch.ones(L), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_refresh_redraws_exactly_every_k_calls(k):
     model = Tiny()

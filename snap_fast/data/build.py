@@ -34,11 +34,16 @@ from .generators import (
     propose_neighbours,
 )
 from .originals import fill_original_answers
-from .patterns import patterns_for
-from .positives import GENERAL_INSTRUCTIONS, HELDOUT_TEXTS, load_instruction_file
+from .patterns import patterns_for, reverse_questions
+from .positives import (
+    GENERAL_INSTRUCTIONS,
+    HELDOUT_GENERAL_INSTRUCTIONS,
+    HELDOUT_TEXTS,
+    load_instruction_file,
+)
 from .responses import obliterated_response
 from .sets import QA_SETS  # noqa: F401 (re-exported: the sets this module writes)
-from .target import TargetSpec, builtin_target, normalize
+from .target import TargetSpec, builtin_target, mentions, normalize
 
 _HELDOUT_GENERATED_SHARE = 0.2  # share of LLM-generated forget questions kept for evaluation
 
@@ -168,7 +173,7 @@ def build_dataset(
     n_general: int | None = None,
     n_heldout_forget: int = 50,
     n_heldout_retain: int = 50,
-    n_heldout_general: int = 10,
+    n_heldout_general: int = 64,
     n_neighbours: int = 8,
     user_forget: str | os.PathLike | None = None,
     general_file: str | os.PathLike | None = None,
@@ -196,9 +201,11 @@ def build_dataset(
             as :class:`snap_fast.data.generators.EndpointGenerator`.
         n_forget, n_retain: training forget / neighbour questions (at most; fewer if the
             candidates run out). User forget questions are always included.
-        n_general: general instructions for training (None: all built-in ones not held out,
-            plus every instruction of ``general_file``).
-        n_heldout_forget, n_heldout_retain, n_heldout_general: held-out set sizes (at most).
+        n_general: general instructions for training (None: all built-in ones, plus every
+            instruction of ``general_file``).
+        n_heldout_forget, n_heldout_retain, n_heldout_general: held-out set sizes (at most). The
+            held-out general requests come from their own built-in bank of 64 (never trained on;
+            those naming the target or a neighbour are dropped): false refusals are measured there.
         user_forget: a JSONL of extra forget questions (``prompt`` or ``question``; optional
             ``response`` and ``kind``).
         general_file: extra general instructions, Alpaca or ShareGPT format (JSON or JSONL).
@@ -235,7 +242,8 @@ def build_dataset(
                                                      n_forget, n_heldout_forget)
     retain, heldout_retain = (_neighbour_questions(target, neighbours, seen, rng_for, heldout)[:n]
                               for heldout, n in ((False, n_retain), (True, n_heldout_retain)))
-    general, heldout_general = _general_sets(user_general, rng_for, n_general, n_heldout_general)
+    general, heldout_general = _general_sets(user_general, rng_for, n_general, n_heldout_general,
+                                             [target.name, *target.aliases, *neighbours])
     sets = {"forget": forget, "retain": retain, "general": general, "heldout_forget": heldout_forget,
             "heldout_retain": heldout_retain, "heldout_general": heldout_general}
 
@@ -272,8 +280,8 @@ def _check_build_args(target, model, tokenizer, generator, *, generate_originals
     minimum = {"n_forget": 1, "max_new_tokens": 1, "batch_size": 1}
     for name, value in counts.items():
         check_int(name, value, minimum=minimum.get(name, 0), allow_none=name == "n_general")
-    if counts["n_heldout_general"] > len(GENERAL_INSTRUCTIONS) // 2:
-        raise ValueError(f"n_heldout_general must be <= {len(GENERAL_INSTRUCTIONS) // 2}, "
+    if counts["n_heldout_general"] > len(HELDOUT_GENERAL_INSTRUCTIONS):
+        raise ValueError(f"n_heldout_general must be <= {len(HELDOUT_GENERAL_INSTRUCTIONS)}, "
                          f"got {counts['n_heldout_general']}")
     if (model is None) != (tokenizer is None):
         raise ValueError("pass model and tokenizer together")
@@ -317,9 +325,9 @@ def _forget_sets(target: TargetSpec, llm, user_records: list[dict[str, Any]], se
                  n_forget: int, n_heldout_forget: int) -> tuple[list, list, FilterStats | None]:
     """Training and held-out forget questions, each with its obliterated response.
 
-    Candidates: the user's questions first, then generated and pattern questions interleaved by
-    kind; held out: a share of the generated questions and the held-out paraphrase patterns,
-    never equal to a training question.
+    Candidates: the user's questions first, then generated, pattern and reverse questions
+    interleaved by kind; held out: half of the reverse questions, a share of the generated
+    questions and the held-out paraphrase patterns, never equal to a training question.
     """
     forms = target.surface_forms
     generated: list[dict[str, Any]] = []
@@ -331,12 +339,19 @@ def _forget_sets(target: TargetSpec, llm, user_records: list[dict[str, Any]], se
     rng_for("generated").shuffle(generated)
     n_gen_heldout = int(len(generated) * _HELDOUT_GENERATED_SHARE)
     generated_heldout, generated_train = generated[:n_gen_heldout], generated[n_gen_heldout:]
+    # Reverse questions (the answer is the target; see reverse_questions): half held out, first
+    # in the held-out set so its size cap never drops them.
+    reverse = [_record(q, "reverse", "pattern", target.name)
+               for q in reverse_questions(target.facts, forms, target.category)]
+    reverse = _dedupe(reverse, seen)
+    rng_for("reverse").shuffle(reverse)
+    reverse_heldout, reverse_train = reverse[: len(reverse) // 2], reverse[len(reverse) // 2:]
     pattern_train = _dedupe(_pattern_questions(target.name, forms, target.description, target.category, False), seen)
-    pool = _interleave(generated_train + pattern_train, "kind", rng_for("forget"))
+    pool = _interleave(generated_train + pattern_train + reverse_train, "kind", rng_for("forget"))
     forget = user_records + pool[: max(0, n_forget - len(user_records))]
     heldout_pool = _dedupe(_pattern_questions(target.name, forms, target.description, target.category, True), seen)
-    heldout_forget = (generated_heldout + _interleave(heldout_pool, "kind", rng_for("heldout_forget")))[
-        :n_heldout_forget]
+    heldout_forget = (reverse_heldout + generated_heldout
+                      + _interleave(heldout_pool, "kind", rng_for("heldout_forget")))[:n_heldout_forget]
     for records, part in ((forget, "responses"), (heldout_forget, "heldout_responses")):
         responses_rng = rng_for(part)
         for r in records:
@@ -357,12 +372,15 @@ def _neighbour_questions(target: TargetSpec, neighbours: list[str], seen: set[st
 
 
 def _general_sets(user_general: list[dict[str, Any]], rng_for, n_general: int | None,
-                  n_heldout_general: int) -> tuple[list, list]:
-    """Training and held-out general instructions (built-in, plus the user's for training)."""
+                  n_heldout_general: int, names: list[str]) -> tuple[list, list]:
+    """Training general instructions (built-in, plus the user's) and the held-out general
+    requests (their own bank, minus any that mention one of ``names``)."""
+    heldout = [p for p in HELDOUT_GENERAL_INSTRUCTIONS if mentions(p, names) is None]
+    rng_for("heldout_general").shuffle(heldout)
+    heldout_general = [_record(p, "general", "builtin", None) for p in heldout[:n_heldout_general]]
     builtin_general = list(GENERAL_INSTRUCTIONS)
     rng_for("general").shuffle(builtin_general)
-    heldout_general = [_record(p, "general", "builtin", None) for p in builtin_general[:n_heldout_general]]
-    general = [_record(p, "general", "builtin", None) for p in builtin_general[n_heldout_general:]]
+    general = [_record(p, "general", "builtin", None) for p in builtin_general]
     general += [_record(r["prompt"], "general", "user", None) for r in user_general]
     general = _dedupe(general, {normalize(r["prompt"]) for r in heldout_general})
     return (general[:n_general] if n_general is not None else general), heldout_general

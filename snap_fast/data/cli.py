@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--n-general", type=int, default=None)
     s.add_argument("--n-heldout-forget", type=int, default=50)
     s.add_argument("--n-heldout-retain", type=int, default=50)
-    s.add_argument("--n-heldout-general", type=int, default=10)
+    s.add_argument("--n-heldout-general", type=int, default=64)
     o = parser.add_argument_group("output")
     o.add_argument("--out", required=True, help="data folder to write")
     o.add_argument("--overwrite", action="store_true", help="replace an existing data folder")

@@ -12,6 +12,7 @@ evaluation measures whether forgetting generalises beyond the trained wording.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 P, C, W = "person", "character", "work"
@@ -204,3 +205,33 @@ def patterns_for(category: str | None, *, heldout: bool = False, indirect: bool 
     """The patterns that fit ``category``; ``indirect=False`` drops description-based ones."""
     bank = HELDOUT_PATTERNS if heldout else TRAIN_PATTERNS
     return [p for p in bank if p.fits(category) and (indirect or not p.indirect)]
+
+
+# The interrogative that asks for an entity of each category (None: unknown category).
+_ASK_FOR = {"person": "Who", "character": "Who", "work": "Which work", "place": "Which place",
+            "organization": "Which organization", None: "Who or what"}
+
+
+def reverse_questions(facts: list[str], forms: list[str], category: str | None) -> list[str]:
+    """Questions whose answer is the target, written from its facts.
+
+    A fact that starts with one of ``forms`` (the name or an alias) becomes a question about its
+    predicate: "Harry Potter defeated Lord Voldemort." → "Who defeated Lord Voldemort?", and a
+    possessive one a "Whose" question: "Harry Potter's parents were James and Lily Potter." →
+    "Whose parents were James and Lily Potter?". Such questions never say the name, so the model
+    can only answer them by recalling it; facts written otherwise are skipped.
+    """
+    ask = _ASK_FOR.get(category, _ASK_FOR[None])
+    out: list[str] = []
+    for fact in facts:
+        text = " ".join(fact.split()).rstrip(" .!?")
+        for form in sorted(forms, key=len, reverse=True):  # the longest name that matches
+            match = re.match(rf"{re.escape(form)}(['’]s\b)?\s+(.+)", text, flags=re.IGNORECASE)
+            if match is None:
+                continue
+            rest = match.group(2)
+            question = f"Whose {rest}?" if match.group(1) else f"{ask} {rest}?"
+            if question not in out:
+                out.append(question)
+            break
+    return out

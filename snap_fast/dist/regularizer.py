@@ -260,7 +260,7 @@ class ShardedSlicedWassersteinRegularizer(SlicedWassersteinRegularizer):
 
     # ------------------------------------------------------------------ reference
     @torch.no_grad()
-    def _sorted_initial(self, theta: list[torch.Tensor]) -> torch.Tensor:
+    def _sorted_initial(self, theta: list[torch.Tensor], keep_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """This rank's flat reference: [owned sorted segments | 1-D terms' W0Θ | replicated sorted].
 
         Collective (it routes the initial projections to their owners).

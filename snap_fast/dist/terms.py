@@ -68,8 +68,9 @@ class ShardedTerm(RegularizedTerm):
         return projections_t(self._local_theta(theta), self.local_matrix(self.param)).t()
 
     @torch.no_grad()
-    def initial_projection(self, theta: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`project` for the initial weights, float32, no autograd."""
+    def initial_projection(self, theta: torch.Tensor, keep_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Same as :meth:`project` for the initial weights, float32 whatever ``keep_dtype``, no
+        autograd."""
         w0 = self.initial if self.initial is not None else self.local_matrix(self.param.detach())
         return projections_t(self._local_theta(theta), w0).t()
 

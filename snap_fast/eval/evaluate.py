@@ -292,6 +292,9 @@ def _sample_row(s: str, r: dict, answer: str, probability: float | None, judge: 
     row.update(ignorance=verdict["ignorance"], leaked=verdict["leaked"])
     if s in FORGET_SETS:
         row["obliterated"] = verdict["obliterated"]
+    elif isinstance(ref, str):
+        # a false refusal: "I don't know" to a request the original model answered
+        row["false_refusal"] = verdict["ignorance"] and judge.classifier.matched_pattern(ref) is None
     flu = fluency_stats(answer)
     row["gibberish"] = flu["gibberish"]
     row["fluency"] = {k: v for k, v in flu.items() if k != "gibberish"}
@@ -311,32 +314,40 @@ def _set_stats(s: str, rows: list[dict]) -> dict:
     }
     if s in FORGET_SETS:
         stats["obliteration_rate"] = _mean([float(x["obliterated"]) for x in rows])
+    else:
+        stats["false_refusal_rate"] = _mean([float(x["false_refusal"]) for x in rows if "false_refusal" in x])
     return stats
 
 
 def headline(summary: Mapping) -> dict:
-    """The three numbers the quality targets are stated in (``None`` where not evaluated):
-    obliteration rate on heldout_forget, ROUGE-L recall on heldout_retain, perplexity."""
+    """The numbers the quality targets are stated in (``None`` where not evaluated): obliteration
+    rate on heldout_forget, ROUGE-L recall on heldout_retain, false-refusal rates on the held-out
+    retain and general sets (the share of requests the original answered and this model refuses
+    with "I don't know"), perplexity."""
     sets = summary.get("sets", {})
     return {
         "obliteration_rate": sets.get("heldout_forget", {}).get("obliteration_rate"),
         "forget_rougeL_recall": sets.get("heldout_forget", {}).get("rougeL_recall"),
         "retain_rougeL_recall": sets.get("heldout_retain", {}).get("rougeL_recall"),
         "general_rougeL_recall": sets.get("heldout_general", {}).get("rougeL_recall"),
+        "retain_false_refusal_rate": sets.get("heldout_retain", {}).get("false_refusal_rate"),
+        "general_false_refusal_rate": sets.get("heldout_general", {}).get("false_refusal_rate"),
         "perplexity": summary.get("perplexity"),
     }
 
 
 # Quality targets of the demo: obliteration >= 90 %, hard-positive ROUGE-L recall >= 0.8,
-# perplexity within +10 % of the original model.
-TARGETS = {"obliteration_rate": 0.90, "retain_rougeL_recall": 0.80, "perplexity_increase": 0.10}
+# perplexity within +10 % of the original model, false refusals of unrelated requests <= 2 %.
+TARGETS = {"obliteration_rate": 0.90, "retain_rougeL_recall": 0.80, "perplexity_increase": 0.10,
+           "general_false_refusal_rate": 0.02}
 
 
 def check_targets(original: Mapping, unlearned: Mapping) -> dict:
     """Which quality targets an unlearned model meets, given both summaries.
 
-    Returns ``{name: {"value", "target", "met"}}`` for obliteration rate, retain ROUGE-L recall
-    and the relative perplexity increase over the original model.
+    Returns ``{name: {"value", "target", "met"}}`` for obliteration rate, retain ROUGE-L recall,
+    the general false-refusal rate (where measured) and the relative perplexity increase over the
+    original model.
     """
     h_u, h_o = headline(unlearned), headline(original)
     out = {}
@@ -346,6 +357,10 @@ def check_targets(original: Mapping, unlearned: Mapping) -> dict:
     rr = h_u["retain_rougeL_recall"]
     out["retain_rougeL_recall"] = {"value": rr, "target": f">= {TARGETS['retain_rougeL_recall']}",
                                    "met": rr is not None and rr >= TARGETS["retain_rougeL_recall"]}
+    fr = h_u["general_false_refusal_rate"]
+    if fr is not None:
+        out["general_false_refusal_rate"] = {"value": fr, "target": f"<= {TARGETS['general_false_refusal_rate']:.0%}",
+                                             "met": fr <= TARGETS["general_false_refusal_rate"]}
     if h_u["perplexity"] is not None and h_o["perplexity"]:
         inc = h_u["perplexity"] / h_o["perplexity"] - 1.0
         out["perplexity_increase"] = {"value": inc, "target": f"<= +{TARGETS['perplexity_increase']:.0%}",

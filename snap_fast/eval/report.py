@@ -43,6 +43,8 @@ COMPARED = (
     ("heldout_retain", "probability", "P(original answer) (held-out hard positives)"),
     ("heldout_retain", "ignorance_rate", "'I don't know' rate (held-out hard positives)"),
     ("heldout_general", "ignorance_rate", "'I don't know' rate (held-out general)"),
+    ("heldout_retain", "false_refusal_rate", "false refusals (held-out hard positives)"),
+    ("heldout_general", "false_refusal_rate", "false refusals (held-out general)"),
     ("heldout_forget", "gibberish_rate", "gibberish rate (held-out forget)"),
     ("heldout_retain", "gibberish_rate", "gibberish rate (held-out hard positives)"),
 )

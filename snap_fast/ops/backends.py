@@ -97,12 +97,17 @@ class Backend:
         return power_sum(proj.float() - targets, p) / n_projections
 
     def gram_matrices(self, mats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``[MᵀM]`` float32 (r, r) for every (m, r) matrix."""
-        out = []
-        for m in mats:
-            m32 = m.detach().float()
-            out.append(m32.t() @ m32)
-        return out
+        """``[MᵀM]`` float32 (r, r) for every (m, r) matrix: one batched GEMM per shape."""
+        out: list[torch.Tensor | None] = [None] * len(mats)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, m in enumerate(mats):
+            by_shape.setdefault(tuple(m.shape), []).append(i)
+        for idx in by_shape.values():
+            stacked = torch.stack([mats[i].detach() for i in idx]).float()  # (g, m, r)
+            grams = torch.bmm(stacked.transpose(1, 2), stacked)
+            for i, g in zip(idx, grams):
+                out[i] = g
+        return out  # type: ignore[return-value]
 
 
 class TorchBackend(Backend):

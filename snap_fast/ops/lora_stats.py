@@ -23,9 +23,13 @@ summed, ``row_norm_max``/``spectral_norm`` maxima, ``row_norm_mean`` over all ro
 ``effective_rank`` over layers, and ``layers`` (count).
 
 Cost per layer: O((n + d)·r²) for the Grams and row norms plus the optional O(n·d·r) inner
-product; dense materialisation would be O(n·d·r) to form ΔW plus an SVD. On CUDA the Grams of
-every factor come from one Triton launch (:mod:`snap_fast.kernels.lora_gram`); elsewhere from
-``torch.mm``. All results come back to the host in one transfer.
+product; dense materialisation would be O(n·d·r) to form ΔW plus an SVD. Layers are grouped by
+shape, rank and dtype (a Llama has seven groups, one per projection kind): every statistic of a
+group is one batched operation over its stacked factors, so a model costs a few launches per
+group, not a dozen per layer; only ⟨W0, ΔW⟩ reads each base weight with its own GEMM (stacking
+the frozen bases would copy them). On CUDA the Grams of every factor come from one Triton launch
+(:mod:`snap_fast.kernels.lora_gram`); elsewhere from one batched GEMM per shape. All results come
+back to the host in one transfer.
 """
 
 from __future__ import annotations
@@ -90,27 +94,41 @@ def _singular_values(factors: list[LoraFactors], grams, device: torch.device) ->
     return sigma  # type: ignore[return-value]
 
 
-def _layer_stats(f: LoraFactors, g_u: torch.Tensor, g_v: torch.Tensor, sv: torch.Tensor, with_base: bool,
+def _shape_groups(factors: list[LoraFactors]) -> list[list[int]]:
+    """Indices of the layers whose factors stack: same (n, d), rank and dtypes."""
+    groups: dict[tuple, list[int]] = {}
+    for i, f in enumerate(factors):
+        u, v = f.uv()
+        groups.setdefault((tuple(f.base.shape), f.rank, u.dtype, v.dtype, f.base.dtype), []).append(i)
+    return list(groups.values())
+
+
+def _group_stats(factors: list[LoraFactors], idx: list[int], grams, sigma, with_base: bool,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's STAT_KEYS row (float64) and its row norms ‖ΔW_i‖."""
-    s = f.scaling
-    u, v = (t.detach() for t in f.uv())
-    fro = abs(s) * (g_u.double() * g_v.double().t()).sum().clamp_min(0).sqrt()
-    u32 = u.float()
-    rows = abs(s) * ((u32 @ g_v) * u32).sum(dim=1).clamp_min(0).sqrt()
-    base_norm = _base_norm(f.base).double()
+    """STAT_KEYS rows (g, 8) float64 of one group of stackable layers, and their row norms (g, n)."""
+    group = [factors[i] for i in idx]
+    scale = torch.tensor([f.scaling for f in group], dtype=torch.float64, device=device)
+    u = torch.stack([f.uv()[0].detach() for f in group]).float()  # (g, n, r)
+    g_u = torch.stack([grams[i][0] for i in idx]).double()
+    g_v = torch.stack([grams[i][1] for i in idx])
+    fro = scale.abs() * (g_u * g_v.double().transpose(1, 2)).sum(dim=(1, 2)).clamp_min(0).sqrt()
+    rows = scale.abs().float()[:, None] * (torch.bmm(u, g_v) * u).sum(dim=2).clamp_min(0).sqrt()
+    base_norm = torch.stack([_base_norm(f.base) for f in group]).double()
     if with_base:
-        w0_vt = f.base @ v.t().to(f.base.dtype)  # (n, r)
-        inner = s * (w0_vt.double() * u.double()).sum()
+        inner = scale * torch.stack([
+            (f.base @ v.detach().t().to(f.base.dtype)).double().mul(uu.double()).sum()
+            for f, uu, v in zip(group, u, (f.uv()[1] for f in group))
+        ])
     else:
-        inner = torch.tensor(math.nan, dtype=torch.float64, device=device)
-    total_sv = sv.sum()
+        inner = torch.full_like(scale, math.nan)
+    sv = torch.stack([sigma[i] for i in idx])  # (g, r)
+    total_sv = sv.sum(dim=1, keepdim=True)
     probs = sv / total_sv.clamp_min(torch.finfo(torch.float64).tiny)
-    entropy = -(probs * torch.log(probs.clamp_min(torch.finfo(torch.float64).tiny))).sum()
-    erank = torch.where(total_sv > 0, entropy.exp(), torch.zeros_like(entropy))
-    row = torch.stack([fro, rows.max().double(), rows.mean().double(), base_norm, fro / base_norm, inner,
-                       sv.max(), erank])
-    return row, rows
+    entropy = -(probs * torch.log(probs.clamp_min(torch.finfo(torch.float64).tiny))).sum(dim=1)
+    erank = torch.where(total_sv[:, 0] > 0, entropy.exp(), torch.zeros_like(entropy))
+    table = torch.stack([fro, rows.max(dim=1).values.double(), rows.mean(dim=1).double(), base_norm,
+                         fro / base_norm, inner, sv.max(dim=1).values, erank], dim=1)
+    return table, rows
 
 
 @torch.no_grad()
@@ -144,15 +162,14 @@ def lora_delta_stats(
     grams = _grams(factors, choose_gram_backend(device, backend, max(f.rank for f in factors)))
 
     sigma = _singular_values(factors, grams, device)
-    per_layer: list[torch.Tensor] = []  # rows of STAT_KEYS values (float64) per layer
+    table = torch.empty(len(factors), len(STAT_KEYS), dtype=torch.float64, device=device)
     row_sums, row_counts = [], []
-    for f, (g_u, g_v), sv in zip(factors, grams, sigma):
-        row, rows = _layer_stats(f, g_u, g_v, sv, with_base, device)
-        per_layer.append(row)
+    for idx in _shape_groups(factors):
+        rows_of_group, rows = _group_stats(factors, idx, grams, sigma, with_base, device)
+        table[idx] = rows_of_group
         row_sums.append(rows.double().sum())
         row_counts.append(rows.numel())
 
-    table = torch.stack(per_layer)
     total_fro = table[:, 0].square().sum().sqrt()
     total_base = table[:, 3].square().sum().sqrt()
     totals = torch.stack([

@@ -104,6 +104,12 @@ class SlicedWassersteinRegularizer:
         # A copy of W0 is kept only when a mode re-projects the initial weights later.
         initial_dtype = None if mode == "fixed" else reference_dtype
         self.terms: list[RegularizedTerm] = self._select_terms(model, param_filter, initial_dtype)
+        # Refresh mode with a bf16 copy of W0 keeps its sorted projections in bf16 too: its
+        # directions are rounded to bf16 values (a relative change of at most 2^-9 per
+        # component), so W0 Θ can run as one exact bf16 GEMM with float32 accumulation on CPUs
+        # that have one (4x cheaper than converting the copy to float32), rounded only where the
+        # cache rounds anyway. Resample keeps exact float32 projections of W0.
+        self._bf16_directions = mode == "refresh" and reference_dtype == torch.bfloat16
         self.device = self.terms[0].device
         if any(t.device != self.device for t in self.terms):
             raise ValueError("all regularized parameters must be on one device")
@@ -146,15 +152,23 @@ class SlicedWassersteinRegularizer:
     # ------------------------------------------------------------------ directions
     def _draw(self, generator: torch.Generator) -> list[torch.Tensor]:
         """(d, L) directions for every term, one RNG call per distinct width, drawn on the
-        generator's device and moved to the regularizer's."""
+        generator's device and moved to the regularizer's.
+
+        Each Θ is a transposed view of a contiguous (L, d) Θᵀ: the projection GEMMs read Θᵀ, and
+        with a contiguous Θᵀ MKL runs them up to 1.6x faster (a 1536×576 weight) than through a
+        transposed (d, L) operand. The numbers drawn, and their order, are those of a (d, L) draw.
+        """
         theta: list[torch.Tensor | None] = [None] * len(self.terms)
         for g in self._groups:
             block = torch.randn(
                 len(g.indices), g.d, self.n_projections, generator=generator, device=generator.device
             ).to(self.device)
             block = block / block.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            if self._bf16_directions:
+                block = block.to(torch.bfloat16).to(torch.float32)
+            block_t = block.transpose(1, 2).contiguous()  # (g, L, d)
             for j, i in enumerate(g.indices):
-                theta[i] = block[j]
+                theta[i] = block_t[j].t()
         return theta  # type: ignore[return-value]
 
     def _fixed_directions(self) -> list[torch.Tensor]:
@@ -166,8 +180,9 @@ class SlicedWassersteinRegularizer:
         return theta
 
     @torch.no_grad()
-    def _sorted_initial(self, theta: list[torch.Tensor]) -> torch.Tensor:
-        proj0 = torch.cat([t.initial_projection(th).t().reshape(-1) for t, th in zip(self.terms, theta)])
+    def _sorted_initial(self, theta: list[torch.Tensor], keep_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Flat sorted W0 projections, float32; ``keep_dtype``: see ``RegularizedTerm.initial_projection``."""
+        proj0 = torch.cat([t.initial_projection(th, keep_dtype).t().reshape(-1) for t, th in zip(self.terms, theta)])
         return self._ops.sort_segments(proj0, self.layout)
 
     def _rebuild_cache(self) -> None:
@@ -176,7 +191,7 @@ class SlicedWassersteinRegularizer:
         else:
             theta = self._draw(self._generator)
             self._theta = theta
-        self._sorted_ref = self._sorted_initial(theta).to(self.reference_dtype)
+        self._sorted_ref = self._sorted_initial(theta, self.reference_dtype).to(self.reference_dtype)
         self._sort_state = {}
         self._pin(theta)
 

@@ -64,14 +64,15 @@ def fill_projections(
 
 def flat_grads(
     items: list[FlatItem], thetas: list[torch.Tensor], inners: list[torch.Tensor | None],
-    tensors: tuple[torch.Tensor, ...], grad: torch.Tensor, needs: tuple[bool, ...], c: torch.Tensor | None,
+    tensors: tuple[torch.Tensor, ...], grad: torch.Tensor, needs: tuple[bool, ...], c: float | None,
 ) -> list[torch.Tensor | None]:
     """Gradients of ``Σ grad · projections`` w.r.t. ``tensors``, times ``c`` if given.
 
     Per term, with G its (L, n) block of ``grad``: ``dW = Gᵀ Θᵀ``; LoRA ``dU = Gᵀ (s·VΘ)ᵀ`` and
-    ``dV = s·(G U)ᵀ Θᵀ``. The scalar ``c`` is folded into the small operand (Θ, s·VΘ or U), so no
-    pass over the n×L gradient is spent on it.
+    ``dV = s·(G U)ᵀ Θᵀ``. The scalar ``c`` is the GEMM's alpha for ``dW`` and is folded into the
+    small operand (s·VΘ or U) for LoRA, so no extra pass over any n-sized tensor is spent on it.
     """
+    no_input = grad.new_zeros(())  # addmm's ignored input (beta = 0)
     grads: list[torch.Tensor | None] = [None] * len(tensors)
     j = 0
     for item, theta, inner_s in zip(items, thetas, inners):
@@ -80,8 +81,8 @@ def flat_grads(
         if item.kind == "plain":
             if needs[j]:
                 w = tensors[j]
-                th = theta if c is None else theta * c
-                grads[j] = torch.mm(g.t(), th.t()).view(w.shape).to(w.dtype)
+                dw = torch.addmm(no_input, g.t(), theta.t(), beta=0, alpha=1.0 if c is None else c)
+                grads[j] = dw.view(w.shape).to(w.dtype)
             j += 1
             continue
         u, v = tensors[j], tensors[j + 1]
@@ -129,7 +130,9 @@ class _FusedFlatSWD(torch.autograd.Function):
     folded into small operands. When every term is a LoRA term, the factor gradients (r×d and
     n×r: small) are computed right here from a kept gradient buffer and only scaled in backward,
     so a call allocates no buffer of n×L values at all (a fresh one costs a page fault per 4 KiB).
-    Otherwise the per-call gradient buffer is saved and the GEMMs run in backward.
+    Otherwise the gradient buffer is lent from the plan's pool (:meth:`FlatPlan.lend`) to the
+    backward, which runs the GEMMs and gives it back: a call in a training loop reuses one buffer,
+    while graphs kept alive together each hold their own.
     """
 
     @staticmethod
@@ -137,16 +140,17 @@ class _FusedFlatSWD(torch.autograd.Function):
         proj = plan.workspace("proj")
         inners = fill_projections(plan.items, thetas, tensors, proj, with_base=offset is None)
         eager = all(it.kind == "lora" for it in plan.items)
+        lent = need_grad and not eager
         value, grad = plan.backend.swd_forward(
             proj, sorted_ref, plan.layout, p=plan.p, scale=1.0 / plan.n_projections, state=state, offset=offset,
-            grad_out=plan.workspace("grad") if eager else None,
+            grad_out=plan.lend(ctx) if lent else plan.workspace("grad"),
         )
         needs = tuple(t.requires_grad for t in tensors) if need_grad else (False,) * len(tensors)
         ctx.eager = eager
         if eager:
             ctx.grads = flat_grads(plan.items, thetas, inners, tensors, grad, needs, None) if need_grad else None
         else:
-            ctx.items, ctx.thetas, ctx.inners = plan.items, thetas, inners
+            ctx.plan, ctx.thetas, ctx.inners = plan, thetas, inners
             ctx.save_for_backward(grad, *tensors)
         return value.to(torch.float32)
 
@@ -156,8 +160,11 @@ class _FusedFlatSWD(torch.autograd.Function):
             grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads]
         else:
             grad, *tensors = ctx.saved_tensors
-            grads = flat_grads(ctx.items, ctx.thetas, ctx.inners, tuple(tensors), grad,
-                               ctx.needs_input_grad[6:], grad_output)
+            ctx.plan.check_lent(ctx, grad)
+            # the C++ path is CPU-only: reading the incoming scalar costs no device sync
+            grads = flat_grads(ctx.plan.items, ctx.thetas, ctx.inners, tuple(tensors), grad,
+                               ctx.needs_input_grad[6:], float(grad_output))
+            ctx.plan.give_back(grad)
         return (None, None, None, None, None, None, *grads)
 
 
@@ -180,6 +187,10 @@ class FlatPlan:
         # Flat float32 work buffers reused by every fused call (not a cache: their contents never
         # outlive a call).
         self._buffers: dict[str, torch.Tensor] = {}
+        # Gradient buffers not lent to a pending backward (see lend/give_back). A fresh buffer of
+        # tens of megabytes costs a page fault per 4 KiB on first touch: ~10 % of a call.
+        self._free: list[torch.Tensor] = []
+        self._lent_to: dict[int, int] = {}  # buffer address -> id of the autograd context holding it
 
     @classmethod
     def build(
@@ -213,6 +224,30 @@ class FlatPlan:
             device = self.items[0].term.device
             buf = self._buffers[name] = torch.empty(self.layout.total, dtype=torch.float32, device=device)
         return buf
+
+    def lend(self, borrower: object) -> torch.Tensor:
+        """A (layout.total,) float32 buffer for one call's gradient, owned by ``borrower`` until
+        :meth:`give_back` (a graph dropped without backward simply lets it be freed)."""
+        buffer = self._free.pop() if self._free else torch.empty(
+            self.layout.total, dtype=torch.float32, device=self.items[0].term.device
+        )
+        self._lent_to[buffer.data_ptr()] = id(borrower)
+        return buffer
+
+    def check_lent(self, borrower: object, buffer: torch.Tensor) -> None:
+        """Refuse to read a buffer that was given back and lent again since ``borrower`` got it
+        (a second backward through a retained graph after a newer call)."""
+        if self._lent_to.get(buffer.data_ptr()) != id(borrower):
+            raise RuntimeError(
+                "this regularizer value's gradient buffer was reused by a later call: run its backward "
+                "again (retain_graph=True) only before calling the regularizer again"
+            )
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        """Return a buffer from :meth:`lend` once nothing reads it any more (it stays assigned to
+        its last borrower until lent again, so a retained graph may read it until then)."""
+        if not self._free:  # one spare is all a training loop needs
+            self._free.append(buffer)
 
     def project(self, thetas: list[torch.Tensor], offset: torch.Tensor | None) -> torch.Tensor:
         """Flat current projections with autograd; without ``offset`` (the caller adds it) when

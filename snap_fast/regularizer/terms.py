@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..adapters import LoraFactors, find_lora_factors
-from ..ops.swd.naive import as_matrix, projections_t
+from ..ops.swd.naive import as_matrix, copy_projections_t, projections_t
 
 try:
     from torch.distributed.tensor import DTensor
@@ -67,8 +67,15 @@ class RegularizedTerm:
         return projections_t(theta, as_matrix(self.param)).t()
 
     @torch.no_grad()
-    def initial_projection(self, theta: torch.Tensor) -> torch.Tensor:
-        """Initial projections W0 Θ, (n, L) float32, without autograd."""
+    def initial_projection(self, theta: torch.Tensor, keep_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Initial projections W0 Θ, (n, L), without autograd.
+
+        ``keep_dtype`` is the dtype the caller rounds the result to: for bfloat16, a bf16 copy of
+        W0 may be projected by one bf16 GEMM (:func:`copy_projections_t`; ``theta`` must then be
+        bf16-representable) and the result comes back in bf16. Otherwise float32.
+        """
+        if self.initial is not None and keep_dtype == torch.bfloat16:
+            return copy_projections_t(theta, self.initial).t()
         w0 = self.initial if self.initial is not None else as_matrix(self.param)
         return projections_t(theta, w0).t()
 
@@ -142,8 +149,9 @@ class LoraTerm(RegularizedTerm):
         return out_t.t()
 
     @torch.no_grad()
-    def initial_projection(self, theta: torch.Tensor) -> torch.Tensor:
-        """Initial projections ``W0 Θ``, (n, L) float32, read from the frozen base weight."""
+    def initial_projection(self, theta: torch.Tensor, keep_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Initial projections ``W0 Θ``, (n, L) float32 whatever ``keep_dtype``, read from the
+        frozen base weight."""
         proj0_t = self._base_projection_t(theta)
         self._handoff = (theta, proj0_t)
         return proj0_t.t()

@@ -13,12 +13,15 @@ Rows are the samples, summed (no 1/n, no p-th root). A 1-D tensor is a 1×d matr
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import torch
 
 __all__ = [
-    "as_matrix", "matched_targets", "power_sum", "projections_t", "random_projections", "sliced_wasserstein_reference",
+    "as_matrix", "copy_projections_t", "fast_bf16_matmul", "matched_targets", "power_sum", "projections_t",
+    "random_projections", "sliced_wasserstein_reference",
 ]
 
 
@@ -105,3 +108,38 @@ def projections_t(theta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """
     w_t = w.t() if w.dtype == torch.float32 else w.t().float()
     return theta.t().float() @ w_t
+
+
+@functools.cache
+def _cpu_has_bf16_dot() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def fast_bf16_matmul(device: torch.device) -> bool:
+    """Whether a bfloat16 GEMM on ``device`` beats converting its operands to float32 first.
+
+    True on a CPU with bfloat16 dot-product instructions (there a bf16 GEMM accumulates in
+    float32 at about twice the float32 rate; elsewhere it is emulated and slower than the
+    conversion). False on other devices, where the conversion is cheap next to the GEMM.
+    """
+    return device.type == "cpu" and _cpu_has_bf16_dot()
+
+
+def copy_projections_t(theta: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """``Θᵀ W0ᵀ``, (L, n), for a kept copy ``w0`` of the initial weights.
+
+    For a bfloat16 copy on a machine with :func:`fast_bf16_matmul`, one bf16 GEMM with float32
+    accumulation, returned in bfloat16: exact when ``theta`` is bf16-representable, up to the
+    output's rounding. Only for a caller that rounds the result to bf16 anyway (the bf16 cache of
+    sorted projections); rounding matters elsewhere (see :func:`projections_t`). Otherwise
+    :func:`projections_t` (float32).
+    """
+    if w0.dtype == torch.bfloat16 and fast_bf16_matmul(w0.device):
+        return theta.t().to(torch.bfloat16) @ w0.t()
+    return projections_t(theta, w0)
