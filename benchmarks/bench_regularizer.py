@@ -363,31 +363,15 @@ def _validate(args: argparse.Namespace) -> list[str]:
     return backends
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark; print the tables; write them; return 0."""
-    from tqdm import tqdm
+Spec = tuple[str, str, Callable[[], Callable[[], torch.Tensor]], int]  # label, backend, factory, window
 
-    backends = _validate(args)
-    repeats = args.repeats or (1 if args.quick else 3)
-    L, p = args.n_projections, args.p
-    layers = args.layers or (QUICK_LAYERS if args.quick else 30)
-    vocab = args.vocab or (QUICK_VOCAB if args.quick else 49152)
-    shapes = smollm2_shapes(layers=layers, vocab=vocab)
-    n_params = sum(torch.Size(s).numel() for _, s in shapes)
-    full_size = (layers, vocab) == (30, 49152)
-    if full_size:  # the model of SNAP.md §5, exactly
-        assert len(shapes) == SMOLLM2_TENSORS and n_params == SMOLLM2_PARAMS, (len(shapes), n_params)
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    model = ShapedModel(shapes, seed=args.seed)
+def _specs(args: argparse.Namespace, model: ShapedModel, backends: list[str]) -> list[Spec]:
+    """What to time: (label, backend, factory building the callable from the *initial* weights,
+    calls per timed window)."""
     params = list(model.parameters())
-    initial = [w.detach().clone() for w in params]
-    model.perturb(seed=args.seed + 1)
-    current = [w.detach().clone() for w in params]
-
-    # (label, backend, factory building the callable from the *initial* weights, window)
-    specs: list[tuple[str, str, Callable[[], Callable[[], torch.Tensor]], int]] = [
+    L, p = args.n_projections, args.p
+    specs: list[Spec] = [
         ("peer loop", "torch", lambda: PeerRegularizer(params, L, p, args.seed), 1),
         ("GEMM floor (W Θ + G Θᵀ)", "torch", lambda: GemmFloor(params, L, args.seed), 1),
     ]
@@ -404,7 +388,18 @@ def run(args: argparse.Namespace) -> int:
                 )
 
             specs.append((label, backend, factory, window))
+    return specs
 
+
+def _measure(specs: list[Spec], model: ShapedModel, repeats: int, seed: int) -> tuple[list, list]:
+    """Table rows ``(label, backend, seconds, first value, cache bytes)`` from interleaved rounds,
+    and the per-stage breakdown ``(label, backend, stage times, call seconds)`` of snap_fast's."""
+    from tqdm import tqdm
+
+    params = list(model.parameters())
+    initial = [w.detach().clone() for w in params]
+    model.perturb(seed=seed + 1)
+    current = [w.detach().clone() for w in params]
     # Every implementation snapshots the same W0, then starts from the same perturbed weights and
     # follows its own trajectory (its own SGD steps), kept in `weights` between its turns.
     regs: dict[str, Callable[[], torch.Tensor]] = {}
@@ -423,7 +418,6 @@ def run(args: argparse.Namespace) -> int:
         reg = regs[label + backend]
         cache = reg.cache_nbytes() if hasattr(reg, "cache_nbytes") else None
         rows.append((label, backend, *timed[label + backend], cache))
-
     stages: list[tuple[str, str, dict[str, float], float]] = []
     for label, backend, _, window in tqdm(specs, desc="per-stage breakdown", unit="impl", file=sys.stderr):
         reg = regs.pop(label + backend)
@@ -432,24 +426,15 @@ def run(args: argparse.Namespace) -> int:
             stages.append((label, backend, time_stages(reg, params, repeats, window), timed[label + backend][0]))
         del reg
     _clear_grads(params)
+    return rows, stages
 
-    peer_s = rows[0][2]
-    floor_s = rows[1][2]
+
+def _render(rows: list, stages: list, header: list[str]) -> str:
+    """The markdown: the header lines, the main table (vs peer, vs POT, × floor), the stages."""
+    peer_s, floor_s = rows[0][2], rows[1][2]
     pot_s = next((r[2] for r in rows if r[0] == "POT per tensor"), None)
-    size = "SmolLM2-135M-shaped" if full_size else f"small ({layers} layers, vocab {vocab})"
-    lines = [
-        f"# Regularizer forward + backward, CPU, {size}",
-        "",
-        f"{len(shapes)} tensors, {n_params / 1e6:.1f} M parameters, float32 weights, L = {L}, p = {p:g}, "
-        f"{torch.get_num_threads()} torch thread(s); median of {repeats} interleaved round(s) after a warm-up "
-        "round (each round times every implementation once, in turn); ratios are speedups (baseline time / "
-        "time); × floor is time / GEMM floor.",
-        f"Machine: {machine_description()}.",
-        f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}.",
-        "",
-        "| implementation | backend | median s | vs peer | vs POT | × floor | first value | cache MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = [*header, "", "| implementation | backend | median s | vs peer | vs POT | × floor | first value | cache MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for label, backend, seconds, value, cache in rows:
         vs_pot = f"{pot_s / seconds:.2f}×" if pot_s else "—"
         cache_mb = f"{cache / 2**20:.1f}" if cache is not None else "—"
@@ -469,11 +454,40 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"| {label} | {backend} | {cells} | {total:.3f} | {seconds:.3f} |")
     lines += [
         "",
-        "The peer loop rounds W0 and the projections to bfloat16, so its value differs from the float32 "
-        "implementations by that rounding; different random directions also change the value by a few %.",
+        ("The peer loop rounds W0 and the projections to bfloat16, so its value differs from the float32 "
+        "implementations by that rounding; different random directions also change the value by a few %."),
         "",
     ]
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print the tables; write them; return 0."""
+    backends = _validate(args)
+    repeats = args.repeats or (1 if args.quick else 3)
+    layers = args.layers or (QUICK_LAYERS if args.quick else 30)
+    vocab = args.vocab or (QUICK_VOCAB if args.quick else 49152)
+    shapes = smollm2_shapes(layers=layers, vocab=vocab)
+    n_params = sum(torch.Size(s).numel() for _, s in shapes)
+    full_size = (layers, vocab) == (30, 49152)
+    if full_size:  # the model of SNAP.md §5, exactly
+        assert len(shapes) == SMOLLM2_TENSORS and n_params == SMOLLM2_PARAMS, (len(shapes), n_params)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = ShapedModel(shapes, seed=args.seed)
+    rows, stages = _measure(_specs(args, model, backends), model, repeats, args.seed)
+    size = "SmolLM2-135M-shaped" if full_size else f"small ({layers} layers, vocab {vocab})"
+    header = [
+        f"# Regularizer forward + backward, CPU, {size}",
+        "",
+        (f"{len(shapes)} tensors, {n_params / 1e6:.1f} M parameters, float32 weights, L = {args.n_projections}, "
+        f"p = {args.p:g}, {torch.get_num_threads()} torch thread(s); median of {repeats} interleaved round(s) "
+        "after a warm-up round (each round times every implementation once, in turn); ratios are speedups "
+        "(baseline time / time); × floor is time / GEMM floor."),
+        f"Machine: {machine_description()}.",
+        f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}.",
+    ]
+    table = _render(rows, stages, header)
     print(table)
     output = args.output
     if output is None and full_size:

@@ -198,16 +198,16 @@ def claim_folder(out: Path, target: TargetSpec, model: str, overwrite: bool) -> 
         shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
         if not spec_path.is_file():
-            raise FileExistsError(f"output folder {out} exists and was not made by snap-fast forget; "
-                                  "use --overwrite to replace it or choose another --out")
+            raise FileExistsError(f"output folder {out} exists and was not made by snap-fast forget; use "
+                                  "--overwrite (snap-fast demo: --clean) to replace it or choose another --out")
         kept = json.loads(spec_path.read_text())
         if kept.get("target") != spec["target"]:
             held = (kept.get("target") or {}).get("name")
             raise FileExistsError(f"output folder {out} holds a run for the target {held!r} (or another spec of "
-                                  "it); use --overwrite to replace it or choose another --out")
+                                  "it); use --overwrite (snap-fast demo: --clean) to replace it or choose another --out")
         if kept.get("model") != model:
             raise FileExistsError(f"output folder {out} holds a run of the model {kept.get('model')!r}; use "
-                                  "--overwrite to replace it or choose another --out")
+                                  "--overwrite (snap-fast demo: --clean) to replace it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json(spec_path, spec)
 
@@ -259,11 +259,9 @@ def run_forget(
     out = Path(out)
     model_spec = model or ("tiny" if preset == "tiny" else DEFAULT_MODEL)
     claim_folder(out, target, model_spec, overwrite)
-    stages = _Stages(out)
     threads = threads or choose_threads()
     torch.set_num_threads(threads)
     clock = _Clock(log)
-    cached: list[str] = []
 
     clock.start("load", "Loading the model")
     if model is None and preset == "tiny":
@@ -274,32 +272,77 @@ def run_forget(
     identity = model_identity(model, base)
     clock.stop("load")
 
-    data_dir, run_dir = out / "data", out / "run"
-    fp_data = _fingerprint(target.to_dict(), identity, _data_fields(settings))
-    clock.start("data", f"Building the data for target '{target.name}'")
-    if stages.cached("data", fp_data, data_dir / "manifest.json"):
-        log("data: cached (same target, model and sizes)")
-        cached.append("data")
-    else:
-        _build_data(target, data_dir, base, tokenizer, identity, settings, answer_cache, progress, log)
-        stages.finish("data", fp_data)
-    clock.stop("data")
-
-    fp_run = _fingerprint(fp_data, asdict(settings))
-    final_dir = run_dir / "final"
-    if stages.cached("unlearn", fp_run, final_dir / "adapter"):
-        clock.start("unlearn", "Unlearning: cached (same data and settings)")
-        cached.append("unlearn")
-    else:
-        final_dir = _unlearn(clock, model, base, data_dir, run_dir, settings, preset, progress, log)
-        stages.finish("unlearn", fp_run)
-    clock.stop("unlearn")
-
+    run = _Run(out, target, settings, preset, model, identity, clock, progress, log)
+    data_dir = run.data(base, tokenizer, answer_cache)
+    final_dir = run.unlearn(base, data_dir)
     clock.start("eval", "Evaluating the original and the unlearned model (cached answers are reused)")
     original, unlearned = _evaluate(out, model, base, tokenizer, identity, data_dir, final_dir, settings, progress,
                                     log)
     clock.stop("eval")
+    targets, report = _report(out, original, unlearned, clock, preset, threads,
+                              title or f"SNAP: {Path(model).name} forgets {target.name}")
+    clock.total()
+    _print_results(out, original, unlearned, targets, log)
+    log(f"\nreport: {report}  (and report.md)   total time {clock.wall['total']:.0f} s "
+        f"(CPU {clock.cpu['total']:.0f} s)")
+    summary = {"target": target.name, "preset": preset, "settings": asdict(settings), "model": model,
+               "threads": threads, "timings_s": clock.wall, "cpu_s": clock.cpu, "original": original["headline"],
+               "unlearned": unlearned["headline"], "targets": targets, "report": str(report),
+               "cached_stages": run.cached}
+    write_json(out / "summary.json", summary)
+    return summary
 
+
+@dataclass
+class _Run:
+    """The cached stages of one run: each is skipped when ``stages.json`` holds its fingerprint."""
+
+    out: Path
+    target: TargetSpec
+    settings: ForgetSettings
+    preset: str
+    model: str
+    identity: str
+    clock: _Clock
+    progress: bool
+    log: object
+
+    def __post_init__(self) -> None:
+        self.stages = _Stages(self.out)
+        self.cached: list[str] = []
+        self.fp_data = _fingerprint(self.target.to_dict(), self.identity, _data_fields(self.settings))
+
+    def data(self, base, tokenizer, answer_cache) -> Path:
+        data_dir = self.out / "data"
+        self.clock.start("data", f"Building the data for target '{self.target.name}'")
+        if self.stages.cached("data", self.fp_data, data_dir / "manifest.json"):
+            self.log("data: cached (same target, model and sizes)")
+            self.cached.append("data")
+        else:
+            _build_data(self.target, data_dir, base, tokenizer, self.identity, self.settings, answer_cache,
+                        self.progress, self.log)
+            self.stages.finish("data", self.fp_data)
+        self.clock.stop("data")
+        return data_dir
+
+    def unlearn(self, base, data_dir: Path) -> Path:
+        run_dir = self.out / "run"
+        fp_run = _fingerprint(self.fp_data, asdict(self.settings))
+        final_dir = run_dir / "final"
+        if self.stages.cached("unlearn", fp_run, final_dir / "adapter"):
+            self.clock.start("unlearn", "Unlearning: cached (same data and settings)")
+            self.cached.append("unlearn")
+        else:
+            final_dir = _unlearn(self.clock, self.model, base, data_dir, run_dir, self.settings, self.preset,
+                                 self.progress, self.log)
+            self.stages.finish("unlearn", fp_run)
+        self.clock.stop("unlearn")
+        return final_dir
+
+
+def _report(out: Path, original: dict, unlearned: dict, clock: _Clock, preset: str, threads: int,
+            title: str) -> tuple[dict, Path]:
+    """Stage 5: the quality targets and the report; returns (targets, the HTML report's path)."""
     from .eval.evaluate import check_targets
     from .eval.report import build_report
 
@@ -307,19 +350,10 @@ def run_forget(
     targets = check_targets(original, unlearned)
     lines = [f"Preset '{preset}', {threads} thread(s); stage wall time (CPU time) in s: "
              + ", ".join(f"{k} {v:.0f} ({clock.cpu[k]:.0f})" for k, v in clock.wall.items())]
-    paths = build_report(out / "report", out / "eval" / "original", out / "eval" / "unlearned", run_dir=run_dir,
-                         title=title or f"SNAP: {Path(model).name} forgets {target.name}", extra_lines=lines)
+    paths = build_report(out / "report", out / "eval" / "original", out / "eval" / "unlearned",
+                         run_dir=out / "run", title=title, extra_lines=lines)
     clock.stop("report")
-    clock.total()
-    _print_results(out, original, unlearned, targets, log)
-    log(f"\nreport: {paths['html']}  (and report.md)   total time {clock.wall['total']:.0f} s "
-        f"(CPU {clock.cpu['total']:.0f} s)")
-    summary = {"target": target.name, "preset": preset, "settings": asdict(settings), "model": model,
-               "threads": threads, "timings_s": clock.wall, "cpu_s": clock.cpu, "original": original["headline"],
-               "unlearned": unlearned["headline"], "targets": targets, "report": str(paths["html"]),
-               "cached_stages": cached}
-    write_json(out / "summary.json", summary)
-    return summary
+    return targets, paths["html"]
 
 
 def _data_fields(settings: ForgetSettings) -> dict:
