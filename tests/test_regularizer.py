@@ -415,3 +415,88 @@ def test_fixed_state_without_the_initial_projections_refuses_other_directions():
     other = SlicedWassersteinRegularizer(Tiny(), n_projections=L, mode="fixed", seed=7)
     with pytest.raises(ValueError, match="seed=0"):
         other.load_state_dict(reg.state_dict(include_initial=False))
+
+
+# ----------------------------------------------------------------- the scale-free form
+def _scaled_copy(model: torch.nn.Module, c: float) -> torch.nn.Module:
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in scaled.parameters():
+            param.mul_(c)
+    return scaled
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("p", [2.0, 1.5])
+def test_normalized_form_is_invariant_to_scaling_w0_and_w_together(mode, backend, p):
+    # SWD(cW0, cW) = c^p SWD(W0, W); divided by Σ|cW0 Θ|^p = c^p Σ|W0 Θ|^p the ratio is unchanged
+    c = 7.3
+    kwargs = {"n_projections": L, "p": p, "mode": mode, "refresh_every": 2, "seed": 4,
+              "reference_dtype": torch.float32, "backend": backend}
+    base = Tiny()
+    scaled = _scaled_copy(base, c)
+    regs = {name: (SlicedWassersteinRegularizer(m, normalize=True, **kwargs),
+                   SlicedWassersteinRegularizer(m, **kwargs)) for name, m in (("base", base), ("scaled", scaled))}
+    for step in range(3):
+        _perturb(base, step)
+        with torch.no_grad():
+            for a, b in zip(base.parameters(), scaled.parameters()):
+                b.copy_(c * a)
+        (norm_base, plain_base), (norm_scaled, plain_scaled) = regs["base"], regs["scaled"]
+        nb, ns = norm_base().item(), norm_scaled().item()
+        assert ns == pytest.approx(nb, rel=1e-4)
+        assert plain_scaled().item() == pytest.approx(c**p * plain_base().item(), rel=1e-4)
+        assert nb > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_normalized_value_and_gradients_equal_the_reference_on_scaled_directions(mode, backend):
+    # The normalised regularizer is the unnormalised one on directions scaled per tensor so that
+    # Σ_l Σ_k |W0 θ_l|_k^p = L: checked against the float64 oracle, value and gradients.
+    p = 2.0
+    model = Tiny()
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, p=p, mode=mode, refresh_every=2,
+                                       reference_dtype=torch.float32, backend=backend, normalize=True)
+    for step in range(3):
+        _perturb(model, step)
+        model.zero_grad()
+        value = reg()
+        value.backward()
+        expected, grads = _reference_sum(initial, reg, p)
+        rtol = {name: projection_rtol(initial[name], param) for name, param in model.named_parameters()}
+        assert value.item() == pytest.approx(expected, rel=max(rtol.values()))
+        for name, param in model.named_parameters():
+            if name in grads:
+                assert relative_error(param.grad, grads[name]) < rtol[name], name
+        for term, theta in zip(reg.terms, reg.last_directions()):
+            w0 = initial[term.name].double().reshape(-1, term.d)
+            assert (w0 @ theta.double()).abs().pow(p).sum().item() == pytest.approx(L, rel=1e-5), term.name
+
+
+@pytest.mark.parametrize("cache_directions", [True, False])
+def test_normalized_fixed_state_resumes_bit_identically(cache_directions):
+    model = Tiny()
+    reg = SlicedWassersteinRegularizer(model, n_projections=L, mode="fixed", seed=2, normalize=True,
+                                       reference_dtype=torch.float32, cache_directions=cache_directions)
+    _perturb(model, 0)
+    state = reg.state_dict()
+    want = reg().item()
+    other = SlicedWassersteinRegularizer(model, n_projections=L, mode="fixed", seed=9, normalize=True,
+                                         reference_dtype=torch.float32, cache_directions=cache_directions)
+    other.load_state_dict(state)
+    assert other().item() == want
+    plain = SlicedWassersteinRegularizer(model, n_projections=L, mode="fixed", seed=2)
+    with pytest.raises(ValueError, match="normalize"):
+        plain.load_state_dict(state)
+    with pytest.raises(TypeError, match="normalize"):
+        SlicedWassersteinRegularizer(model, normalize="yes")
+
+
+def test_sharded_regularizer_refuses_the_normalized_form():
+    from snap_fast.dist.regularizer import ShardedSlicedWassersteinRegularizer
+
+    with pytest.raises(ValueError, match="normalize"):
+        ShardedSlicedWassersteinRegularizer(Tiny(), normalize=True)

@@ -90,6 +90,9 @@ class ShardedSlicedWassersteinRegularizer(SlicedWassersteinRegularizer):
     """
 
     def __init__(self, model: torch.nn.Module, *, process_group: dist.ProcessGroup | None = None, **kwargs: Any):
+        if kwargs.get("normalize"):
+            raise ValueError("normalize=True is not supported by the sharded regularizer yet (its "
+                             "reference is split across ranks); use the plain regularizer or normalize=False")
         self._group = process_group
         # _select_terms (called by the base constructor) needs the group and the world size;
         # the base constructor then builds the fixed-mode cache through our _sorted_initial.

@@ -71,6 +71,12 @@ class SlicedWassersteinRegularizer:
         backend: force a sorting backend (``"torch"``, ``"triton"``, ``"cpp"``), else auto.
         cache_directions: keep fixed-mode directions in memory (d×L per tensor) instead of
             regenerating them from their seeds at each call; default: True on CPU, False on CUDA.
+        normalize: the scale-free form. Each tensor's SWD is divided by the p-th power sum of its
+            initial projections, ``Σ_l Σ_k |W0 θ_l|_k^p``: a relative distance, unchanged when W0
+            and W are scaled together, so one λ means the same for every tensor, model, adapter
+            type and full fine-tuning. Implemented by scaling each tensor's directions by
+            ``(L / Σ|W0 Θ|^p)^(1/p)`` when they are drawn (the kernels are unchanged). Default
+            False: the paper's unnormalised sum over rows.
 
     Calling the object returns a float32 0-dim tensor: Σ over tensors of SWD(W0, W).
 
@@ -93,8 +99,15 @@ class SlicedWassersteinRegularizer:
         reference_dtype: torch.dtype = torch.bfloat16,
         backend: str | None = None,
         cache_directions: bool | None = None,
+        normalize: bool = False,
     ):
         _check_arguments(model, n_projections, p, mode, refresh_every, seed, param_filter, reference_dtype)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        self.normalize = normalize
+        # normalize: the factor each term's fixed directions are scaled by (see _reference); kept
+        # so directions regenerated from their seed (cache_directions=False) are scaled alike
+        self._direction_scale: list[float] | None = None
         self.n_projections = n_projections
         self.p = float(p)
         self.mode = mode
@@ -175,6 +188,8 @@ class SlicedWassersteinRegularizer:
         if self._theta is not None:
             return self._theta
         theta = self._draw(torch.Generator(device=self._fixed_draw_device).manual_seed(self.seed))
+        if self._direction_scale is not None:
+            theta = [th * c for th, c in zip(theta, self._direction_scale)]
         if self.cache_directions:
             self._theta = theta
         return theta
@@ -185,13 +200,54 @@ class SlicedWassersteinRegularizer:
         proj0 = torch.cat([t.initial_projection(th, keep_dtype).t().reshape(-1) for t, th in zip(self.terms, theta)])
         return self._ops.sort_segments(proj0, self.layout)
 
+    @torch.no_grad()
+    def _reference(
+        self, theta: list[torch.Tensor], keep_dtype: torch.dtype = torch.float32
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The directions of this draw and the flat sorted W0 projections along them.
+
+        Without ``normalize`` the directions are ``theta``. With it, each term's directions are
+        scaled by ``c = (L / Σ|W0 Θ|^p)^(1/p)``, which multiplies its SWD by ``c^p``: the term
+        becomes ``SWD / (Σ_l Σ_k |W0 θ_l|_k^p / L)``... times L, i.e. ``Σ|Δ|^p / Σ|W0 Θ|^p``
+        summed over directions (a ratio, the same for W0 and W scaled together). Sorting
+        commutes with a positive scale, so the reference is the scaled sorted projections.
+        """
+        sorted_ref = self._sorted_initial(theta, keep_dtype)
+        if not self.normalize:
+            return theta, sorted_ref
+        scale = []
+        for (start, count, length), th in zip(self._term_blocks(), theta):
+            block = sorted_ref[start : start + count * length].double()
+            power = block.square().sum() if self.p == 2 else block.abs().pow(self.p).sum()
+            # a tensor whose initial projections are all zero has no scale to keep: left as is
+            scale.append(float((self.n_projections / power) ** (1 / self.p)) if power > 0 else 1.0)
+        sorted_ref = sorted_ref * torch.repeat_interleave(
+            torch.tensor(scale, dtype=sorted_ref.dtype, device=sorted_ref.device),
+            torch.tensor([c * n for _, c, n in self._term_blocks()], device=sorted_ref.device),
+        )
+        if self.mode == "fixed":
+            self._direction_scale = scale
+        return [th * c for th, c in zip(theta, scale)], sorted_ref
+
+    def _term_blocks(self) -> list[tuple[int, int, int]]:
+        """``(start, L, n)`` of every term's block in the flat buffers, in term order."""
+        blocks, start = [], 0
+        for t in self.terms:
+            blocks.append((start, self.n_projections, t.n))
+            start += self.n_projections * t.n
+        return blocks
+
     def _rebuild_cache(self) -> None:
         if self.mode == "fixed":
+            self._direction_scale = None  # the reference below measures the unscaled directions
+            self._theta = None
             theta = self._fixed_directions()
         else:
             theta = self._draw(self._generator)
+        theta, sorted_ref = self._reference(theta, self.reference_dtype)
+        if self.mode != "fixed" or self.cache_directions:
             self._theta = theta
-        self._sorted_ref = self._sorted_initial(theta, self.reference_dtype).to(self.reference_dtype)
+        self._sorted_ref = sorted_ref.to(self.reference_dtype)
         self._sort_state = {}
         self._pin(theta)
 
@@ -222,9 +278,8 @@ class SlicedWassersteinRegularizer:
         """
         if self.mode == "resample":
             self._last_draw_state = self._generator.get_state()
-            theta = self._draw(self._generator)
             self.calls += 1
-            return theta, self._sorted_initial(theta)
+            return self._reference(self._draw(self._generator))
         if self.mode == "refresh" and self.calls % self.refresh_every == 0:
             self._rebuild_cache()
         self.calls += 1
@@ -293,7 +348,7 @@ class SlicedWassersteinRegularizer:
             return self._theta
         generator = torch.Generator(device=self.device)
         generator.set_state(self._last_draw_state)
-        return self._draw(generator)
+        return self._reference(self._draw(generator))[0]
 
     def state_dict(self, include_initial: bool = True) -> dict:
         """What a checkpoint needs to continue the exact same sequence of values.
@@ -312,6 +367,8 @@ class SlicedWassersteinRegularizer:
             "names": self.parameter_names,
             "seed": self.seed,
             "fixed_draw_device": self._fixed_draw_device,
+            "normalize": self.normalize,
+            "direction_scale": self._direction_scale,
             **self._state_owner(),
         }
         if self.mode == "refresh":
@@ -349,6 +406,9 @@ class SlicedWassersteinRegularizer:
         """
         if state.get("mode") != self.mode:
             raise ValueError(f"state is for mode {state.get('mode')!r}, this regularizer is {self.mode!r}")
+        if state.get("normalize", False) != self.normalize:
+            raise ValueError(f"state is for normalize={state.get('normalize', False)}, this regularizer has "
+                             f"normalize={self.normalize}")
         self._check_state_owner(state)
         if "names" in state and list(state["names"]) != self.parameter_names:
             raise ValueError(
@@ -382,7 +442,8 @@ class SlicedWassersteinRegularizer:
         initial projections belong to them)."""
         seed = state.get("seed", self.seed)
         draw_device = state.get("fixed_draw_device", self._fixed_draw_device)
-        if (seed, draw_device) == (self.seed, self._fixed_draw_device):
+        scale = state.get("direction_scale")
+        if (seed, draw_device, scale) == (self.seed, self._fixed_draw_device, self._direction_scale):
             return
         if state.get("sorted_ref") is None:
             raise ValueError(
@@ -392,7 +453,7 @@ class SlicedWassersteinRegularizer:
             )
         if draw_device == "cuda" and not torch.cuda.is_available():
             raise ValueError("state's fixed directions were drawn by a CUDA generator; this machine has no CUDA")
-        self.seed, self._fixed_draw_device = seed, draw_device
+        self.seed, self._fixed_draw_device, self._direction_scale = seed, draw_device, scale
         self._theta = None
         self.cache_directions = self.cache_directions or draw_device != self.device.type
         self._pin(self._fixed_directions())

@@ -119,6 +119,7 @@ class UnlearnConfig:
                              type=float)
     reg_mode: str = _arg("resample", "regularizer directions", choices=REG_MODES)
     reg_refresh_every: int = _arg(10, "K for --reg-mode refresh")
+    reg_normalize: bool = _arg(False, "scale-free regularizer: SWD over Σ|W0 Θ|^p per tensor", action="store_true")
     n_projections: int = _arg(100, "regularizer directions L")
     reg_p: float = _arg(2.0, "regularizer exponent p")
     reg_backend: str | None = _arg(None, "force the sort backend (default: automatic)", choices=REG_BACKENDS)
@@ -225,7 +226,7 @@ class UnlearnConfig:
         if self.lam is not None:
             check_number("lam", self.lam, nonnegative=True)
         for name in ("lora", "use_general", "gradient_checkpointing", "merge", "overwrite", "resume",
-                     "trust_remote_code", "progress"):
+                     "trust_remote_code", "progress", "reg_normalize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.overwrite and self.resume:

@@ -147,6 +147,7 @@ class UnlearnRecipe:
             self.regularizer = self.par.build_regularizer(
                 self.model, n_projections=cfg.n_projections, p=cfg.reg_p, mode=cfg.reg_mode,
                 refresh_every=cfg.reg_refresh_every, seed=cfg.seed, backend=cfg.reg_backend,
+                normalize=cfg.reg_normalize,
             )
         self.terms = {}
         if self.data.retain or self.data.general:
