@@ -66,11 +66,15 @@ def _reference_sum(initial: dict[str, torch.Tensor], reg: SlicedWassersteinRegul
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("p", [2.0, 1.5])
-def test_value_and_gradients_equal_sum_of_references(mode, backend, p):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_value_and_gradients_equal_sum_of_references(mode, backend, p, normalize):
+    # normalize=True is the unnormalised regularizer on directions scaled per tensor so that
+    # Σ_l Σ_k |W0 θ_l|_k^p = L: the same oracle on last_directions() checks it (and the sum below)
     model = Tiny()
     initial = {k: v.detach().clone() for k, v in model.named_parameters()}
     reg = SlicedWassersteinRegularizer(
-        model, n_projections=L, p=p, mode=mode, refresh_every=2, reference_dtype=torch.float32, backend=backend
+        model, n_projections=L, p=p, mode=mode, refresh_every=2, reference_dtype=torch.float32, backend=backend,
+        normalize=normalize,
     )
     assert reg.parameter_names == UNIQUE  # tied embedding once, frozen layer skipped
     for step in range(3):  # several calls: resample/refresh draw new directions along the way
@@ -88,6 +92,9 @@ def test_value_and_gradients_equal_sum_of_references(mode, backend, p):
             elif param.requires_grad:
                 assert name == "head.weight"  # tied alias, deduplicated by named_parameters
         assert model.frozen.weight.grad is None
+        for term, theta in zip(reg.terms, reg.last_directions()) if normalize else ():
+            w0 = initial[term.name].double().reshape(-1, term.d)
+            assert (w0 @ theta.double()).abs().pow(p).sum().item() == pytest.approx(L, rel=1e-5), term.name
 
 
 def test_every_parameter_gets_a_gradient():
@@ -448,32 +455,6 @@ def test_normalized_form_is_invariant_to_scaling_w0_and_w_together(mode, backend
         assert ns == pytest.approx(nb, rel=1e-4)
         assert plain_scaled().item() == pytest.approx(c**p * plain_base().item(), rel=1e-4)
         assert nb > 0
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", MODES)
-def test_normalized_value_and_gradients_equal_the_reference_on_scaled_directions(mode, backend):
-    # The normalised regularizer is the unnormalised one on directions scaled per tensor so that
-    # Σ_l Σ_k |W0 θ_l|_k^p = L: checked against the float64 oracle, value and gradients.
-    p = 2.0
-    model = Tiny()
-    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
-    reg = SlicedWassersteinRegularizer(model, n_projections=L, p=p, mode=mode, refresh_every=2,
-                                       reference_dtype=torch.float32, backend=backend, normalize=True)
-    for step in range(3):
-        _perturb(model, step)
-        model.zero_grad()
-        value = reg()
-        value.backward()
-        expected, grads = _reference_sum(initial, reg, p)
-        rtol = {name: projection_rtol(initial[name], param) for name, param in model.named_parameters()}
-        assert value.item() == pytest.approx(expected, rel=max(rtol.values()))
-        for name, param in model.named_parameters():
-            if name in grads:
-                assert relative_error(param.grad, grads[name]) < rtol[name], name
-        for term, theta in zip(reg.terms, reg.last_directions()):
-            w0 = initial[term.name].double().reshape(-1, term.d)
-            assert (w0 @ theta.double()).abs().pow(p).sum().item() == pytest.approx(L, rel=1e-5), term.name
 
 
 @pytest.mark.parametrize("cache_directions", [True, False])
