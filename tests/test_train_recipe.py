@@ -107,6 +107,24 @@ def test_regularizer_keeps_weights_closer_to_init(assets, tmp_path):
     assert _metrics(tmp_path / "free")[-1]["reg"] is None  # λ = 0: no regularizer built
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_regularizer_gradient_norm_is_logged_and_scales_with_lambda(assets, tmp_path, lora):
+    # At step 1 the weights are the initial ones in both runs, so the regularizer's gradient is
+    # the same and ‖λ ∇SWD‖ scales exactly with λ; its share is that norm over the step's norm.
+    common = {"lora": lora, "lr": 1e-3, "max_steps": 2, "method": "snap", "reg_mode": "fixed"}
+    unlearn(_config(assets, tmp_path / "a", lam=0.5, **common))
+    unlearn(_config(assets, tmp_path / "b", lam=2.0, **common))
+    first_a, first_b = _metrics(tmp_path / "a")[0], _metrics(tmp_path / "b")[0]
+    # SWD(W0, W0) is 0 at step 1 up to rounding; step 2 has moved weights, a real gradient
+    second_a = _metrics(tmp_path / "a")[1]
+    assert second_a["reg_grad_norm"] > 0
+    assert second_a["reg_grad_share"] == pytest.approx(second_a["reg_grad_norm"] / second_a["grad_norm"])
+    assert first_b["reg_grad_norm"] == pytest.approx(4 * first_a["reg_grad_norm"], rel=1e-5, abs=1e-12)
+    free = _config(assets, tmp_path / "free", lam=0.0, **common)
+    unlearn(free)
+    assert _metrics(tmp_path / "free")[0]["reg_grad_norm"] is None
+
+
 def test_resume_gives_identical_losses(assets, tmp_path):
     # GPT-2 has dropout, so identical losses also need the restored RNG states; 2 micro-batches
     # per step and 2 steps per epoch cover accumulation and epoch boundaries.

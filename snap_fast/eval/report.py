@@ -48,7 +48,7 @@ COMPARED = (
     ("heldout_forget", "gibberish_rate", "gibberish rate (held-out forget)"),
     ("heldout_retain", "gibberish_rate", "gibberish rate (held-out hard positives)"),
 )
-LOSS_KEYS = ("loss", "loss_forget", "loss_retain", "loss_general", "reg", "reg_weighted")
+LOSS_KEYS = ("loss", "loss_forget", "loss_retain", "loss_general", "reg", "reg_weighted", "reg_grad_share")
 HEADINGS = ("Headline", "Metrics before and after", "Training curves", "LoRA-delta statistics per layer",
             "Examples", "Settings")
 

@@ -251,12 +251,34 @@ class UnlearnRecipe:
         return SetBatch(name, batch, logits, labels, mb[name + "_idx"], keep)
 
     def _regularize(self, step: int, sums: dict[str, float]) -> float | None:
-        """λ·SWD once per optimizer step, in float32 outside autocast; its value (or None)."""
+        """λ·SWD once per optimizer step, in float32 outside autocast; its value (or None).
+
+        Where this process holds whole weights, the term's gradient is formed on its own and then
+        accumulated (one backward either way), so its norm ``‖λ ∇SWD‖`` is logged: next to the
+        step's gradient norm it shows whether the term is active. Under FSDP2 (sharded
+        gradients) it is a plain backward and the norm is not logged.
+        """
+        self._reg_grad_norm = None
         if self.regularizer is None:
             return None
         reg = self.regularizer()
         self._check_finite(reg, step + 1, "regularizer")
-        (self.cfg.lam * reg).backward()
+        weighted = self.cfg.lam * reg
+        if self.par.holds_whole_weights and weighted.requires_grad:
+            params = [p for p in self.trainable if p.requires_grad]
+            grads = torch.autograd.grad(weighted, params, allow_unused=True)
+            norm_sq = torch.zeros((), dtype=torch.float64, device=reg.device)
+            for param, grad in zip(params, grads):
+                if grad is None:
+                    continue
+                norm_sq += grad.double().square().sum()
+                if param.grad is None:
+                    param.grad = grad
+                else:
+                    param.grad.add_(grad)
+            self._reg_grad_norm = float(norm_sq.sqrt())
+        else:
+            weighted.backward()
         value = float(reg.detach())
         sums["loss"] += self.cfg.lam * value
         return value
@@ -269,6 +291,10 @@ class UnlearnRecipe:
             "loss_forget": sums.get("forget"), "loss_retain": sums.get("retain"),
             **({"loss_general": sums.get("general")} if self.data.general else {}),
             "reg": reg_value, "reg_weighted": self.cfg.lam * reg_value if reg_value is not None else None,
+            "reg_grad_norm": self._reg_grad_norm,
+            # ‖λ ∇SWD‖ over the step's whole (unclipped) gradient norm: the term's share of the update
+            "reg_grad_share": self._reg_grad_norm / grad_norm if self._reg_grad_norm is not None and grad_norm > 0
+            else None,
             "grad_norm": grad_norm, "tokens": tokens,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "step_time_s": elapsed,
         }
