@@ -15,6 +15,7 @@ from snap_fast.eval.evaluate import evaluate_model
 from snap_fast.eval.report import (
     HEADINGS,
     build_report,
+    lora_layer_series,
     lora_stats_from_adapter,
     lora_stats_from_metrics,
 )
@@ -89,6 +90,12 @@ def test_lora_stats_sources(report_dir):
              "lora/fro_total": 3.0}]
     assert lora_stats_from_metrics(rows) == {
         "fro": {"model.layers.0.q_proj": 1.0, "model.layers.1.q_proj": 2.0}, "fro_total": {"total": 3.0}}
+    # the recipe logs a stat's model-wide total beside its layers: never drawn as a layer
+    rows = [{"lora/model.layers.1.q_proj/fro_norm": 2.0, "lora/model.layers.0.q_proj/fro_norm": 1.0,
+             "lora/model.layers.0.v_proj/fro_norm": 5.0, "lora/fro_norm": 1400.0}]
+    per_layer = lora_stats_from_metrics(rows)["fro_norm"]
+    assert per_layer["total"] == 1400.0
+    assert lora_layer_series(per_layer) == {"q_proj": [(0, 1.0), (1, 2.0)], "v_proj": [(0, 5.0)]}
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")

@@ -200,6 +200,19 @@ def lora_stats_from_adapter(adapter_dir: str | Path) -> dict[str, dict[str, floa
     return out if out["fro"] else {}
 
 
+def lora_layer_series(values: Mapping[str, float]) -> dict[str, list[tuple[int, float]]]:
+    """``{module kind: [(layer index, value), ...]}`` sorted by layer, from ``{module: value}``;
+    the ``"total"`` entry is not a layer and is left out."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for module, value in values.items():
+        if module == "total":
+            continue
+        m = _LAYER_NUM.search(module + ".")
+        kind = module.rsplit(".", 1)[-1]
+        series[kind].append((int(m.group(1)) if m else len(series[kind]), value))
+    return {kind: sorted(pts) for kind, pts in series.items()}
+
+
 def figure_lora_stats(stats: Mapping[str, Mapping[str, float]]) -> bytes | None:
     """For each statistic with per-module values: the value per module, grouped by module type
     (q_proj, v_proj, ...) across layer index. PNG bytes or None."""
@@ -209,16 +222,13 @@ def figure_lora_stats(stats: Mapping[str, Mapping[str, float]]) -> bytes | None:
     names = sorted(plotted)[:6]
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.6 * len(names)), squeeze=False)
     for ax, stat in zip([r[0] for r in axes], names):
-        series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        for module, value in plotted[stat].items():
-            m = _LAYER_NUM.search(module + ".")
-            kind = module.rsplit(".", 1)[-1]
-            series[kind].append((int(m.group(1)) if m else len(series[kind]), value))
-        for kind, pts in sorted(series.items()):
-            pts.sort()
+        for kind, pts in sorted(lora_layer_series(plotted[stat]).items()):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=kind)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_title(f"LoRA ΔW: {stat}")
+        # the model-wide total (norms in quadrature, a max, a sum...) is on another scale than any
+        # layer: stated in the title and the totals table, never drawn among the layers
+        total = plotted[stat].get("total")
+        ax.set_title(f"LoRA ΔW: {stat}" + (f" (all layers: {_fmt(total)})" if total is not None else ""))
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=4)
