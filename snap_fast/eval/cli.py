@@ -90,6 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tofu-limit", type=int, default=None, help="first N records of each TOFU split")
     parser.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
                         help="no progress bars (--quiet: the older name)")
+    parser.add_argument("--attacks", default=None,
+                        help="attacks on the model after the evaluation: 'quant' or 'all' (snap_fast.eval.attacks)")
+    parser.add_argument("--quant-bits", type=int, nargs="+", default=[8, 4], help="--attacks quant: bit widths")
+    parser.add_argument("--quant-group-size", type=int, default=64, help="--attacks quant: weights per scale")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +108,14 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--tofu: folder not found: {args.tofu}")
     if args.tofu_retain and not Path(args.tofu_retain).is_file():
         raise FileNotFoundError(f"--tofu-retain: file not found: {args.tofu_retain}")
+    from .attacks import parse_attacks
+
+    attacks = parse_attacks(args.attacks)
+    for b in args.quant_bits:
+        if not 2 <= b <= 8:
+            raise ValueError(f"--quant-bits must be between 2 and 8, got {b}")
+    if args.quant_group_size < 1:
+        raise ValueError(f"--quant-group-size must be >= 1, got {args.quant_group_size}")
     print(f"[eval] loading {args.model}" + (f" + adapter {args.adapter}" if args.adapter else ""))
     model, tokenizer, identity = load_for_eval(args.model, args.adapter, dtype=_DTYPES[args.dtype],
                                                device=args.device)
@@ -126,6 +138,16 @@ def run(args: argparse.Namespace) -> int:
         write_json(Path(args.out) / "tofu_summary.json", tofu)
         summary["tofu"] = tofu
         write_json(Path(args.out) / "summary.json", summary)
+    if "quant" in attacks:
+        from .attacks import quantization_attack
+
+        summary.setdefault("attacks", {})["quant"] = quantization_attack(
+            model, tokenizer, args.data, args.out, identity=identity, bits=args.quant_bits,
+            group_size=args.quant_group_size,
+            evaluate_kwargs={"limit": args.limit, "force": args.force, "batch_size": args.batch_size,
+                             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "progress": not args.quiet})
+        write_json(Path(args.out) / "summary.json", summary)
+        print(json.dumps({"quantization attack": summary["attacks"]["quant"]}, indent=2))
     print(json.dumps({"model": identity, **summary["headline"]}, indent=2))
     if "tofu" in summary:
         print(json.dumps({k: v for k, v in summary["tofu"].items() if k != "splits"}, indent=2))

@@ -312,6 +312,12 @@ def build_report(
     cmp_rows.append(["perplexity (held-out text)", _fmt(orig.get("perplexity")), _fmt(unl.get("perplexity"))])
     doc.table(["metric", "original", "unlearned"], cmp_rows)
     doc.figure("before_after", "metrics before and after", "No metrics to plot.")
+    attack_rows = _quant_attack_rows(orig, unl)
+    if attack_rows:
+        doc.para("Quantization attack (snap-fast eval --attacks quant): each model's linear weights rounded "
+                 "to the given bits (symmetric, per group), held-out sets evaluated again; the original "
+                 "model quantized the same way is the control.")
+        doc.table(["model", "weights", "obliteration (held-out forget)", "leak rate", "retain ROUGE-L"], attack_rows)
 
     doc.section("Training curves")
     doc.figure("training_curves", "training curves",
@@ -337,6 +343,23 @@ def build_report(
     atomic_write_text(out / "report.md", doc.markdown())
     atomic_write_text(out / "report.html", doc.html())
     return {"md": out / "report.md", "html": out / "report.html", "figures": out / "figures"}
+
+
+def _quant_attack_rows(orig: Mapping, unl: Mapping) -> list[list]:
+    """Rows of the quantization attack table: each model unquantized, then per setting."""
+    rows = []
+    for label, summary in (("original", orig), ("unlearned", unl)):
+        attack = summary.get("attacks", {}).get("quant")
+        if not attack:
+            continue
+        sets = summary.get("sets", {})
+        rows.append([label, "as trained", _fmt(sets.get("heldout_forget", {}).get("obliteration_rate"), pct=True),
+                     _fmt(sets.get("heldout_forget", {}).get("leak_rate"), pct=True),
+                     _fmt(sets.get("heldout_retain", {}).get("rougeL_recall"))])
+        for setting, r in attack["settings"].items():
+            rows.append([label, f"{setting}, groups of {attack['group_size']}", _fmt(r["obliteration_rate"], pct=True),
+                         _fmt(r["leak_rate"], pct=True), _fmt(r["retain_rougeL_recall"])])
+    return rows
 
 
 def _run_inputs(run_dir: str | Path | None) -> tuple[list[dict], str, dict]:
