@@ -437,3 +437,11 @@ def test_logits_on_the_answer_window_give_the_whole_sequence_results(assets, tmp
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
     wa, wb = (load_file(tmp_path / run / "final" / "merged" / "model.safetensors") for run in ("window", "whole"))
     assert update_relative_error(wa, wb, load_file(os.path.join(assets[model], "model.safetensors"))) < UPDATE_BOUND
+
+
+def test_l2sp_regularizer_kind_runs_and_is_refused_under_fsdp(assets, tmp_path):
+    unlearn(_config(assets, tmp_path / "l2sp", lora=True, max_steps=2, lam=10.0, reg_kind="l2sp"))
+    metrics = _metrics(tmp_path / "l2sp")
+    assert metrics[0]["reg"] == 0.0 and metrics[1]["reg"] > 0  # B = 0 at init: ΔW = 0, then it moves
+    with pytest.raises(ValueError, match="l2sp"):
+        _config(assets, tmp_path / "x", reg_kind="l2sp", parallel="fsdp").validate(run_folder=False)

@@ -22,9 +22,12 @@ from ..checks import check_choice, check_int, check_number
 from ..io import read_jsonl
 from ..ops.backends import BACKENDS
 from ..regularizer.core import MODES as REG_MODES
+
+#: Regularizer kinds: SNAP's sliced-Wasserstein distance, or the plain L2-SP baseline.
+REG_KINDS = ("swd", "l2sp")
 from .methods import METHODS as METHOD_REGISTRY
 
-__all__ = ["METHODS", "PARALLEL", "PRECISIONS", "REG_MODES", "RETAIN_LOSSES", "UnlearnConfig"]
+__all__ = ["METHODS", "PARALLEL", "PRECISIONS", "REG_KINDS", "REG_MODES", "RETAIN_LOSSES", "UnlearnConfig"]
 
 #: Training methods, see :mod:`snap_fast.train.methods`.
 METHODS = tuple(METHOD_REGISTRY)
@@ -117,6 +120,7 @@ class UnlearnConfig:
         2.0, "--retain-loss kl: cache the original's answer log-probabilities up to this many GiB")
     lam: float | None = _arg(None, "λ, regularizer weight (default: 0.1 for snap and snap-npo, else 0)",
                              type=float)
+    reg_kind: str = _arg("swd", "regularizer: swd (SNAP's) or l2sp (λ‖W − W0‖², the plain baseline)", choices=REG_KINDS)
     reg_mode: str = _arg("resample", "regularizer directions", choices=REG_MODES)
     reg_refresh_every: int = _arg(10, "K for --reg-mode refresh")
     reg_normalize: bool = _arg(False, "scale-free regularizer: SWD over Σ|W0 Θ|^p per tensor", action="store_true")
@@ -200,6 +204,9 @@ class UnlearnConfig:
         check_choice("method", self.method, METHODS)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("reg_mode", self.reg_mode, REG_MODES)
+        check_choice("reg_kind", self.reg_kind, REG_KINDS)
+        if self.reg_kind == "l2sp" and self.parallel == "fsdp":
+            raise ValueError("reg_kind 'l2sp' keeps whole initial weights: not supported with FSDP2 (--fsdp)")
         check_choice("parallel", self.parallel, PARALLEL)
         check_choice("retain_loss", self.retain_loss, RETAIN_LOSSES)
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "n_projections",

@@ -143,7 +143,11 @@ class UnlearnRecipe:
         """Everything that must see the ORIGINAL weights, before a checkpoint is loaded."""
         cfg = self.cfg
         self.regularizer = None
-        if cfg.lam > 0:
+        if cfg.lam > 0 and cfg.reg_kind == "l2sp":
+            from ..regularizer.l2sp import L2SPRegularizer
+
+            self.regularizer = L2SPRegularizer(self.model, normalize=cfg.reg_normalize)
+        elif cfg.lam > 0:
             self.regularizer = self.par.build_regularizer(
                 self.model, n_projections=cfg.n_projections, p=cfg.reg_p, mode=cfg.reg_mode,
                 refresh_every=cfg.reg_refresh_every, seed=cfg.seed, backend=cfg.reg_backend,
