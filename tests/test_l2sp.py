@@ -3,8 +3,6 @@ normalised form, gradients, state, and the recipe's --reg-kind l2sp."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from lora_models import dense_delta, factors_of, lora_layers, peft_model
