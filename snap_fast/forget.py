@@ -29,6 +29,7 @@ import os
 import shutil
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -305,7 +306,7 @@ class _Run:
     identity: str
     clock: _Clock
     progress: bool
-    log: object
+    log: Callable[[str], None]
 
     def __post_init__(self) -> None:
         self.stages = _Stages(self.out)
