@@ -64,9 +64,9 @@ def test_quantizer_refuses_bad_settings_before_changing_anything():
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="merge"):
         quantize_linear_weights_(peft_model, bits=4, group_size=8)
-    assert parse_attacks("all") == ["quant"] and parse_attacks(None) == []
+    assert parse_attacks("all") == ["quant", "relearn"] and parse_attacks(None) == []
     with pytest.raises(ValueError, match="--attacks"):
-        parse_attacks("quant,relearn-ish")
+        parse_attacks("quant,prompts")
 
 
 def test_eval_cli_runs_the_quantization_attack(tmp_path, capsys):
@@ -93,4 +93,30 @@ def test_eval_cli_runs_the_quantization_attack(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "bad"), "--attacks", "quant", "--quant-group-size", "7"]) == 2
     assert "does not divide" in capsys.readouterr().err
-    assert main([*args, "--out", str(tmp_path / "bad"), "--attacks", "relearn"]) == 2
+    assert main([*args, "--out", str(tmp_path / "bad"), "--attacks", "mia"]) == 2
+
+
+def test_relearning_attack_recovers_the_original_answers_on_a_tiny_model(tmp_path):
+    # A tiny model relearns its training examples quickly: the fine-tuned copy's answers to the
+    # relearned questions move towards the original answers, the model itself is unchanged.
+    from snap_fast.eval.attacks import relearning_attack
+    from snap_fast.io import read_jsonl
+
+    model, tokenizer = make_tiny_llama()
+    data = write_data_folder(tmp_path / "data")
+    before = [p.detach().clone() for p in model.parameters()]
+    forget = [r for r in read_jsonl(data / "forget.jsonl") if isinstance(r.get("original_response"), str)]
+    result = relearning_attack(model, tokenizer, data, tmp_path / "out", identity="tiny", steps=[40, 0],
+                               n_examples=2, lr=1e-2, evaluate_kwargs={"max_new_tokens": 6, "progress": False},
+                               log=lambda _: None)
+    assert list(result["steps"]) == ["0", "40"] and result["n_examples"] == min(2, len(forget))
+    # the relearned answer ("Harry Potter is a wizard at Hogwarts.") now comes out for the
+    # held-out questions too (which never name the target): pieces of it, some naming the target
+    answers = [r["answer"].strip() for r in read_jsonl(tmp_path / "out" / "relearn_40steps" / "samples.jsonl")]
+    assert answers and all(a and a in "Harry Potter is a wizard at Hogwarts." for a in answers), answers
+    assert result["steps"]["0"]["leak_rate"] == 0.0 < result["steps"]["40"]["leak_rate"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="steps"):
+        relearning_attack(model, tokenizer, data, tmp_path / "x", identity="tiny", steps=[-1])
+    with pytest.raises(ValueError, match="lr"):
+        relearning_attack(model, tokenizer, data, tmp_path / "x", identity="tiny", lr=0.0)

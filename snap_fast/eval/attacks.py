@@ -8,8 +8,15 @@
   small unlearning update can be rounded away. The original model quantized the same way is the
   control: its answers show what quantization alone does.
 
+* **Relearning** (``relearn``): fine-tune a copy (a fresh LoRA adapter, r = 8 on every linear
+  layer, AdamW) for k steps on a few training forget questions with the *original* model's
+  answers, then evaluate the held-out forget questions (other questions, never trained on) after
+  each k in ``relearn_steps``: a recovery curve. A few steps bringing most answers back
+  (arXiv 2406.13356, 2409.18025) means the knowledge was hidden, not removed. Run it on the
+  original model too, and on a λ = 0 run, as references.
+
 Each attack evaluates a copy: the model passed in is never changed. Python:
-:func:`quantize_linear_weights_`, :func:`quantization_attack`.
+:func:`quantize_linear_weights_`, :func:`quantization_attack`, :func:`relearning_attack`.
 """
 
 from __future__ import annotations
@@ -22,10 +29,10 @@ import torch
 
 from snap_fast.checks import check_int
 
-__all__ = ["ATTACKS", "parse_attacks", "quantization_attack", "quantize_linear_weights_"]
+__all__ = ["ATTACKS", "parse_attacks", "quantization_attack", "quantize_linear_weights_", "relearning_attack"]
 
 #: Attack names ``snap-fast eval --attacks`` accepts (``all``: every one).
-ATTACKS = ("quant",)
+ATTACKS = ("quant", "relearn")
 #: Sets an attack re-evaluates: the held-out forget questions, and the hard positives as a control.
 ATTACK_SETS = ("heldout_forget", "heldout_retain")
 
@@ -127,4 +134,85 @@ def quantization_attack(
             "obliteration_rate": forget.get("obliteration_rate"), "leak_rate": forget.get("leak_rate"),
             "retain_rougeL_recall": retain.get("rougeL_recall"), "quantized_tensors": count,
         }
+    return out
+
+
+def relearning_attack(
+    model,
+    tokenizer,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    identity: str,
+    steps: Sequence[int] = (0, 10, 25, 50),
+    n_examples: int = 8,
+    lr: float = 1e-3,
+    seed: int = 0,
+    evaluate_kwargs: dict | None = None,
+    log=print,
+) -> dict:
+    """Fine-tune a copy of ``model`` on ``n_examples`` forget questions with their original answers
+    and evaluate the held-out forget questions after each number of steps in ``steps``.
+
+    Args:
+        model, tokenizer, identity: as for :func:`snap_fast.eval.evaluate.evaluate_model`.
+        data_dir: the data folder: training examples from ``forget.jsonl`` (those with an
+            ``original_response``), evaluation on ``heldout_forget.jsonl`` (other questions).
+        out_dir: each evaluation goes to ``out_dir/relearn_<k>steps``.
+        steps: k values (≥ 0), evaluated in increasing order along one fine-tuning run.
+        n_examples: forget examples to relearn from (all in every step's batch).
+        lr, seed: AdamW learning rate on a fresh LoRA adapter (r = 8, all linear layers); the
+            seed picks the examples and the adapter's initialisation.
+
+    Returns ``{"n_examples", "lr", "steps": {"<k>": {"obliteration_rate", "leak_rate"}}}``.
+
+    Raises:
+        ValueError: a negative k, ``n_examples`` < 1, a non-positive ``lr``, or a data folder
+            with no forget example carrying an original answer.
+    """
+    import random
+
+    from peft import LoraConfig, get_peft_model
+
+    from snap_fast.checks import check_number
+    from snap_fast.data.collator import ChatCollator
+    from snap_fast.io import read_jsonl
+
+    from .evaluate import evaluate_model
+
+    steps = sorted({int(k) for k in steps})
+    if any(k < 0 for k in steps) or not steps:
+        raise ValueError(f"relearn steps must be >= 0, got {list(steps)}")
+    check_int("n_examples", n_examples, minimum=1)
+    check_number("lr", lr, positive=True)
+    pool = [r for r in read_jsonl(Path(data_dir) / "forget.jsonl") if isinstance(r.get("original_response"), str)]
+    if not pool:
+        raise ValueError(f"{data_dir}/forget.jsonl has no example with an original_response to relearn from")
+    examples = random.Random(seed).sample(pool, min(n_examples, len(pool)))
+    batch = ChatCollator(tokenizer, max_length=256)(
+        [{"prompt": r["prompt"], "response": r["original_response"], "truncated": bool(r.get("original_truncated"))}
+         for r in examples])
+    torch.manual_seed(seed)
+    attacked = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    device = next(attacked.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    optimizer = torch.optim.AdamW([p for p in attacked.parameters() if p.requires_grad], lr=lr)
+    out: dict = {"n_examples": len(examples), "lr": lr, "steps": {}}
+    done = 0
+    for k in steps:
+        attacked.train()
+        while done < k:
+            loss = attacked(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+        attacked.eval()
+        log(f"[attack relearn] {k} steps on {len(examples)} forget examples")
+        summary = evaluate_model(attacked, tokenizer, data_dir, Path(out_dir) / f"relearn_{k}steps",
+                                 identity=f"{identity}+relearn{len(examples)}x{k}lr{lr}s{seed}",
+                                 sets=("heldout_forget",), perplexity=False, probability=False, log=log,
+                                 **(evaluate_kwargs or {}))
+        forget = summary["sets"].get("heldout_forget", {})
+        out["steps"][str(k)] = {"obliteration_rate": forget.get("obliteration_rate"), "leak_rate": forget.get("leak_rate")}
     return out

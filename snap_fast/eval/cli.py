@@ -94,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attacks on the model after the evaluation: 'quant' or 'all' (snap_fast.eval.attacks)")
     parser.add_argument("--quant-bits", type=int, nargs="+", default=[8, 4], help="--attacks quant: bit widths")
     parser.add_argument("--quant-group-size", type=int, default=64, help="--attacks quant: weights per scale")
+    parser.add_argument("--relearn-steps", type=int, nargs="+", default=[0, 10, 25, 50],
+                        help="--attacks relearn: fine-tuning steps after which the held-out forget set is evaluated")
+    parser.add_argument("--relearn-examples", type=int, default=8, help="--attacks relearn: forget examples used")
+    parser.add_argument("--relearn-lr", type=float, default=1e-3, help="--attacks relearn: AdamW lr (fresh LoRA r=8)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--quant-bits must be between 2 and 8, got {b}")
     if args.quant_group_size < 1:
         raise ValueError(f"--quant-group-size must be >= 1, got {args.quant_group_size}")
+    if any(k < 0 for k in args.relearn_steps):
+        raise ValueError(f"--relearn-steps must be >= 0, got {args.relearn_steps}")
+    if args.relearn_examples < 1 or not args.relearn_lr > 0:
+        raise ValueError("--relearn-examples must be >= 1 and --relearn-lr > 0")
     print(f"[eval] loading {args.model}" + (f" + adapter {args.adapter}" if args.adapter else ""))
     model, tokenizer, identity = load_for_eval(args.model, args.adapter, dtype=_DTYPES[args.dtype],
                                                device=args.device)
@@ -138,18 +146,31 @@ def run(args: argparse.Namespace) -> int:
         write_json(Path(args.out) / "tofu_summary.json", tofu)
         summary["tofu"] = tofu
         write_json(Path(args.out) / "summary.json", summary)
-    if "quant" in attacks:
-        from .attacks import quantization_attack
-
-        summary.setdefault("attacks", {})["quant"] = quantization_attack(
-            model, tokenizer, args.data, args.out, identity=identity, bits=args.quant_bits,
-            group_size=args.quant_group_size,
-            evaluate_kwargs={"limit": args.limit, "force": args.force, "batch_size": args.batch_size,
-                             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "progress": not args.quiet})
-        write_json(Path(args.out) / "summary.json", summary)
-        print(json.dumps({"quantization attack": summary["attacks"]["quant"]}, indent=2))
+    if attacks:
+        _run_attacks(args, attacks, model, tokenizer, identity, summary)
     print(json.dumps({"model": identity, **summary["headline"]}, indent=2))
     if "tofu" in summary:
         print(json.dumps({k: v for k, v in summary["tofu"].items() if k != "splits"}, indent=2))
     print(f"[eval] wrote {args.out}/summary.json and samples.jsonl")
     return 0
+
+
+def _run_attacks(args: argparse.Namespace, attacks: list[str], model, tokenizer, identity: str, summary: dict) -> None:
+    """Run the chosen attacks on copies of ``model``; their results go to ``summary["attacks"]``
+    and ``summary.json`` is rewritten after each."""
+    from .attacks import quantization_attack, relearning_attack
+
+    common = {"limit": args.limit, "force": args.force, "batch_size": args.batch_size,
+              "max_new_tokens": args.max_new_tokens, "seed": args.seed, "progress": not args.quiet}
+    runs = {
+        "quant": lambda: quantization_attack(model, tokenizer, args.data, args.out, identity=identity,
+                                             bits=args.quant_bits, group_size=args.quant_group_size,
+                                             evaluate_kwargs=common),
+        "relearn": lambda: relearning_attack(model, tokenizer, args.data, args.out, identity=identity,
+                                             steps=args.relearn_steps, n_examples=args.relearn_examples,
+                                             lr=args.relearn_lr, seed=args.seed, evaluate_kwargs=common),
+    }
+    for name in attacks:
+        summary.setdefault("attacks", {})[name] = runs[name]()
+        write_json(Path(args.out) / "summary.json", summary)
+        print(json.dumps({f"attack {name}": summary["attacks"][name]}, indent=2))

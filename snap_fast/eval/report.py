@@ -312,12 +312,7 @@ def build_report(
     cmp_rows.append(["perplexity (held-out text)", _fmt(orig.get("perplexity")), _fmt(unl.get("perplexity"))])
     doc.table(["metric", "original", "unlearned"], cmp_rows)
     doc.figure("before_after", "metrics before and after", "No metrics to plot.")
-    attack_rows = _quant_attack_rows(orig, unl)
-    if attack_rows:
-        doc.para("Quantization attack (snap-fast eval --attacks quant): each model's linear weights rounded "
-                 "to the given bits (symmetric, per group), held-out sets evaluated again; the original "
-                 "model quantized the same way is the control.")
-        doc.table(["model", "weights", "obliteration (held-out forget)", "leak rate", "retain ROUGE-L"], attack_rows)
+    _attack_tables(doc, orig, unl)
 
     doc.section("Training curves")
     doc.figure("training_curves", "training curves",
@@ -343,6 +338,24 @@ def build_report(
     atomic_write_text(out / "report.md", doc.markdown())
     atomic_write_text(out / "report.html", doc.html())
     return {"md": out / "report.md", "html": out / "report.html", "figures": out / "figures"}
+
+
+def _attack_tables(doc: _Document, orig: Mapping, unl: Mapping) -> None:
+    """The attacks' tables (``snap-fast eval --attacks``), for whichever model ran them."""
+    attack_rows = _quant_attack_rows(orig, unl)
+    if attack_rows:
+        doc.para("Quantization attack (snap-fast eval --attacks quant): each model's linear weights rounded "
+                 "to the given bits (symmetric, per group), held-out sets evaluated again; the original "
+                 "model quantized the same way is the control.")
+        doc.table(["model", "weights", "obliteration (held-out forget)", "leak rate", "retain ROUGE-L"], attack_rows)
+    relearn_rows = [[label, k, _fmt(r["obliteration_rate"], pct=True), _fmt(r["leak_rate"], pct=True)]
+                    for label, summary in (("original", orig), ("unlearned", unl))
+                    for k, r in summary.get("attacks", {}).get("relearn", {}).get("steps", {}).items()]
+    if relearn_rows:
+        doc.para("Relearning attack (snap-fast eval --attacks relearn): a fresh LoRA adapter fine-tuned for k steps "
+                 "on a few forget questions with the original answers; the held-out forget questions are "
+                 "other questions.")
+        doc.table(["model", "relearning steps", "obliteration (held-out forget)", "leak rate"], relearn_rows)
 
 
 def _quant_attack_rows(orig: Mapping, unl: Mapping) -> list[list]:
