@@ -234,25 +234,6 @@ def perturb(model, scale: float = 1e-3) -> None:
             p.add_(torch.randn_like(p), alpha=scale)
 
 
-def peer_loop(params, initial_bf16, n_projections: int = L_DIRECTIONS, p: float = 2.0):
-    """The authors' loop (SNAP.md §2): per tensor, fresh CPU directions copied over, bf16 copy of
-    W0, projections cast to bf16, two ``torch.sort`` along the rows, a sum."""
-    import torch
-
-    total = 0.0
-    for w, w0 in zip(params, initial_bf16):
-        a = w.reshape(1, -1) if w.dim() == 1 else w
-        a0 = w0.reshape(1, -1) if w0.dim() == 1 else w0
-        theta = torch.randn(a.shape[1], n_projections)
-        theta = (theta / theta.norm(dim=0, keepdim=True)).to(device=a.device, dtype=torch.bfloat16)
-        proj = (a @ theta.to(a.dtype)).to(torch.bfloat16)
-        with torch.no_grad():
-            proj0 = a0 @ theta
-        diff = torch.sort(proj, dim=0).values - torch.sort(proj0, dim=0).values
-        total = total + diff.float().abs().pow(p).sum() / n_projections
-    return total
-
-
 def time_ms(fn: Callable[[], object], device, repeats: int) -> float:
     """Median milliseconds of ``fn`` after one warm-up call (CUDA events on a GPU)."""
     import torch
@@ -484,22 +465,21 @@ def step_tf32(device, tiny):
 
 def _modes_table(shapes, device, dtype, repeats: int, with_peer: bool, modes) -> tuple[str, dict]:
     """Every implementation on one shape list, interleaved rounds; medians."""
-    import torch
 
     from snap_fast import SlicedWassersteinRegularizer
 
     model = shaped_model(shapes, dtype, device)
     params = list(model.parameters())
-    initial = [p.detach().to(torch.bfloat16, copy=True) for p in params] if with_peer else None
     regs = {m: SlicedWassersteinRegularizer(model, n_projections=L_DIRECTIONS, mode=m, refresh_every=10) for m in modes}
+    if with_peer:  # the authors' loop of SNAP.md §2 (benchmarks/peer.py), snapshot like the others
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from peer import PeerRegularizer
+
+        peer = PeerRegularizer(params, L_DIRECTIONS)
     perturb(model)
     calls: dict[str, Callable[[], None]] = {m: fwd_bwd(r, params) for m, r in regs.items()}
     if with_peer:
-        def peer() -> None:
-            for p in params:
-                p.grad = None
-            peer_loop(params, initial).backward()
-        calls = {"peer loop": peer, **calls}
+        calls = {"peer loop": fwd_bwd(peer, params), **calls}
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
         for name, call in calls.items():

@@ -130,6 +130,8 @@ class SlicedWassersteinRegularizer:
         self.backend = self._ops.name
         self.cache_directions = (self.device.type == "cpu") if cache_directions is None else cache_directions
         self.layout = SegmentLayout.from_blocks([(n_projections, t.n) for t in self.terms])
+        # values per term in the flat buffers (normalize sums each term's block)
+        self._term_sizes = torch.tensor([n_projections * t.n for t in self.terms], device=self.device)
         widths: dict[int, list[int]] = {}
         for i, t in enumerate(self.terms):
             widths.setdefault(t.d, []).append(i)
@@ -208,34 +210,25 @@ class SlicedWassersteinRegularizer:
 
         Without ``normalize`` the directions are ``theta``. With it, each term's directions are
         scaled by ``c = (L / Σ|W0 Θ|^p)^(1/p)``, which multiplies its SWD by ``c^p``: the term
-        becomes ``SWD / (Σ_l Σ_k |W0 θ_l|_k^p / L)``... times L, i.e. ``Σ|Δ|^p / Σ|W0 Θ|^p``
-        summed over directions (a ratio, the same for W0 and W scaled together). Sorting
-        commutes with a positive scale, so the reference is the scaled sorted projections.
+        becomes ``Σ|Δ|^p / Σ|W0 Θ|^p`` over all its directions (a ratio, the same for W0 and W
+        scaled together). Sorting commutes with a positive scale, so the reference is the
+        scaled sorted projections.
         """
         sorted_ref = self._sorted_initial(theta, keep_dtype)
         if not self.normalize:
             return theta, sorted_ref
-        scale = []
-        for (start, count, length), th in zip(self._term_blocks(), theta):
-            block = sorted_ref[start : start + count * length].double()
-            power = block.square().sum() if self.p == 2 else block.abs().pow(self.p).sum()
-            # a tensor whose initial projections are all zero has no scale to keep: left as is
-            scale.append(float((self.n_projections / power) ** (1 / self.p)) if power > 0 else 1.0)
-        sorted_ref = sorted_ref * torch.repeat_interleave(
-            torch.tensor(scale, dtype=sorted_ref.dtype, device=sorted_ref.device),
-            torch.tensor([c * n for _, c, n in self._term_blocks()], device=sorted_ref.device),
-        )
-        if self.mode == "fixed":
-            self._direction_scale = scale
+        # Σ|W0 Θ|^p of every term from one running sum over the flat buffer (its blocks are the
+        # terms, in order): no Python loop over tensors, no host sync on a GPU.
+        power = sorted_ref.double().square() if self.p == 2 else sorted_ref.double().abs().pow(self.p)
+        ends = power.cumsum(0)[self._term_sizes.cumsum(0) - 1]
+        power = torch.diff(ends, prepend=ends.new_zeros(1))
+        # a tensor whose initial projections are all zero has no scale to keep: left as is
+        scale = torch.where(power > 0, (self.n_projections / power) ** (1 / self.p), 1.0)
+        sorted_ref = sorted_ref * torch.repeat_interleave(scale.to(sorted_ref.dtype), self._term_sizes,
+                                                          output_size=sorted_ref.numel())
+        if self.mode == "fixed":  # kept (one host copy per rebuild) to scale directions redrawn from the seed
+            self._direction_scale = scale.tolist()
         return [th * c for th, c in zip(theta, scale)], sorted_ref
-
-    def _term_blocks(self) -> list[tuple[int, int, int]]:
-        """``(start, L, n)`` of every term's block in the flat buffers, in term order."""
-        blocks, start = [], 0
-        for t in self.terms:
-            blocks.append((start, self.n_projections, t.n))
-            start += self.n_projections * t.n
-        return blocks
 
     def _rebuild_cache(self) -> None:
         if self.mode == "fixed":
