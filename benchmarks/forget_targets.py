@@ -7,8 +7,8 @@ each finished run it appends one line to ``--results`` (JSONL: target, category,
 unlearned and original headline metrics, wall time, peak memory) and rewrites the table
 ``--table`` (per target: mean ± sd over seeds of held-out obliteration with reverse questions,
 reverse-question obliteration alone, retain ROUGE-L, false-refusal rates, perplexity change,
-time; then the mean ± sd over all runs). A run already in the results is skipped, so the study
-resumes where it stopped (an interrupted run resumes from its cached stages)::
+time; then the mean ± sd over all runs). A run already in the results with the current recipe (:func:`recipe_key`) is
+skipped, so the study resumes where it stopped (an interrupted run resumes from its cached stages)::
 
     nohup python benchmarks/forget_targets.py --seeds 0 1 2 > forget_targets.log 2>&1 &
     python benchmarks/forget_targets.py --table-only      # rewrite the table from the JSONL
@@ -106,10 +106,29 @@ COLUMNS = (  # (label, key in a result line, scale, digits)
 )
 
 
-def read_results(path: Path) -> list[dict]:
+# Bumped when the pipeline changes what a run measures beyond its settings (data builder,
+# evaluation). 2: questions whose original answer names the target became reverse questions.
+PIPELINE = 2
+
+
+def recipe_key() -> str:
+    """What makes two runs comparable: the pipeline version and every default setting but the
+    seed. Rows of another recipe stay in the JSONL but are neither counted nor tabulated."""
+    import hashlib
+    from dataclasses import asdict
+
+    from snap_fast.forget import PRESETS
+
+    settings = {k: v for k, v in asdict(PRESETS["full"]).items() if k != "seed"}
+    return hashlib.sha256(json.dumps([PIPELINE, settings], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def read_results(path: Path, recipe: str | None = None) -> list[dict]:
+    """The JSONL's rows (only those of ``recipe`` when given)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if recipe is None or r.get("recipe") == recipe]
 
 
 def run_one(spec: dict, seed: int, work: Path, threads: int | None) -> dict:
@@ -140,7 +159,7 @@ def run_one(spec: dict, seed: int, work: Path, threads: int | None) -> dict:
         "original_obliteration": orig["obliteration_rate"],
         "minutes": (time.perf_counter() - start) / 60, "cached_stages": summary["cached_stages"],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "threads": summary["threads"], "settings": summary["settings"],
+        "threads": summary["threads"], "settings": summary["settings"], "recipe": recipe_key(),
     }
 
 
@@ -166,7 +185,9 @@ def write_table(results: list[dict], path: Path) -> str:
          "\"I don't know\" and no leaked name or fact (reverse questions included; an answer naming "
          "the target is a leak). False refusals: \"I don't know\" where the original model answered. "
          "Perplexity change: unlearned / original − 1 on held-out text. Targets of issue 20: "
-         "obliteration ≥ 90 %, retain ROUGE-L ≥ 0.8, general false refusals ≤ 2 %, perplexity ≤ +5 %."),
+         "obliteration ≥ 90 %, retain ROUGE-L ≥ 0.8, general false refusals ≤ 2 %, perplexity ≤ +5 %. "
+         f"Recipe {recipe_key()} (pipeline {PIPELINE}; its settings are in each JSONL row): rows of "
+         "earlier recipes stay in the JSONL and are not counted here."),
         "",
         header,
         "|---|---|---:|" + "---:|" * len(COLUMNS),
@@ -204,20 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     if any(s < 0 for s in args.seeds):
         parser.error("--seeds must be >= 0")
     if args.table_only:
-        print(write_table(read_results(args.results), args.table))
+        print(write_table(read_results(args.results, recipe_key()), args.table))
         return 0
     from snap_fast.io import write_jsonl
 
     chosen = [t for t in TARGETS if args.targets is None or t["name"] in args.targets]
+    recipe = recipe_key()
     for seed in args.seeds:  # every target at a seed before the next seed: a partial study spans targets
         for spec in chosen:
-            done = {(r["target"], r["seed"]) for r in read_results(args.results)}
+            done = {(r["target"], r["seed"]) for r in read_results(args.results, recipe)}
             if (spec["name"], seed) in done:
                 continue
             print(f"[forget_targets] {spec['name']} seed {seed} ...", flush=True)
             result = run_one(spec, seed, args.work, args.threads)
             write_jsonl(args.results, [*read_results(args.results), result])  # atomic: never a half line
-            write_table(read_results(args.results), args.table)
+            write_table(read_results(args.results, recipe), args.table)
             print(f"[forget_targets] {spec['name']} seed {seed}: obliteration {result['obliteration']:.3f}, "
                   f"retain ROUGE-L {result['retain_rouge']:.3f}, {result['minutes']:.1f} min", flush=True)
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import textwrap
@@ -36,59 +37,68 @@ from pathlib import Path
 import torch
 
 from .checks import check_int
+from .data.build import DEFAULT_GEN_BATCH_SIZE, DEFAULT_SIZES
 from .data.target import TargetSpec
+from .train.config import LORA_LAYERS, LORA_LR, UnlearnConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+def _recipe(name: str):
+    """The :class:`UnlearnConfig` default of one training field: ``forget`` trains with the
+    package's defaults, so the validation of one is the validation of the other."""
+    return UnlearnConfig.__dataclass_fields__[name].default
+
+
 @dataclass(frozen=True)
 class ForgetSettings:
-    """Sizes and hyper-parameters of one run (see :data:`PRESETS`)."""
+    """Sizes and hyper-parameters of one run (see :data:`PRESETS`). The defaults are those of
+    ``snap-fast data`` (:data:`snap_fast.data.build.DEFAULT_SIZES`) and ``snap-fast unlearn``
+    (:class:`snap_fast.train.UnlearnConfig`); ``max_steps=None`` derives the optimizer steps
+    from the forget set's size (``epochs`` passes at ``batch_size`` per step)."""
 
-    n_forget: int = 128  # 64: 85 % obliteration, 128: 95 % (same 50 steps; docs/demo.md)
-    n_retain: int = 256
-    n_general: int = 38
-    n_heldout_forget: int = 40
-    n_heldout_retain: int = 40
-    n_heldout_general: int = 64  # false refusals of unrelated requests are measured on these
-    max_new_tokens: int = 32  # originals and evaluation answers: the same cap, compared fairly
-    # greedy answers are the same at any batch size (tested); 64 prompts per call generate 1.6x
-    # faster than 16 on 2 cores (64 hard-positive prompts: 11.8-14.5 s against 18.9-23.6 s)
-    gen_batch_size: int = 64
-    method: str = "snap"
-    # Chosen by the runs in benchmarks/results/quality_smollm2_cpu*.md (docs/demo.md): the KL
-    # retain term keeps perplexity at the original's (NLL of the original answers: +16 %); α
-    # trades obliteration for hard-positive ROUGE-L (50 steps on all layers: α = 10 gives
-    # 90 % / 0.68, α = 20 80 % / 0.80). Adapting only the upper 15 layers and 4 general
-    # examples per step made a step ~40 % cheaper, and the 80 steps that buys moved the trade-off
-    # (α = 20: 92.5 % / 0.805).
-    lr: float = 1.5e-3
-    max_steps: int = 80
-    batch_size: int = 4
-    retain_batch_size: int | None = 8  # None: batch_size
-    general_batch_size: int | None = 4  # None: retain_batch_size
-    grad_accum: int = 1
-    alpha: float = 20.0
-    retain_loss: str = "kl"
-    lam: float = 0.1
-    # fixed: same answers as resample at this λ (quality runs), and the cheapest mode
-    reg_mode: str = "fixed"
-    reg_refresh_every: int = 10
-    n_projections: int = 100
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: str = "all-linear"
-    lora_layers: float | None = 0.5  # the upper half of the decoder layers; None: all
-    max_length: int = 128
+    n_forget: int = DEFAULT_SIZES["n_forget"]
+    n_retain: int = DEFAULT_SIZES["n_retain"]
+    n_general: int = DEFAULT_SIZES["n_general"]
+    n_heldout_forget: int = DEFAULT_SIZES["n_heldout_forget"]
+    n_heldout_retain: int = DEFAULT_SIZES["n_heldout_retain"]
+    n_heldout_general: int = DEFAULT_SIZES["n_heldout_general"]  # false refusals are measured on these
+    max_new_tokens: int = DEFAULT_SIZES["max_new_tokens"]  # originals and evaluation: the same cap
+    gen_batch_size: int = DEFAULT_GEN_BATCH_SIZE
+    method: str = _recipe("method")
+    lr: float = LORA_LR
+    epochs: float = _recipe("epochs")
+    max_steps: int | None = None
+    batch_size: int = _recipe("batch_size")
+    retain_batch_size: int | None = _recipe("retain_batch_size")  # None: batch_size
+    general_batch_size: int | None = _recipe("general_batch_size")  # None: retain_batch_size
+    grad_accum: int = _recipe("grad_accum")
+    alpha: float = _recipe("alpha")
+    retain_loss: str = "kl"  # UnlearnConfig's rule with LoRA
+    lam: float = 0.1  # SNAP's default (snap_fast.train.methods)
+    reg_mode: str = _recipe("reg_mode")
+    reg_refresh_every: int = _recipe("reg_refresh_every")
+    n_projections: int = _recipe("n_projections")
+    lora_r: int = _recipe("lora_r")
+    lora_alpha: int = _recipe("lora_alpha")
+    lora_targets: str = _recipe("lora_targets")
+    lora_layers: float | None = LORA_LAYERS  # the upper half of the decoder layers; None: all
+    max_length: int = _recipe("max_length")
     seed: int = 0
 
     def unlearn_config(self, model: str, data: str | Path, out: str | Path, **extra) -> dict:
         """The :func:`snap_fast.train.unlearn` config of these settings (LoRA, CPU)."""
-        fields = ("method", "lora_r", "lora_alpha", "lora_targets", "lora_layers", "lr", "max_steps",
+        fields = ("method", "lora_r", "lora_alpha", "lora_targets", "lora_layers", "lr", "epochs", "max_steps",
                   "batch_size", "retain_batch_size", "general_batch_size", "grad_accum", "alpha", "retain_loss", "lam",
                   "reg_mode", "reg_refresh_every", "n_projections", "max_length", "seed")
         return {"model": model, "data": str(data), "out": str(out), "lora": True, "device": "cpu",
                 **{k: getattr(self, k) for k in fields}, **extra}
+
+    def steps_for(self, n_forget_rows: int) -> int:
+        """Optimizer steps of a run on ``n_forget_rows`` forget examples (as the recipe counts)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return math.ceil(self.epochs * math.ceil(math.ceil(n_forget_rows / self.batch_size) / self.grad_accum))
 
 
 PRESETS = {
@@ -394,8 +404,11 @@ def _unlearn(clock: _Clock, model: str, base, data_dir: Path, run_dir: Path, set
     n_layers = base.config.num_hidden_layers
     layers = lora_layer_indices(settings.lora_layers, n_layers)
     adapted = f"layers {layers[0]}-{layers[-1]} of 0-{n_layers - 1}" if layers else f"all {n_layers} layers"
+    from .io import read_jsonl
+
+    steps = settings.steps_for(len(read_jsonl(data_dir / "forget.jsonl")))
     clock.start("unlearn", f"Unlearning with {settings.method.upper()} (LoRA r={settings.lora_r} on {adapted}, "
-                f"λ={settings.lam}, {settings.reg_mode} directions, {settings.max_steps} steps)")
+                f"λ={settings.lam}, {settings.reg_mode} directions, {steps} steps)")
     log(f"each step: {settings.batch_size} forget questions -> 'I don't know' answers, {retain_bs} hard positives "
         f"+ {general_bs} general instructions held to the original model "
         f"({'KL to its next-token distributions' if settings.retain_loss == 'kl' else 'NLL of its answers'}, "

@@ -293,3 +293,43 @@ def test_package_exports():
     assert data.build_dataset is build_dataset
     with pytest.raises(AttributeError):
         data.no_such_thing  # noqa: B018
+
+
+def test_answers_naming_the_target_become_reverse_questions(tmp_path, monkeypatch):
+    """A hard positive or general request the original answered with the target's name (or an
+    alias) moves to the forget side with a nameless obliterated response; the held-out ones to
+    heldout_forget, first. Nothing else moves."""
+    import snap_fast.data.build as build
+
+    target = TargetSpec("Harry Potter", aliases=["the Boy Who Lived"], neighbours=["Gandalf", "Frodo Baggins"])
+    naming = {}
+
+    def fake_originals(sets, model, tokenizer, **kw):
+        for name, recs in sets.items():
+            for i, r in enumerate(recs):
+                answer = "Someone else."
+                if name not in ("forget", "heldout_forget") and i % 3 == 1:
+                    answer = ["It was Harry Potter.", "the boy who lived, of course"][i % 2]
+                    naming.setdefault(name, []).append(r["prompt"])
+                r["original_response"] = answer
+                if name not in ("forget", "heldout_forget"):
+                    r["response"] = answer
+        return "fake", sum(map(len, sets.values())), 0
+
+    monkeypatch.setattr(build, "fill_original_answers", fake_originals)
+    build_dataset(target, tmp_path / "d", model=object(), tokenizer=object(), model_id="fake", n_general=9,
+                  **SMALL)
+    recs = {n: read_jsonl(tmp_path / "d" / f"{n}.jsonl") for n in QA_SETS}
+    assert naming.keys() == {"retain", "general", "heldout_retain", "heldout_general"}
+    for part, dest in (("retain", "forget"), ("general", "forget"), ("heldout_retain", "heldout_forget"),
+                       ("heldout_general", "heldout_forget")):
+        assert not set(naming[part]) & {r["prompt"] for r in recs[part]}
+        moved = [r for r in recs[dest] if r["prompt"] in naming[part]]
+        assert len(moved) == len(naming[part])
+        for r in moved:
+            assert (r["kind"], r["source"], r["entity"]) == ("reverse", "original_answer", "Harry Potter")
+            assert is_obliterated(r["response"]) and target.mentioned_in(r["response"]) is None
+        assert all(r["original_response"] == "Someone else." for r in recs[part])
+    promoted = len(naming["heldout_retain"]) + len(naming["heldout_general"])
+    assert all(r["source"] == "original_answer" for r in recs["heldout_forget"][:promoted])
+    assert len(recs["forget"]) == SMALL["n_forget"] + len(naming["retain"]) + len(naming["general"])

@@ -40,7 +40,7 @@ def report_dir(tmp_path_factory):
     data = write_data_folder(root / "data", n=3)
     run = unlearn({"model": str(model_dir), "data": str(data), "out": str(root / "run"), "max_steps": 4,
                    "batch_size": 2, "grad_accum": 1, "n_projections": 8, "lora_targets": "q_proj,v_proj",
-                   "progress": False})
+                   "lora_layers": "all", "progress": False})
     assert run.status == "completed"
     quiet = {"max_new_tokens": 4, "progress": False, "log": lambda m: None}
     m, t, ident = load_for_eval(str(model_dir))

@@ -127,8 +127,15 @@ def test_lora_layer_indices():
 
 def test_defaults_resolve_and_yaml_round_trip(tmp_path):
     cfg = UnlearnConfig(data="d", out="o").resolved()
-    assert (cfg.lr, cfg.lam, cfg.method, cfg.lora_r, cfg.reg_mode) == (1e-4, 0.1, "snap", 8, "resample")
-    assert UnlearnConfig(data="d", out="o", lora=False).resolved().lr == 1e-5
+    assert (cfg.lr, cfg.lam, cfg.method, cfg.lora_r, cfg.reg_mode) == (1.5e-3, 0.1, "snap", 8, "fixed")
+    assert cfg.lora_layers == 0.5 and cfg.resolved() == cfg  # the upper half; resolving twice changes nothing
+    full = UnlearnConfig(data="d", out="o", lora=False).resolved()
+    assert full.lr == 1e-5 and full.lora_layers is None  # the layer rule is LoRA's only
+    full._validate_lora()  # no "lora_layers only applies to LoRA runs" from a default
+    assert UnlearnConfig(lora_layers="all").resolved().lora_layers == 1.0
+    assert cfg.retain_loss == full.retain_loss == "kl"
+    assert UnlearnConfig(lora=False, parallel="fsdp").resolved().retain_loss == "nll"  # no unsharded copy
+    assert UnlearnConfig(parallel="fsdp").resolved().retain_loss == "kl"  # LoRA: the base is the original
     assert UnlearnConfig(data="d", out="o", method="idk").resolved().lam == 0.0
     assert UnlearnConfig(data="d", out="o", method="ga", lam=0.2).resolved().lam == 0.2
     assert UnlearnConfig(lora_targets="q_proj, v_proj").resolved().lora_targets == ["q_proj", "v_proj"]

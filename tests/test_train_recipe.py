@@ -99,7 +99,10 @@ def _distance_from_init(assets, run_dir):
 
 
 def test_regularizer_keeps_weights_closer_to_init(assets, tmp_path):
-    common = {"lora": False, "lr": 1e-2, "max_steps": 8, "method": "snap", "reg_mode": "resample"}
+    # the objective this property is stated for: α = 1, NLL retain term (with the defaults,
+    # α = 20 and KL, the same 8 steps measured a ratio of 0.61 here: 8.4 against 13.8)
+    common = {"lora": False, "lr": 1e-2, "max_steps": 8, "method": "snap", "reg_mode": "resample",
+              "alpha": 1.0, "retain_loss": "nll"}
     unlearn(_config(assets, tmp_path / "free", lam=0.0, **common))
     unlearn(_config(assets, tmp_path / "reg", lam=1000.0, **common))
     free, reg = _distance_from_init(assets, tmp_path / "free"), _distance_from_init(assets, tmp_path / "reg")

@@ -8,7 +8,8 @@
    questions), never equal to a training question;
 3. hard positives: neighbour entities (given, a built-in preset, or proposed by the generator
    and checked) asked through the same patterns; general instructions (built-in + user file);
-4. the original model's greedy answers to every prompt (cached per model on disk);
+4. the original model's greedy answers to every prompt (cached per model on disk); a hard
+   positive or general request whose answer names the target becomes a reverse forget question;
 5. atomic writes of every file; ``manifest.json`` last, so its presence marks a complete folder.
 """
 
@@ -46,6 +47,16 @@ from .sets import QA_SETS  # noqa: F401 (re-exported: the sets this module write
 from .target import TargetSpec, builtin_target, mentions, normalize
 
 _HELDOUT_GENERATED_SHARE = 0.2  # share of LLM-generated forget questions kept for evaluation
+
+#: Set sizes and generation settings of ``snap-fast data`` / ``snap-fast forget`` when none are
+#: given: the data the default training recipe was validated on (benchmarks/forget_targets.py).
+#: 128 forget questions forgot more than 64 at the same steps (95 % against 85 %, docs/demo.md);
+#: original answers are capped at 32 new tokens, the cap evaluation uses, so both compare fairly.
+DEFAULT_SIZES = {"n_forget": 128, "n_retain": 256, "n_general": 38, "n_heldout_forget": 40,
+                 "n_heldout_retain": 40, "n_heldout_general": 64, "max_new_tokens": 32}
+#: Prompts per generation call: greedy answers do not depend on it (tested), and 64 per call ran
+#: 1.6x faster than 16 on 2 CPU cores with SmolLM2-135M.
+DEFAULT_GEN_BATCH_SIZE = 64
 
 
 @dataclass
@@ -168,19 +179,19 @@ def build_dataset(
     tokenizer=None,
     model_id: str | None = None,
     generator: Any = "patterns",
-    n_forget: int = 200,
-    n_retain: int = 200,
-    n_general: int | None = None,
-    n_heldout_forget: int = 50,
-    n_heldout_retain: int = 50,
-    n_heldout_general: int = 64,
+    n_forget: int = DEFAULT_SIZES["n_forget"],
+    n_retain: int = DEFAULT_SIZES["n_retain"],
+    n_general: int | None = DEFAULT_SIZES["n_general"],
+    n_heldout_forget: int = DEFAULT_SIZES["n_heldout_forget"],
+    n_heldout_retain: int = DEFAULT_SIZES["n_heldout_retain"],
+    n_heldout_general: int = DEFAULT_SIZES["n_heldout_general"],
     n_neighbours: int = 8,
     user_forget: str | os.PathLike | None = None,
     general_file: str | os.PathLike | None = None,
     seed: int = 0,
     generate_originals: bool = True,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
+    max_new_tokens: int = DEFAULT_SIZES["max_new_tokens"],
+    batch_size: int = DEFAULT_GEN_BATCH_SIZE,
     cache_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -200,10 +211,14 @@ def build_dataset(
             questions) or an object with ``complete(prompts) -> answers`` and ``source``, such
             as :class:`snap_fast.data.generators.EndpointGenerator`.
         n_forget, n_retain: training forget / neighbour questions (at most; fewer if the
-            candidates run out). User forget questions are always included.
-        n_general: general instructions for training (None: all built-in ones, plus every
-            instruction of ``general_file``).
-        n_heldout_forget, n_heldout_retain, n_heldout_general: held-out set sizes (at most). The
+            candidates run out). User forget questions are always included, and so are the
+            training requests whose original answer names the target (moved from the retain
+            and general sets).
+        n_general: built-in general instructions for training (at most; None: all of them);
+            every instruction of ``general_file`` is added to them.
+        n_heldout_forget, n_heldout_retain, n_heldout_general: held-out set sizes (at most;
+            ``heldout_forget`` also receives the held-out requests whose original answer names
+            the target, taken from the other held-out sets). The
             held-out general requests come from their own built-in bank of 64 (never trained on;
             those naming the target or a neighbour are dropped): false refusals are measured there.
         user_forget: a JSONL of extra forget questions (``prompt`` or ``question``; optional
@@ -252,6 +267,7 @@ def build_dataset(
         model_id, originals_generated, originals_cached = fill_original_answers(
             sets, model, tokenizer, model_id=model_id, cache_dir=cache_dir, max_new_tokens=max_new_tokens,
             batch_size=batch_size, seed=seed, progress=progress)
+        _promote_target_answers(sets, target, rng_for("promoted"))
     summary = DatasetSummary(out_dir, {}, {}, {}, neighbours, neighbour_source, originals_generated,
                              originals_cached, vars(gen_stats) if gen_stats else None)
     _write_folder(summary, sets, target, {
@@ -360,6 +376,33 @@ def _forget_sets(target: TargetSpec, llm, user_records: list[dict[str, Any]], se
     return forget, heldout_forget, gen_stats
 
 
+# Where a question whose original answer names the target moves: hard positives and general
+# requests answered with the target are reverse questions in disguise.
+_PROMOTED_TO = {"retain": "forget", "general": "forget", "heldout_retain": "heldout_forget",
+                "heldout_general": "heldout_forget"}
+
+
+def _promote_target_answers(sets: dict[str, list[dict[str, Any]]], target: TargetSpec, rng: random.Random) -> None:
+    """Move every non-forget record whose original answer names the target (or an alias) to the
+    matching forget set as a reverse question (``source="original_answer"``) with a nameless
+    obliterated response.
+
+    Such a question reaches the target from another side ("Who was Michelle Obama's husband?"):
+    kept as a hard positive it would train the model to go on saying the name; held out, it is a
+    leak the evaluation must count. The held-out ones go first in ``heldout_forget``.
+    """
+    for part, dest in _PROMOTED_TO.items():
+        keep, moved = [], []
+        for r in sets[part]:
+            answer = r.get("original_response")
+            (moved if isinstance(answer, str) and target.mentioned_in(answer) else keep).append(r)
+        for r in moved:
+            r.update(kind="reverse", source="original_answer", entity=target.name, _name=None,
+                     response=obliterated_response(None, rng))
+        sets[part] = keep
+        sets[dest] = moved + sets[dest] if dest.startswith("heldout") else sets[dest] + moved
+
+
 def _neighbour_questions(target: TargetSpec, neighbours: list[str], seen: set[str], rng_for,
                          heldout: bool) -> list[dict[str, Any]]:
     """Hard positives: the neighbours asked through the same patterns, never naming the target."""
@@ -380,10 +423,10 @@ def _general_sets(user_general: list[dict[str, Any]], rng_for, n_general: int | 
     heldout_general = [_record(p, "general", "builtin", None) for p in heldout[:n_heldout_general]]
     builtin_general = list(GENERAL_INSTRUCTIONS)
     rng_for("general").shuffle(builtin_general)
+    builtin_general = builtin_general[:n_general] if n_general is not None else builtin_general
     general = [_record(p, "general", "builtin", None) for p in builtin_general]
     general += [_record(r["prompt"], "general", "user", None) for r in user_general]
-    general = _dedupe(general, {normalize(r["prompt"]) for r in heldout_general})
-    return (general[:n_general] if n_general is not None else general), heldout_general
+    return _dedupe(general, {normalize(r["prompt"]) for r in heldout_general}), heldout_general
 
 
 def _write_folder(summary: DatasetSummary, sets: dict[str, list[dict[str, Any]]], target: TargetSpec,

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .build import DEFAULT_GEN_BATCH_SIZE, DEFAULT_SIZES
 from .target import TargetSpec, builtin_target
 
 
@@ -37,15 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--general-file", help="extra general instructions (Alpaca or ShareGPT JSON/JSONL)")
     g.add_argument("--no-originals", action="store_true",
                    help="do not generate the original model's answers (retain responses stay empty)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="length of original answers")
-    g.add_argument("--batch-size", type=int, default=8)
-    s = parser.add_argument_group("sizes")
-    s.add_argument("--n-forget", type=int, default=200)
-    s.add_argument("--n-retain", type=int, default=200)
-    s.add_argument("--n-general", type=int, default=None)
-    s.add_argument("--n-heldout-forget", type=int, default=50)
-    s.add_argument("--n-heldout-retain", type=int, default=50)
-    s.add_argument("--n-heldout-general", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULT_SIZES["max_new_tokens"],
+                   help="length of original answers (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=DEFAULT_GEN_BATCH_SIZE, help="prompts per generation call")
+    s = parser.add_argument_group("sizes (at most; the defaults are the validated recipe's data)")
+    for name in ("n_forget", "n_retain", "n_general", "n_heldout_forget", "n_heldout_retain", "n_heldout_general"):
+        s.add_argument("--" + name.replace("_", "-"), type=int, default=DEFAULT_SIZES[name],
+                       help="default: %(default)s")
     o = parser.add_argument_group("output")
     o.add_argument("--out", required=True, help="data folder to write")
     o.add_argument("--overwrite", action="store_true", help="replace an existing data folder")
