@@ -64,9 +64,10 @@ def test_quantizer_refuses_bad_settings_before_changing_anything():
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="merge"):
         quantize_linear_weights_(peft_model, bits=4, group_size=8)
-    assert parse_attacks("all") == ["quant", "relearn"] and parse_attacks(None) == []
+    assert parse_attacks("all") == ["quant", "relearn", "prompts", "mia"] and parse_attacks(None) == []
+    assert parse_attacks("mia, quant,mia") == ["mia", "quant"]
     with pytest.raises(ValueError, match="--attacks"):
-        parse_attacks("quant,prompts")
+        parse_attacks("quant,jailbreak")
 
 
 def test_eval_cli_runs_the_quantization_attack(tmp_path, capsys):
@@ -89,11 +90,12 @@ def test_eval_cli_runs_the_quantization_attack(tmp_path, capsys):
         assert setting["quantized_tensors"] > 0 and 0.0 <= setting["retain_rougeL_recall"] <= 1.0
     assert (tmp_path / "attacked" / "quant_2bit_g16" / "samples.jsonl").is_file()
     paths = build_report(tmp_path / "report", tmp_path / "attacked", tmp_path / "attacked")
-    assert "Quantization attack" in paths["md"].read_text() and "2bit, groups of 16" in paths["md"].read_text()
+    assert "Quantization (--attacks quant)" in paths["md"].read_text() and "2bit, groups of 16" in paths["md"].read_text()
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "bad"), "--attacks", "quant", "--quant-group-size", "7"]) == 2
     assert "does not divide" in capsys.readouterr().err
-    assert main([*args, "--out", str(tmp_path / "bad"), "--attacks", "mia"]) == 2
+    assert main([*args, "--out", str(tmp_path / "bad"), "--attacks", "quant,bogus"]) == 2
+    assert "unknown attack(s) ['bogus']" in capsys.readouterr().err
 
 
 def test_relearning_attack_recovers_the_original_answers_on_a_tiny_model(tmp_path):

@@ -15,6 +15,12 @@
   (arXiv 2406.13356, 2409.18025) means the knowledge was hidden, not removed. Run it on the
   original model too, and on a λ = 0 run, as references.
 
+* **Prompt attacks** (``prompts``, :mod:`snap_fast.eval.prompt_attacks`): the held-out forget
+  questions asked in RWKU's nine adversarial ways; leak rate per kind.
+
+* **Membership inference** (``mia``, :mod:`snap_fast.eval.mia`): loss, zlib, Min-K % and
+  Min-K %++ AUCs of trained against held-out forget questions; privacy leak against the original.
+
 Each attack evaluates a copy: the model passed in is never changed. Python:
 :func:`quantize_linear_weights_`, :func:`quantization_attack`, :func:`relearning_attack`.
 """
@@ -31,8 +37,9 @@ from snap_fast.checks import check_int
 
 __all__ = ["ATTACKS", "parse_attacks", "quantization_attack", "quantize_linear_weights_", "relearning_attack"]
 
-#: Attack names ``snap-fast eval --attacks`` accepts (``all``: every one).
-ATTACKS = ("quant", "relearn")
+#: Attack names ``snap-fast eval --attacks`` accepts (``all``: every one). ``prompts`` and ``mia``
+#: live in :mod:`snap_fast.eval.prompt_attacks` and :mod:`snap_fast.eval.mia`.
+ATTACKS = ("quant", "relearn", "prompts", "mia")
 #: Sets an attack re-evaluates: the held-out forget questions, and the hard positives as a control.
 ATTACK_SETS = ("heldout_forget", "heldout_retain")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -91,13 +92,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
                         help="no progress bars (--quiet: the older name)")
     parser.add_argument("--attacks", default=None,
-                        help="attacks on the model after the evaluation: 'quant' or 'all' (snap_fast.eval.attacks)")
+                        help="attacks on the model after the evaluation: a comma-separated list of quant, relearn, "
+                             "prompts, mia, or 'all' (snap_fast.eval.attacks)")
     parser.add_argument("--quant-bits", type=int, nargs="+", default=[8, 4], help="--attacks quant: bit widths")
     parser.add_argument("--quant-group-size", type=int, default=64, help="--attacks quant: weights per scale")
     parser.add_argument("--relearn-steps", type=int, nargs="+", default=[0, 10, 25, 50],
                         help="--attacks relearn: fine-tuning steps after which the held-out forget set is evaluated")
     parser.add_argument("--relearn-examples", type=int, default=8, help="--attacks relearn: forget examples used")
     parser.add_argument("--relearn-lr", type=float, default=1e-3, help="--attacks relearn: AdamW lr (fresh LoRA r=8)")
+    parser.add_argument("--prompt-attack-n", type=int, default=20,
+                        help="--attacks prompts: held-out questions per kind (and per language)")
+    parser.add_argument("--mia-k", type=float, default=0.2, help="--attacks mia: share of lowest tokens of Min-K %%")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--relearn-steps must be >= 0, got {args.relearn_steps}")
     if args.relearn_examples < 1 or not args.relearn_lr > 0:
         raise ValueError("--relearn-examples must be >= 1 and --relearn-lr > 0")
+    if args.prompt_attack_n < 1:
+        raise ValueError(f"--prompt-attack-n must be >= 1, got {args.prompt_attack_n}")
+    if not 0 < args.mia_k <= 1:
+        raise ValueError(f"--mia-k must be in (0, 1], got {args.mia_k}")
     print(f"[eval] loading {args.model}" + (f" + adapter {args.adapter}" if args.adapter else ""))
     model, tokenizer, identity = load_for_eval(args.model, args.adapter, dtype=_DTYPES[args.dtype],
                                                device=args.device)
@@ -159,6 +168,8 @@ def _run_attacks(args: argparse.Namespace, attacks: list[str], model, tokenizer,
     """Run the chosen attacks on copies of ``model``; their results go to ``summary["attacks"]``
     and ``summary.json`` is rewritten after each."""
     from .attacks import quantization_attack, relearning_attack
+    from .mia import membership_inference
+    from .prompt_attacks import prompt_attack
 
     common = {"limit": args.limit, "force": args.force, "batch_size": args.batch_size,
               "max_new_tokens": args.max_new_tokens, "seed": args.seed, "progress": not args.quiet}
@@ -169,8 +180,15 @@ def _run_attacks(args: argparse.Namespace, attacks: list[str], model, tokenizer,
         "relearn": lambda: relearning_attack(model, tokenizer, args.data, args.out, identity=identity,
                                              steps=args.relearn_steps, n_examples=args.relearn_examples,
                                              lr=args.relearn_lr, seed=args.seed, evaluate_kwargs=common),
+        "prompts": lambda: prompt_attack(model, tokenizer, args.data, args.out, n_per_kind=args.prompt_attack_n,
+                                         seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                         batch_size=args.batch_size, progress=not args.quiet),
+        "mia": lambda: membership_inference(model, tokenizer, args.data, k=args.mia_k, batch_size=args.batch_size,
+                                            progress=not args.quiet),
     }
     for name in attacks:
-        summary.setdefault("attacks", {})[name] = runs[name]()
+        start = time.perf_counter()
+        result = runs[name]()
+        summary.setdefault("attacks", {})[name] = {**result, "seconds": time.perf_counter() - start}
         write_json(Path(args.out) / "summary.json", summary)
         print(json.dumps({f"attack {name}": summary["attacks"][name]}, indent=2))

@@ -4,7 +4,8 @@ Inputs are files only: two evaluation folders (``summary.json`` + ``samples.json
 :func:`snap_fast.eval.evaluate.evaluate_model`) for the original and the unlearned model, and
 optionally the training run folder (``metrics.jsonl``, ``config.yaml``, ``final/adapter``).
 
-Sections: headline (quality targets), metrics before/after, training curves of every loss term
+Sections: headline (quality targets), metrics before/after, the attacks when any ran
+(:mod:`snap_fast.eval.attack_report`), training curves of every loss term
 and the regularizer, LoRA-delta statistics per layer, examples (question, original answer, new
 answer), settings. Figures are PNG files in ``figures/`` (linked from the Markdown) and embedded
 as base64 data URIs in the HTML, so the page renders offline and can be mailed as one file.
@@ -30,6 +31,7 @@ import matplotlib.ticker
 
 from snap_fast.io import atomic_write_bytes, atomic_write_text, read_jsonl
 
+from .attack_report import attack_section, figure_attacks
 from .evaluate import check_targets
 
 # (set, key, label) of the bars in the before/after figure and rows of the before/after table
@@ -295,6 +297,7 @@ def build_report(
         "before_after": figure_before_after(orig, unl),
         "training_curves": figure_training_curves(metrics) if metrics else None,
         "lora_stats": figure_lora_stats(lora_stats) if lora_stats else None,
+        "attacks": figure_attacks({"original": orig, "unlearned": unl}),
     }
     for name, png in figures.items():
         if png is not None:
@@ -312,7 +315,7 @@ def build_report(
     cmp_rows.append(["perplexity (held-out text)", _fmt(orig.get("perplexity")), _fmt(unl.get("perplexity"))])
     doc.table(["metric", "original", "unlearned"], cmp_rows)
     doc.figure("before_after", "metrics before and after", "No metrics to plot.")
-    _attack_tables(doc, orig, unl)
+    attack_section(doc, {"original": orig, "unlearned": unl}, _fmt)
 
     doc.section("Training curves")
     doc.figure("training_curves", "training curves",
@@ -338,41 +341,6 @@ def build_report(
     atomic_write_text(out / "report.md", doc.markdown())
     atomic_write_text(out / "report.html", doc.html())
     return {"md": out / "report.md", "html": out / "report.html", "figures": out / "figures"}
-
-
-def _attack_tables(doc: _Document, orig: Mapping, unl: Mapping) -> None:
-    """The attacks' tables (``snap-fast eval --attacks``), for whichever model ran them."""
-    attack_rows = _quant_attack_rows(orig, unl)
-    if attack_rows:
-        doc.para("Quantization attack (snap-fast eval --attacks quant): each model's linear weights rounded "
-                 "to the given bits (symmetric, per group), held-out sets evaluated again; the original "
-                 "model quantized the same way is the control.")
-        doc.table(["model", "weights", "obliteration (held-out forget)", "leak rate", "retain ROUGE-L"], attack_rows)
-    relearn_rows = [[label, k, _fmt(r["obliteration_rate"], pct=True), _fmt(r["leak_rate"], pct=True)]
-                    for label, summary in (("original", orig), ("unlearned", unl))
-                    for k, r in summary.get("attacks", {}).get("relearn", {}).get("steps", {}).items()]
-    if relearn_rows:
-        doc.para("Relearning attack (snap-fast eval --attacks relearn): a fresh LoRA adapter fine-tuned for k steps "
-                 "on a few forget questions with the original answers; the held-out forget questions are "
-                 "other questions.")
-        doc.table(["model", "relearning steps", "obliteration (held-out forget)", "leak rate"], relearn_rows)
-
-
-def _quant_attack_rows(orig: Mapping, unl: Mapping) -> list[list]:
-    """Rows of the quantization attack table: each model unquantized, then per setting."""
-    rows = []
-    for label, summary in (("original", orig), ("unlearned", unl)):
-        attack = summary.get("attacks", {}).get("quant")
-        if not attack:
-            continue
-        sets = summary.get("sets", {})
-        rows.append([label, "as trained", _fmt(sets.get("heldout_forget", {}).get("obliteration_rate"), pct=True),
-                     _fmt(sets.get("heldout_forget", {}).get("leak_rate"), pct=True),
-                     _fmt(sets.get("heldout_retain", {}).get("rougeL_recall"))])
-        for setting, r in attack["settings"].items():
-            rows.append([label, f"{setting}, groups of {attack['group_size']}", _fmt(r["obliteration_rate"], pct=True),
-                         _fmt(r["leak_rate"], pct=True), _fmt(r["retain_rougeL_recall"])])
-    return rows
 
 
 def _run_inputs(run_dir: str | Path | None) -> tuple[list[dict], str, dict]:
