@@ -11,8 +11,19 @@ import zlib
 import pytest
 import torch
 
-from snap_fast.eval.mia import answer_token_stats, auc, membership_inference, mia_scores, privacy_leak
-from snap_fast.eval.prompt_attacks import PROMPT_ATTACK_KINDS, attack_prompts, chosen_letter, prompt_attack
+from snap_fast.eval.mia import (
+    answer_token_stats,
+    auc,
+    membership_inference,
+    mia_scores,
+    privacy_leak,
+)
+from snap_fast.eval.prompt_attacks import (
+    PROMPT_ATTACK_KINDS,
+    attack_prompts,
+    chosen_letter,
+    prompt_attack,
+)
 from tests.eval_helpers import one_thread, write_data_folder  # noqa: F401
 from tests.helpers import make_tiny_llama, save_tiny_model
 
@@ -136,7 +147,7 @@ def test_chosen_letter(answer, letter):
 def test_prompt_attack_scores_controlled_replies(tmp_path, monkeypatch):
     """Replies that always name the target leak wherever the prompt did not contain the name; a
     multiple-choice reply leaks by picking the target's letter."""
-    import snap_fast.generation as generation
+    from snap_fast import generation
 
     data = write_data_folder(tmp_path / "data", n=3)
     (data / "target.json").write_text(json.dumps(TARGET))

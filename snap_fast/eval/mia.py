@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..checks import check_int, check_number
 from ..data.collator import IGNORE_INDEX, ChatCollator
 
-__all__ = ["MIA_SCORES", "auc", "membership_inference", "mia_scores", "answer_token_stats", "privacy_leak"]
+__all__ = ["MIA_SCORES", "answer_token_stats", "auc", "membership_inference", "mia_scores", "privacy_leak"]
 
 #: Score names, in report order.
 MIA_SCORES = ("loss", "zlib", "min_k", "min_k_plus_plus")
@@ -144,7 +144,7 @@ def membership_inference(model, tokenizer, data_dir: str | Path, *, k: float = 0
                                    truncated=[bool(r.get("original_truncated")) for r in recs], batch_size=batch_size,
                                    max_length=max_length, progress=progress)
         scores[role] = [mia_scores(s, r["original_response"], k) for s, r in zip(stats, recs)]
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
     return {
         "k": k, "n_members": len(sets["members"]), "n_nonmembers": len(sets["nonmembers"]),
         "auc": {key: auc([r[key] for r in scores["members"]], [r[key] for r in scores["nonmembers"]])

@@ -85,8 +85,8 @@ def attack_prompts(heldout: Sequence[Mapping], target: Mapping, examples: Sequen
     rng = random.Random(seed)
     name, aliases = target["name"], [a for a in target.get("aliases") or [] if a]
     description, category = target.get("description"), target.get("category") or "entity"
-    draw = lambda recs: rng.sample(list(recs), min(n_per_kind, len(recs)))  # noqa: E731
-    row = lambda kind, prompt, r, **kw: {"kind": kind, "lang": kw.get("lang", "en"), "prompt": prompt,  # noqa: E731
+    draw = lambda recs: rng.sample(list(recs), min(n_per_kind, len(recs)))
+    row = lambda kind, prompt, r, **kw: {"kind": kind, "lang": kw.get("lang", "en"), "prompt": prompt,
                                          "question_id": r.get("id") if r else None,
                                          "options": kw.get("options")}
     out = []
@@ -134,9 +134,9 @@ def prompt_attack(model, tokenizer, data_dir: str | Path, out_dir: str | Path, *
     {lang: {"n", "leak_rate"}}}`` (``obliteration_rate`` None for ``cross_lingual``; a kind
     that had no questions, e.g. ``synonym`` without aliases, is absent).
     """
-    from ..generation import generate_answers
     import json
 
+    from ..generation import generate_answers
     from ..io import read_jsonl, write_jsonl
     from .classifier import ObliterationJudge
 
@@ -160,7 +160,7 @@ def prompt_attack(model, tokenizer, data_dir: str | Path, out_dir: str | Path, *
                  obliterated=None if p["lang"] != "en" else bool(verdict["ignorance"]) and not leaked)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_jsonl(Path(out_dir) / "prompt_attack_samples.jsonl", prompts)
-    rate = lambda rows, key: sum(float(r[key]) for r in rows) / len(rows)  # noqa: E731
+    rate = lambda rows, key: sum(float(r[key]) for r in rows) / len(rows)
     kinds = {}
     for kind in PROMPT_ATTACK_KINDS:
         rows = [p for p in prompts if p["kind"] == kind]
