@@ -1,4 +1,4 @@
-"""The ``snap-fast`` command: ``data | unlearn | eval | forget | demo | bench``.
+"""The ``snap-fast`` command: ``data | unlearn | eval | forget | tofu | demo | bench``.
 
 Each subcommand lives beside the code it drives and registers itself through two functions,
 ``add_arguments(parser)`` and ``run(args) -> int``; this module only wires them together and
@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "unlearn": ("snap_fast.train.cli", "unlearn a target with SNAP (or a baseline)"),
     "eval": ("snap_fast.eval.cli", "evaluate a model on a data folder"),
     "forget": ("snap_fast.forget", "forget any target end to end: data, unlearning, evaluation, report"),
+    "tofu": ("snap_fast.tofu", "the TOFU benchmark end to end: fine-tune, unlearn with each method, table"),
     "demo": ("snap_fast.eval.demo", "end-to-end demo on the packaged SmolLM2 (target: Harry Potter)"),
     "bench": ("snap_fast.bench", "time the regularizer against the peer implementation"),
 }

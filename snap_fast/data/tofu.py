@@ -189,7 +189,7 @@ EVAL_SPLIT_FILES = {
 
 def load_tofu_eval_split(folder: str | os.PathLike, split: str, limit: int | None = None) -> list[dict]:
     """Records of one TOFU split: ``{"question", "answer", "paraphrased_answer"?,
-    "perturbed_answer": [...]}``, read from the JSON-lines file of :data:`EVAL_EVAL_SPLIT_FILES` as released (what the TOFU
+    "perturbed_answer": [...]}``, read from the JSON-lines file of :data:`EVAL_SPLIT_FILES` as released (what the TOFU
     metrics read: every record has its paraphrased and perturbed answers).
 
     ``limit`` keeps the first ``limit`` records (for quick runs and tests).
