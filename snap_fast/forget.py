@@ -377,11 +377,19 @@ def _build_data(target: TargetSpec, data_dir: Path, base, tokenizer, identity: s
                 answer_cache, progress: bool, log) -> Path:
     """Stage 2: the data folder (original answers from the cache when present)."""
     from .data.build import build_dataset
+    from .data.collator import has_chat_template
     from .data.sets import QA_SETS
 
     log(f"aliases: {', '.join(target.aliases) or '-'}")
     log(f"hard-positive neighbours: {', '.join(target.neighbours) or '(proposed by the model)'}")
-    log(f"facts: {len(target.facts)} (reverse questions are written from them)")
+    if target.facts:
+        log(f"facts: {len(target.facts)} (reverse questions are written from them)")
+    else:
+        log("facts: none given, so no reverse questions are written from them (only from original answers "
+            "that name the target) and leaks are checked on the name and aliases only; --facts makes a "
+            "stronger test")
+    if not has_chat_template(tokenizer):
+        log("the model has no chat template: prompts use the plain '### Question: / ### Answer:' template")
     log("original answers are generated once and cached on disk; forget answers become 'I don't know'")
     built = build_dataset(
         target, data_dir, model=base, tokenizer=tokenizer, model_id=identity, n_forget=settings.n_forget,

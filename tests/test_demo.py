@@ -96,3 +96,17 @@ def test_forget_any_target_end_to_end_resumes_and_guards_its_folder(tmp_path, ca
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert main(["forget", *target, *common, "--out", str(tmp_path / "other")]) == 2
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_forget_without_facts_says_what_it_falls_back_to(tmp_path):
+    """No facts: the run goes on (reverse questions only from the original's answers) and says so."""
+    from snap_fast.data.target import TargetSpec
+    from snap_fast.forget import run_forget
+
+    lines: list[str] = []
+    model = save_tiny_model(tmp_path / "model")
+    summary = run_forget(TargetSpec("Grace Hopper", neighbours=["Alan Turing"]), tmp_path / "out", settings="tiny",
+                         model=str(model), threads=1, answer_cache=tmp_path / "answers", progress=False,
+                         log=lines.append)
+    assert any(line.startswith("facts: none given") for line in lines)
+    assert summary["unlearned"]["obliteration_rate"] is not None
