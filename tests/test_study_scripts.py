@@ -1,0 +1,52 @@
+"""The study scripts' bookkeeping (no model runs): configurations are valid UnlearnConfig
+overrides, result rows are keyed by recipe, tables and figures are written from JSONL rows."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import forget_targets  # noqa: E402
+import regularizer_study  # noqa: E402
+
+
+def test_every_configuration_is_a_valid_unlearn_config(tmp_path):
+    from snap_fast.train import UnlearnConfig
+
+    for name, overrides in regularizer_study.CONFIGS.items():
+        cfg = UnlearnConfig(data="d", out=str(tmp_path / "o"), **overrides).resolved()
+        cfg._validate_fields()
+        assert name.split("/")[0] in ("lora", "full", "over")
+        assert (cfg.lam == 0) == name.endswith("/none"), name
+        assert cfg.lora == (not name.startswith("full/")), name
+    assert regularizer_study.CONFIGS["lora/swd-0.1"] == {"lam": 0.1}  # the shipped default is in the grid
+
+
+def test_regularizer_study_table_and_figure_from_rows(tmp_path):
+    rows = [{"target": t, "seed": 0, "config": c, "regime": c.split("/")[0], "obliteration": o, "retain_rouge": r,
+             "general_false_refusal": 0.0, "perplexity_change": 0.01, "reg_grad_share": s, "minutes": 5.0}
+            for t, c, o, r, s in [("A", "lora/none", 0.9, 0.80, None), ("B", "lora/none", 0.8, 0.84, None),
+                                  ("A", "lora/swd-10", 0.7, 0.9, 0.2), ("A", "full/l2sp-10", 0.1, 0.99, 0.5)]]
+    text = regularizer_study.write_outputs(rows, tmp_path / "t.md", tmp_path / "f.png")
+    assert "| lora/none | 2 | 85.0 ± 7.1 | 0.820 ± 0.028 |" in text
+    assert "| lora/swd-10 | 1 | 70.0 | 0.900 |" in text and "| over/" not in text
+    assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_forget_targets_rows_are_keyed_by_recipe(tmp_path, monkeypatch):
+    import snap_fast.forget as forget
+    from snap_fast.io import write_jsonl
+
+    key = forget_targets.recipe_key()
+    path = tmp_path / "r.jsonl"
+    write_jsonl(path, [{"target": "A", "recipe": key}, {"target": "B", "recipe": "old"}, {"target": "C"}])
+    assert [r["target"] for r in forget_targets.read_results(path, key)] == ["A"]
+    assert len(forget_targets.read_results(path)) == 3
+    changed = dict(forget.PRESETS, full=replace(forget.PRESETS["full"], alpha=10.0))
+    monkeypatch.setattr(forget, "PRESETS", changed)
+    assert forget_targets.recipe_key() != key  # a change of defaults starts a new table
+    monkeypatch.setattr(forget, "PRESETS", dict(changed, full=replace(changed["full"], alpha=20.0, seed=5)))
+    assert forget_targets.recipe_key() == key  # the seed is not part of the recipe
