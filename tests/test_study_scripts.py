@@ -9,8 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import forget_targets  # noqa: E402
-import regularizer_study  # noqa: E402
+import forget_targets
+import regularizer_study
 
 
 def test_every_configuration_is_a_valid_unlearn_config(tmp_path):
@@ -37,7 +37,7 @@ def test_regularizer_study_table_and_figure_from_rows(tmp_path):
 
 
 def test_forget_targets_rows_are_keyed_by_recipe(tmp_path, monkeypatch):
-    import snap_fast.forget as forget
+    from snap_fast import forget
     from snap_fast.io import write_jsonl
 
     key = forget_targets.recipe_key()
@@ -50,3 +50,20 @@ def test_forget_targets_rows_are_keyed_by_recipe(tmp_path, monkeypatch):
     assert forget_targets.recipe_key() != key  # a change of defaults starts a new table
     monkeypatch.setattr(forget, "PRESETS", dict(changed, full=replace(changed["full"], alpha=20.0, seed=5)))
     assert forget_targets.recipe_key() == key  # the seed is not part of the recipe
+
+
+def test_attack_comparison_table_from_rows(tmp_path):
+    import attack_comparison
+
+    def row(method, target, oblit):
+        return {"target": target, "seed": 0, "method": method, "obliteration": oblit, "retain_rouge": 0.8,
+                "quant8_obliteration": oblit, "quant4_obliteration": 0.5, "relearn0_obliteration": oblit,
+                "relearn10_obliteration": 0.1, "relearn25_obliteration": 0.0, "prompt_leak_mean": 0.25,
+                "mia_auc": {"loss": 0.4, "min_k_plus_plus": 0.6}, "attack_seconds": {"quant": 60.0, "mia": 10.0},
+                "threads": 2}
+
+    text = attack_comparison.write_table([row("snap", "A", 0.9), row("snap", "B", 0.7), row("ga", "A", 1.0)],
+                                         tmp_path / "t.md")
+    assert "| snap | 2 | 80.0 ± 14.1 | 0.800 ± 0.000 |" in text and "| ga | 1 | 100.0 |" in text
+    assert text.index("| snap |") < text.index("| ga |")  # methods in their fixed order
+    assert "quant 60, mia 10; threads [2]" in text
