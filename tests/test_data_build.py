@@ -333,3 +333,12 @@ def test_answers_naming_the_target_become_reverse_questions(tmp_path, monkeypatc
     promoted = len(naming["heldout_retain"]) + len(naming["heldout_general"])
     assert all(r["source"] == "original_answer" for r in recs["heldout_forget"][:promoted])
     assert len(recs["forget"]) == SMALL["n_forget"] + len(naming["retain"]) + len(naming["general"])
+
+
+def test_few_questions_without_a_category_are_explained(tmp_path):
+    target = TargetSpec("Ada Lovelace", neighbours=["Alan Turing"])
+    with pytest.warns(UserWarning, match="without a category only the generic patterns"):
+        s = build_dataset(target, tmp_path / "a", generate_originals=False, n_forget=500, progress=False)
+    with_category = build_dataset(TargetSpec("Ada Lovelace", category="person", neighbours=["Alan Turing"]),
+                                  tmp_path / "b", generate_originals=False, n_forget=500, progress=False)
+    assert with_category.counts["forget"] > 1.5 * s.counts["forget"]

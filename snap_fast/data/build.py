@@ -365,6 +365,10 @@ def _forget_sets(target: TargetSpec, llm, user_records: list[dict[str, Any]], se
     pattern_train = _dedupe(_pattern_questions(target.name, forms, target.description, target.category, False), seen)
     pool = _interleave(generated_train + pattern_train + reverse_train, "kind", rng_for("forget"))
     forget = user_records + pool[: max(0, n_forget - len(user_records))]
+    if len(forget) < n_forget and target.category is None:
+        warnings.warn(f"{len(forget)} forget questions of the {n_forget} asked for: without a category only the "
+                      "generic patterns apply; --category (person, character, work, place, organization) gives about "
+                      "twice as many", stacklevel=3)
     heldout_pool = _dedupe(_pattern_questions(target.name, forms, target.description, target.category, True), seen)
     heldout_forget = (reverse_heldout + generated_heldout
                       + _interleave(heldout_pool, "kind", rng_for("heldout_forget")))[:n_heldout_forget]
