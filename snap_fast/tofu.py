@@ -262,7 +262,9 @@ def run_tofu(model: str = "smollm2-135m-instruct", out: str | Path = "tofu_run",
     preset, s = resolve_settings(settings)
     root = resolve_tofu_root(tofu_root)
     out = Path(out)
-    _guard(out, {"model": model, "settings": json.loads(json.dumps(asdict(s))), "tofu_root": str(root)}, overwrite)
+    # the methods are not part of the folder's identity: adding or dropping one keeps every other stage
+    settings = {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k != "methods"}
+    _guard(out, {"model": model, "settings": settings, "tofu_root": str(root)}, overwrite)
     run = _TofuRun(out, model, s, root, progress, log)
     forget = load_tofu(root, s.forget_split)
     retain = load_tofu(root, RETAIN_OF[s.forget_split])[: s.limit]

@@ -87,5 +87,9 @@ def test_tiny_run_end_to_end_cached_and_guarded(tmp_path):
     logs.clear()
     run_tofu(str(model), tmp_path / "run", settings="tiny", tofu_root=SAMPLE_ROOT, progress=False, log=logs.append)
     assert sum("cached" in line for line in logs) == 2 + 2 + 4  # two models, two runs, four evaluations
+    logs.clear()  # fewer methods: every remaining stage is still cached
+    fewer = run_tofu(str(model), tmp_path / "run", settings=replace(PRESETS["tiny"], methods=("ga",)),
+                     tofu_root=SAMPLE_ROOT, progress=False, log=logs.append)
+    assert list(fewer["models"]) == ["retain", "target", "ga"] and sum("cached" in line for line in logs) == 2 + 1 + 3
     with pytest.raises(FileExistsError, match="other settings"):
         run_tofu(str(model), tmp_path / "run", settings=replace(PRESETS["tiny"], seed=1), tofu_root=SAMPLE_ROOT)
