@@ -25,8 +25,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from forget_targets import TARGETS
-from regularizer_study import _mean_sd, prepare, read_results
+from forget_targets import TARGETS, _mean_sd, read_results
+from regularizer_study import prepare
 
 METHODS = ("original", "snap", "idk", "snap-npo", "grad-diff", "npo", "ga")
 COMPARISON_TARGETS = ("Barack Obama", "Sherlock Holmes")

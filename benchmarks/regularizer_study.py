@@ -23,7 +23,6 @@ gradient norm (from ``metrics.jsonl``), and the wall time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from forget_targets import TARGETS
+from forget_targets import TARGETS, _mean_sd, read_results
 
 STUDY_TARGETS = ("Barack Obama", "Sherlock Holmes", "The Great Gatsby")
 _FULL = {"lora": False, "lr": 1e-5}
@@ -51,12 +50,6 @@ CONFIGS: dict[str, dict] = {
     "over/l2sp-10": {**_OVER, "reg_kind": "l2sp", "lam": 10.0},
 }
 EVAL_SETS = ("heldout_forget", "heldout_retain", "heldout_general")
-
-
-def read_results(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def prepare(spec: dict, seed: int, work: Path, model, tokenizer, identity: str) -> tuple[Path, dict]:
@@ -108,15 +101,6 @@ def run_config(name: str, folder: Path, seed: int, original: dict) -> dict:
 COLUMNS = (("held-out obliteration", "obliteration", 100, 1), ("retain ROUGE-L", "retain_rouge", 1, 3),
            ("general false refusals", "general_false_refusal", 100, 1), ("perplexity change", "perplexity_change", 100, 1),
            ("regularizer share of ‖∇‖", "reg_grad_share", 100, 2), ("minutes", "minutes", 1, 1))
-
-
-def _mean_sd(values: list, scale: float, digits: int) -> str:
-    values = [v * scale for v in values if v is not None]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def write_outputs(results: list[dict], table: Path, figure: Path) -> str:

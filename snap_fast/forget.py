@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import textwrap
@@ -93,12 +92,6 @@ class ForgetSettings:
                   "reg_mode", "reg_refresh_every", "n_projections", "max_length", "seed")
         return {"model": model, "data": str(data), "out": str(out), "lora": True, "device": "cpu",
                 **{k: getattr(self, k) for k in fields}, **extra}
-
-    def steps_for(self, n_forget_rows: int) -> int:
-        """Optimizer steps of a run on ``n_forget_rows`` forget examples (as the recipe counts)."""
-        if self.max_steps is not None:
-            return self.max_steps
-        return math.ceil(self.epochs * math.ceil(math.ceil(n_forget_rows / self.batch_size) / self.grad_accum))
 
 
 PRESETS = {
@@ -414,9 +407,11 @@ def _unlearn(clock: _Clock, model: str, base, data_dir: Path, run_dir: Path, set
     adapted = f"layers {layers[0]}-{layers[-1]} of 0-{n_layers - 1}" if layers else f"all {n_layers} layers"
     from .io import read_jsonl
 
-    steps = settings.steps_for(len(read_jsonl(data_dir / "forget.jsonl")))
+    n_forget = len(read_jsonl(data_dir / "forget.jsonl"))
+    steps = (f"{settings.max_steps} steps" if settings.max_steps is not None
+             else f"{settings.epochs:g} passes over {n_forget} forget questions")
     clock.start("unlearn", f"Unlearning with {settings.method.upper()} (LoRA r={settings.lora_r} on {adapted}, "
-                f"λ={settings.lam}, {settings.reg_mode} directions, {steps} steps)")
+                f"λ={settings.lam}, {settings.reg_mode} directions, {steps})")
     log(f"each step: {settings.batch_size} forget questions -> 'I don't know' answers, {retain_bs} hard positives "
         f"+ {general_bs} general instructions held to the original model "
         f"({'KL to its next-token distributions' if settings.retain_loss == 'kl' else 'NLL of its answers'}, "
