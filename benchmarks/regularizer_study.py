@@ -17,7 +17,11 @@ figure (held-out obliteration against retain ROUGE-L, one panel per regime)::
     python benchmarks/regularizer_study.py --table-only
 
 Each line records the configuration, the regularizer's last value and its mean share of the
-gradient norm (from ``metrics.jsonl``), and the wall time.
+gradient norm (from ``metrics.jsonl``), and the wall time. ``--relearn`` then adds, to the finished
+runs selected by ``--configs / --targets / --seeds``, the held-out obliteration left after a
+relearning attack of :data:`RELEARN_STEPS` steps (how fast does the knowledge come back?).
+Sequential unlearning (several targets in a row) is ``sequential_study.py``, which shares the
+work folder.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ CONFIGS: dict[str, dict] = {
     "over/l2sp-10": {**_OVER, "reg_kind": "l2sp", "lam": 10.0},
 }
 EVAL_SETS = ("heldout_forget", "heldout_retain", "heldout_general")
+#: relearning attack steps measured by ``--relearn`` (k = 0 is the run's own held-out obliteration)
+RELEARN_STEPS = (10, 25)
 
 
 def prepare(spec: dict, seed: int, work: Path, model, tokenizer, identity: str) -> tuple[Path, dict]:
@@ -71,20 +77,17 @@ def prepare(spec: dict, seed: int, work: Path, model, tokenizer, identity: str) 
 
 def run_config(name: str, folder: Path, seed: int, original: dict) -> dict:
     """Unlearn with one configuration and evaluate; the result line (without target / seed)."""
-    from snap_fast.eval.cli import load_for_eval
     from snap_fast.eval.evaluate import evaluate_model
     from snap_fast.io import read_jsonl
     from snap_fast.train.recipe import unlearn
 
-    run_dir = folder / "runs" / name.replace("/", "_")
+    run_dir = run_folder(folder, name)
     start = time.perf_counter()
     result = unlearn({"data": str(folder / "data"), "out": str(run_dir), "seed": seed, "device": "cpu",
                       "progress": False, "overwrite": True, **CONFIGS[name]})
     if result.status != "completed":
         raise RuntimeError(f"{name}: unlearning did not complete ({result.status})")
-    final = result.final_dir
-    model, tokenizer, identity = (load_for_eval("smollm2-135m-instruct", final / "adapter")
-                                  if (final / "adapter").is_dir() else load_for_eval(str(final / "merged")))
+    model, tokenizer, identity = load_run_model(run_dir)
     unl = evaluate_model(model, tokenizer, folder / "data", run_dir / "eval", identity=identity, sets=EVAL_SETS,
                          batch_size=64, max_new_tokens=32, progress=False, log=lambda m: None)
     metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -98,9 +101,53 @@ def run_config(name: str, folder: Path, seed: int, original: dict) -> dict:
             "steps": result.steps, "minutes": (time.perf_counter() - start) / 60}
 
 
+def run_folder(folder: Path, name: str) -> Path:
+    return folder / "runs" / name.replace("/", "_")
+
+
+def load_run_model(run_dir: Path):
+    """``(model, tokenizer, identity)`` of a finished run, its adapter merged."""
+    from snap_fast.eval.cli import load_for_eval
+
+    final = run_dir / "final"
+    if (final / "adapter").is_dir():
+        return load_for_eval("smollm2-135m-instruct", final / "adapter")
+    return load_for_eval(str(final / "merged"))
+
+
+def relearn_columns(folder: Path, row: dict) -> dict:
+    """The relearning attack on a finished run: fine-tune its model on 8 forget questions with
+    their original answers (fresh LoRA, lr 1e-3) and measure held-out obliteration after each of
+    :data:`RELEARN_STEPS` steps. Returns ``{"relearn<k>_obliteration": ...}``."""
+    from snap_fast.eval.attacks import relearning_attack
+
+    run_dir = run_folder(folder, row["config"])
+    model, tokenizer, identity = load_run_model(run_dir)
+    out = relearning_attack(model, tokenizer, folder / "data", run_dir / "relearn", identity=identity,
+                            steps=RELEARN_STEPS, seed=row["seed"], log=lambda m: None,
+                            evaluate_kwargs={"batch_size": 64, "max_new_tokens": 32, "progress": False})
+    return {f"relearn{k}_obliteration": out["steps"][str(k)]["obliteration_rate"] for k in RELEARN_STEPS}
+
+
+def add_relearning(results: Path, work: Path, selected) -> None:
+    """Add the relearning columns to every selected row that lacks them (rows rewritten atomically)."""
+    from snap_fast.io import write_jsonl
+
+    for i, row in enumerate(read_results(results)):
+        if not selected(row) or f"relearn{RELEARN_STEPS[-1]}_obliteration" in row:
+            continue
+        print(f"[regularizer_study] relearning {row['target']} seed {row['seed']} {row['config']} ...", flush=True)
+        folder = work / f"{row['target'].lower().replace(' ', '_')}_seed{row['seed']}"
+        rows = read_results(results)
+        rows[i] = {**rows[i], **relearn_columns(folder, row)}
+        write_jsonl(results, rows)
+
+
 COLUMNS = (("held-out obliteration", "obliteration", 100, 1), ("retain ROUGE-L", "retain_rouge", 1, 3),
            ("general false refusals", "general_false_refusal", 100, 1), ("perplexity change", "perplexity_change", 100, 1),
-           ("regularizer share of ‖∇‖", "reg_grad_share", 100, 2), ("minutes", "minutes", 1, 1))
+           ("regularizer share of ‖∇‖", "reg_grad_share", 100, 2),
+           *((f"obliteration after {k} relearning steps", f"relearn{k}_obliteration", 100, 1) for k in RELEARN_STEPS),
+           ("minutes", "minutes", 1, 1))
 
 
 def write_outputs(results: list[dict], table: Path, figure: Path) -> str:
@@ -118,7 +165,7 @@ def write_outputs(results: list[dict], table: Path, figure: Path) -> str:
         runs = [r for r in results if r["config"] == name]
         if runs:
             lines.append(f"| {name} | {len(runs)} | "
-                         + " | ".join(_mean_sd([r[c[1]] for r in runs], c[2], c[3]) for c in COLUMNS) + " |")
+                         + " | ".join(_mean_sd([r.get(c[1]) for r in runs], c[2], c[3]) for c in COLUMNS) + " |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(table, text)
     if results:
@@ -167,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure", type=Path, default=RESULTS / "regularizer_study_smollm2_cpu.png")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--relearn", action="store_true",
+                        help=f"only add the relearning attack ({RELEARN_STEPS} steps) to the selected finished runs")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.configs or []) - set(CONFIGS)) + sorted(
         set(args.targets) - {t["name"] for t in TARGETS})
@@ -181,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     from snap_fast.models import load_model, model_identity
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.relearn:
+        configs = set(args.configs or CONFIGS)
+        add_relearning(args.results, args.work, lambda r: r["config"] in configs and r["target"] in args.targets
+                       and r["seed"] in args.seeds)
+        print(write_outputs(read_results(args.results), args.table, args.figure))
+        return 0
     model, tokenizer = load_model("smollm2-135m-instruct")
     identity = model_identity("smollm2-135m-instruct", model)
     for seed in args.seeds:

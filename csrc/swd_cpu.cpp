@@ -393,16 +393,27 @@ int sorted_pass(const Load& x, const RefT* r, float* gs, const int32_t* ps, int6
                 double& acc) {
   int64_t descents = 0;
   uint32_t prev = 0;
-  acc = 0.0;
-  for (int64_t k = 0; k < n; ++k) {
+  // Four partial sums: one float64 chain would make every element wait for the previous add
+  // (the pass is otherwise a few cycles per element); the fixed grouping keeps it deterministic.
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  auto step = [&](int64_t k, double& a) -> bool {
     const uint32_t idx = static_cast<uint32_t>(ps[k]);
-    if (idx >= static_cast<uint64_t>(n)) return -1;
+    if (idx >= static_cast<uint64_t>(n)) return false;
     const float v = x(idx);
     const uint32_t key = float_key(v);
     descents += key < prev;
     prev = key;
-    gs[idx] = term(v - static_cast<float>(r[k]), acc);
+    gs[idx] = term(v - static_cast<float>(r[k]), a);
+    return true;
+  };
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    if (!(step(k, part[0]) && step(k + 1, part[1]) && step(k + 2, part[2]) && step(k + 3, part[3]))) return -1;
   }
+  for (; k < n; ++k) {
+    if (!step(k, part[k & 3])) return -1;
+  }
+  acc = (part[0] + part[1]) + (part[2] + part[3]);
   return descents == 0 ? 1 : 0;
 }
 

@@ -67,3 +67,60 @@ def test_attack_comparison_table_from_rows(tmp_path):
     assert "| snap | 2 | 80.0 ± 14.1 | 0.800 ± 0.000 |" in text and "| ga | 1 | 100.0 |" in text
     assert text.index("| snap |") < text.index("| ga |")  # methods in their fixed order
     assert "quant 60, mia 10; threads [2]" in text
+
+
+def test_sequential_study_chain_resumes_and_tabulates(tmp_path):
+    """Two stages on a tiny model: each starts from the previous merged model, rows say which
+    targets are forgotten, a rerun adds nothing, and the table has one line per stage."""
+    import sequential_study
+
+    from snap_fast.io import read_jsonl
+    from tests.eval_helpers import write_data_folder
+    from tests.helpers import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base")
+    folders = {}
+    for name in ("Barack Obama", "Sherlock Holmes"):
+        folders[name] = tmp_path / name.replace(" ", "_")
+        write_data_folder(folders[name] / "data", n=4)
+    results = tmp_path / "seq.jsonl"
+    chain = list(folders)
+    sequential_study.run_chain("lora/none", 0, chain, folders, tmp_path / "work", results, base_model=str(base))
+    rows = read_jsonl(results)
+    assert [r["stage"] for r in rows] == [1, 2]
+    first, second = rows
+    assert first["per_target"]["Barack Obama"]["forgotten"] and not first["per_target"]["Sherlock Holmes"]["forgotten"]
+    assert all(m["forgotten"] for m in second["per_target"].values()) and second["kept_forget_rouge"] is None
+    stage2 = sequential_study.stage_dir(tmp_path / "work", "lora/none", 0, 2, "Sherlock Holmes")
+    config = (stage2 / "config.yaml").read_text()
+    assert str(sequential_study.stage_dir(tmp_path / "work", "lora/none", 0, 1, "Barack Obama")) in config
+    sequential_study.run_chain("lora/none", 0, chain, folders, tmp_path / "work", results, base_model=str(base))
+    assert len(read_jsonl(results)) == 2  # resumed: nothing redone
+    text = sequential_study.write_outputs(rows, tmp_path / "t.md", tmp_path / "f.png")
+    assert text.count("| lora/none |") == 2 and (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_regularizer_study_relearning_fills_only_missing_selected_rows(tmp_path, monkeypatch):
+    from snap_fast.io import read_jsonl, write_jsonl
+
+    path = tmp_path / "r.jsonl"
+    rows = [{"target": "A", "seed": 0, "config": "lora/none"},
+            {"target": "A", "seed": 0, "config": "lora/swd-10", "relearn10_obliteration": 0.5,
+             "relearn25_obliteration": 0.4},
+            {"target": "B", "seed": 0, "config": "lora/none"}]
+    write_jsonl(path, rows)
+    calls = []
+
+    def fake(folder, row):
+        calls.append((folder.name, row["config"]))
+        return {"relearn10_obliteration": 0.3, "relearn25_obliteration": 0.1}
+
+    monkeypatch.setattr(regularizer_study, "relearn_columns", fake)
+    regularizer_study.add_relearning(path, tmp_path, lambda r: r["target"] == "A")
+    assert calls == [("a_seed0", "lora/none")]
+    after = read_jsonl(path)
+    assert after[0]["relearn25_obliteration"] == 0.1 and after[1]["relearn25_obliteration"] == 0.4
+    assert "relearn25_obliteration" not in after[2]
+    text = regularizer_study.write_outputs([{**r, "regime": "lora", "obliteration": 0.9, "retain_rouge": 0.8}
+                                            for r in after], tmp_path / "t.md", tmp_path / "f.png")
+    assert "obliteration after 25 relearning steps" in text
