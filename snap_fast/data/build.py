@@ -43,6 +43,7 @@ from .positives import (
     load_instruction_file,
 )
 from .responses import obliterated_response
+from .reverse import reverse_records
 from .sets import QA_SETS  # noqa: F401 (re-exported: the sets this module writes)
 from .target import TargetSpec, builtin_target, mentions, normalize
 
@@ -268,6 +269,12 @@ def build_dataset(
             sets, model, tokenizer, model_id=model_id, cache_dir=cache_dir, max_new_tokens=max_new_tokens,
             batch_size=batch_size, seed=seed, progress=progress)
         _promote_target_answers(sets, target, rng_for("promoted"))
+        if not target.facts:  # reverse questions from what the original model says about the target
+            answered = _add_reverse_from_answers(sets, target, seen, rng_for, n_forget, n_heldout_forget)
+            _, more, _ = fill_original_answers(
+                answered, model, tokenizer, model_id=model_id, cache_dir=cache_dir, max_new_tokens=max_new_tokens,
+                batch_size=batch_size, seed=seed, progress=progress)
+            originals_generated += more
     summary = DatasetSummary(out_dir, {}, {}, {}, neighbours, neighbour_source, originals_generated,
                              originals_cached, vars(gen_stats) if gen_stats else None)
     _write_folder(summary, sets, target, {
@@ -405,6 +412,23 @@ def _promote_target_answers(sets: dict[str, list[dict[str, Any]]], target: Targe
                      response=obliterated_response(None, rng))
         sets[part] = keep
         sets[dest] = moved + sets[dest] if dest.startswith("heldout") else sets[dest] + moved
+
+
+def _add_reverse_from_answers(sets: dict[str, list[dict[str, Any]]], target: TargetSpec, seen: set[str], rng_for,
+                              n_forget: int, n_heldout_forget: int) -> dict[str, list[dict[str, Any]]]:
+    """Add reverse questions written from the training forget set's original answers
+    (:func:`snap_fast.data.reverse.reverse_records`): half to ``heldout_forget`` (first, within
+    its size), the rest to ``forget`` within ``n_forget``. Returns the added records by set (their
+    original answers still to generate)."""
+    answers = [r["original_response"] for r in sets["forget"] if isinstance(r.get("original_response"), str)]
+    records = _dedupe(reverse_records(target, answers, rng_for("answer_facts")), seen)
+    held, train = records[: len(records) // 2], records[len(records) // 2:]
+    train = train[: max(0, n_forget - len(sets["forget"]))]
+    sets["forget"] += train
+    # the held-out set keeps its size: the last pattern paraphrases make room
+    existing = sets["heldout_forget"]
+    sets["heldout_forget"] = (held + existing)[:max(n_heldout_forget, len(existing), len(held))]
+    return {"forget": train, "heldout_forget": held}
 
 
 def _neighbour_questions(target: TargetSpec, neighbours: list[str], seen: set[str], rng_for,
