@@ -12,6 +12,7 @@ from snap_fast import io as data_io
 from snap_fast.data.build import QA_SETS, build_dataset
 from snap_fast.data.patterns import HELDOUT_PATTERNS, TRAIN_PATTERNS, reverse_questions
 from snap_fast.data.positives import (
+    FALLBACK_NEIGHBOURS,
     GENERAL_INSTRUCTIONS,
     HELDOUT_GENERAL_INSTRUCTIONS,
     HELDOUT_TEXTS,
@@ -394,3 +395,42 @@ def test_targets_without_facts_get_reverse_questions_from_the_original_answers(t
     build_dataset(TargetSpec("Harry Potter", neighbours=["Gandalf"], facts=["Harry Potter is a wizard."]),
                   tmp_path / "f", model=object(), tokenizer=object(), model_id="fake", **SMALL)
     assert not any(r["source"] == "original_answer_fact" for r in read_jsonl(tmp_path / "f" / "forget.jsonl"))
+
+
+class _ListingGenerator:
+    """A generator that answers every prompt with the same listing (what a small model does)."""
+
+    source = "listing"
+
+    def __init__(self, listing: str):
+        self.listing = listing
+
+    def complete(self, prompts):
+        # the question line serves the question prompts; as a neighbour it names the target: dropped
+        return [self.listing + "\n9. Who was Albert Einstein?" for _ in prompts]
+
+
+@pytest.mark.parametrize("listing, proposed", [
+    ("1. Albert Einstein\n2. Albert Einstein\n3. Einstein", []),  # only the target itself
+    ("1. Max Planck\n2. Niels Bohr", ["Max Planck", "Niels Bohr"]),  # too few: kept, then filled
+])
+def test_too_few_neighbours_filled_from_the_fallback_pool(tmp_path, listing, proposed):
+    target = TargetSpec("Albert Einstein", aliases=["Einstein"], category="person")
+    with pytest.warns(UserWarning, match="filled up with well-known person"):
+        summary = build_dataset(target, tmp_path / "d", generator=_ListingGenerator(listing),
+                                generate_originals=False, n_neighbours=6, **SMALL)
+    pool = [n for n in FALLBACK_NEIGHBOURS["person"] if n != "Albert Einstein"]
+    assert summary.neighbours == proposed + pool[:6 - len(proposed)]
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["neighbour_source"] == ("listing+fallback" if proposed else "fallback")
+    retain = read_jsonl(tmp_path / "d" / "retain.jsonl")
+    assert {r["entity"] for r in retain} <= set(summary.neighbours) and retain
+    assert not any(target.mentioned_in(r["prompt"]) for r in retain)
+
+
+def test_enough_neighbours_are_not_filled(tmp_path):
+    listing = "\n".join(f"{i}. {n}" for i, n in enumerate(["Max Planck", "Niels Bohr", "Paul Dirac", "Enrico Fermi"]))
+    summary = build_dataset(TargetSpec("Albert Einstein", category="person"), tmp_path / "d",
+                            generator=_ListingGenerator(listing), generate_originals=False, **SMALL)
+    assert summary.neighbours == ["Max Planck", "Niels Bohr", "Paul Dirac", "Enrico Fermi"]
+    assert summary.neighbour_source == "listing"

@@ -7,7 +7,8 @@
 2. held-out forget questions: the held-out paraphrase patterns (and a share of the generated
    questions), never equal to a training question;
 3. hard positives: neighbour entities (given, a built-in preset, or proposed by the generator
-   and checked) asked through the same patterns; general instructions (built-in + user file);
+   and checked, filled up from a pool of well-known entities when too few) asked through the
+   same patterns; general instructions (built-in + user file);
 4. the original model's greedy answers to every prompt (cached per model on disk); a hard
    positive or general request whose answer names the target becomes a reverse forget question;
 5. atomic writes of every file; ``manifest.json`` last, so its presence marks a complete folder.
@@ -31,6 +32,7 @@ from ..io import read_jsonl, write_json, write_jsonl
 from .generators import (
     FilterStats,
     ModelGenerator,
+    filter_neighbours,
     generate_questions,
     propose_neighbours,
 )
@@ -40,6 +42,8 @@ from .positives import (
     GENERAL_INSTRUCTIONS,
     HELDOUT_GENERAL_INSTRUCTIONS,
     HELDOUT_TEXTS,
+    MIN_NEIGHBOURS,
+    fallback_neighbours,
     load_instruction_file,
 )
 from .responses import obliterated_response
@@ -338,10 +342,16 @@ def _choose_neighbours(target: TargetSpec, llm, model, tokenizer, n_neighbours: 
         return preset.neighbours, "builtin"
     proposer = llm or (ModelGenerator(model, tokenizer, progress=progress) if model is not None else None)
     neighbours = propose_neighbours(proposer, target, n_neighbours) if proposer else []
-    if not neighbours:
-        warnings.warn(f"no neighbours for {target.name!r}: the retain set will be empty; "
-                      "give neighbours (--neighbours) for hard positives", stacklevel=3)
-    return neighbours, proposer.source if neighbours else "none"
+    source = proposer.source if neighbours else ""
+    if len(neighbours) < min(MIN_NEIGHBOURS, n_neighbours):
+        pool = fallback_neighbours(target.category)
+        filled = filter_neighbours([*neighbours, *pool], target, n_neighbours)
+        if len(filled) > len(neighbours):
+            warnings.warn(f"{len(neighbours)} neighbours proposed for {target.name!r}: filled up with well-known "
+                          f"{target.category or 'entities'} ({', '.join(filled[len(neighbours):])}); give "
+                          "neighbours (--neighbours) for harder positives", stacklevel=3)
+            neighbours, source = filled, f"{source}+fallback" if source else "fallback"
+    return neighbours, source or "none"
 
 
 def _forget_sets(target: TargetSpec, llm, user_records: list[dict[str, Any]], seen: set[str], rng_for,

@@ -1,4 +1,5 @@
-"""Hard positives that are not about neighbours: general instructions and general text.
+"""Hard positives beyond the target's own neighbours: a fallback pool of well-known entities,
+general instructions and general text.
 
 The built-in general instructions cover many everyday skills (math, coding, cooking, geography,
 writing, science, advice) so the retain set keeps the model's general abilities; their answers
@@ -13,6 +14,37 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+#: Widely known entities per category: the hard positives of last resort. Small models asked for
+#: neighbours often list the target itself ten times (SmolLM2-135M for "Nikola Tesla"), which
+#: would leave the retain set empty, so the builder fills the neighbour list from here (the target
+#: and its aliases removed). They are not *hard* positives (close to the target) but they keep the
+#: model answering about other well-known entities of the same kind; ``--neighbours`` gives better.
+FALLBACK_NEIGHBOURS: dict[str, tuple[str, ...]] = {
+    "person": ("Albert Einstein", "William Shakespeare", "Isaac Newton", "Abraham Lincoln",
+               "Charles Darwin", "Napoleon Bonaparte", "Wolfgang Amadeus Mozart", "Mahatma Gandhi"),
+    "character": ("Mickey Mouse", "Frodo Baggins", "Superman", "James Bond", "Batman",
+                  "Elizabeth Bennet", "Captain Ahab", "Winnie-the-Pooh"),
+    "work": ("Romeo and Juliet", "Pride and Prejudice", "The Lord of the Rings", "Moby-Dick",
+             "To Kill a Mockingbird", "The Odyssey", "War and Peace", "Don Quixote"),
+    "place": ("the Eiffel Tower", "the Great Wall of China", "the Grand Canyon", "Mount Everest",
+              "the Colosseum", "the Taj Mahal", "the Statue of Liberty", "the Amazon rainforest"),
+    "organization": ("the United Nations", "the Red Cross", "the World Health Organization",
+                     "UNESCO", "FIFA", "Amnesty International", "the European Union", "Microsoft"),
+}
+#: without a category: two of each kind but characters (the generic patterns suit any entity)
+FALLBACK_NEIGHBOURS_ANY: tuple[str, ...] = (
+    "Albert Einstein", "William Shakespeare", "Pride and Prejudice", "Romeo and Juliet",
+    "the Eiffel Tower", "Mount Everest", "the United Nations", "the Red Cross",
+)
+#: fewer proposed neighbours than this and the list is filled up from FALLBACK_NEIGHBOURS
+MIN_NEIGHBOURS = 4
+
+
+def fallback_neighbours(category: str | None) -> tuple[str, ...]:
+    """The fallback pool for ``category`` (the mixed pool when None)."""
+    return FALLBACK_NEIGHBOURS.get(category or "", FALLBACK_NEIGHBOURS_ANY)
+
 
 GENERAL_INSTRUCTIONS: list[str] = [
     # math
