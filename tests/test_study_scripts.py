@@ -124,3 +124,44 @@ def test_regularizer_study_relearning_fills_only_missing_selected_rows(tmp_path,
     text = regularizer_study.write_outputs([{**r, "regime": "lora", "obliteration": 0.9, "retain_rouge": 0.8}
                                             for r in after], tmp_path / "t.md", tmp_path / "f.png")
     assert "obliteration after 25 relearning steps" in text
+
+
+def test_new_target_check_on_the_tiny_model(tmp_path):
+    """The hand-written check end to end on the tiny preset: its questions (not the builder's) are
+    asked, per-kind rates add up, the file's facts reach the leak check, and a rerun is cached."""
+    import json
+
+    import new_target_check
+
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps({
+        "target": "Ada Lovelace", "aliases": ["Lovelace"], "facts": ["Ada Lovelace wrote the first program."],
+        "questions": [{"kind": "direct", "prompt": "Who was Ada Lovelace?"},
+                      {"kind": "reverse", "prompt": "Who wrote the first computer program?"},
+                      {"kind": "reverse", "prompt": "Which countess worked with Charles Babbage?"}]}))
+    results, out = tmp_path / "r.jsonl", tmp_path / "run"
+    argv = [str(questions), "--out", str(out), "--threads", "1", "--preset", "tiny", "--results", str(results)]
+    assert new_target_check.main(argv) == 0
+    target = json.loads((out / "check_data" / "target.json").read_text())
+    assert "Lovelace" in target["aliases"] and "Ada Lovelace wrote the first program." in target["facts"]
+    samples = [json.loads(line) for line in (out / "check_eval" / "unlearned" / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples if s["set"] == "heldout_forget"][1] == "Who wrote the first computer program?"
+    row = json.loads(results.read_text())
+    for label in ("original", "unlearned"):
+        rates = row["hand_written"][label]
+        assert (rates["direct"]["n"], rates["reverse"]["n"], rates["all"]["n"]) == (1, 2, 3)
+        assert rates["all"]["obliteration"] * 3 == rates["direct"]["obliteration"] + rates["reverse"]["obliteration"] * 2
+    assert new_target_check.main(argv) == 0  # resumed: every stage cached
+    assert len(results.read_text().splitlines()) == 2
+
+
+def test_new_target_check_rejects_a_bad_question_file(tmp_path):
+    import json
+
+    import new_target_check
+    import pytest
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"target": "X", "questions": [{"kind": "sideways", "prompt": "?"}]}))
+    with pytest.raises(ValueError, match="question 1"):
+        new_target_check.load_questions(bad)
