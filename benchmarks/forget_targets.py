@@ -102,6 +102,7 @@ COLUMNS = (  # (label, key in a result line, scale, digits)
     ("retain false refusals", "retain_false_refusal", 100, 1),
     ("general false refusals", "general_false_refusal", 100, 1),
     ("perplexity change", "perplexity_change", 100, 1),
+    ("steps", "steps", 1, 0),
     ("minutes", "minutes", 1, 1),
 )
 
@@ -157,6 +158,7 @@ def run_one(spec: dict, seed: int, work: Path, threads: int | None) -> dict:
         "general_false_refusal": unl["general_false_refusal_rate"],
         "perplexity_change": unl["perplexity"] / orig["perplexity"] - 1.0,
         "original_obliteration": orig["obliteration_rate"],
+        "steps": read_jsonl(out / "run" / "metrics.jsonl")[-1]["step"],
         "minutes": (time.perf_counter() - start) / 60, "cached_stages": summary["cached_stages"],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "threads": summary["threads"], "settings": summary["settings"], "recipe": recipe_key(),
@@ -195,10 +197,10 @@ def write_table(results: list[dict], path: Path) -> str:
     for spec in TARGETS:
         runs = [r for r in results if r["target"] == spec["name"]]
         if runs:
-            cells = " | ".join(_mean_sd([r[c[1]] for r in runs], c[2], c[3]) for c in COLUMNS)
+            cells = " | ".join(_mean_sd([r.get(c[1]) for r in runs], c[2], c[3]) for c in COLUMNS)
             lines.append(f"| {spec['name']} | {spec['category']} | {len(runs)} | {cells} |")
     if results:
-        cells = " | ".join(_mean_sd([r[c[1]] for r in results], c[2], c[3]) for c in COLUMNS)
+        cells = " | ".join(_mean_sd([r.get(c[1]) for r in results], c[2], c[3]) for c in COLUMNS)
         lines.append(f"| **all runs** | | {len(results)} | {cells} |")
         peak = max(r["peak_rss_gib"] for r in results)
         threads = sorted({r["threads"] for r in results})

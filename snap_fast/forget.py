@@ -68,6 +68,7 @@ class ForgetSettings:
     lr: float = LORA_LR
     epochs: float = _recipe("epochs")
     max_steps: int | None = None
+    min_steps: int = _recipe("min_steps")
     batch_size: int = _recipe("batch_size")
     retain_batch_size: int | None = _recipe("retain_batch_size")  # None: batch_size
     general_batch_size: int | None = _recipe("general_batch_size")  # None: retain_batch_size
@@ -88,8 +89,8 @@ class ForgetSettings:
     def unlearn_config(self, model: str, data: str | Path, out: str | Path, **extra) -> dict:
         """The :func:`snap_fast.train.unlearn` config of these settings (LoRA, CPU)."""
         fields = ("method", "lora_r", "lora_alpha", "lora_targets", "lora_layers", "lr", "epochs", "max_steps",
-                  "batch_size", "retain_batch_size", "general_batch_size", "grad_accum", "alpha", "retain_loss", "lam",
-                  "reg_mode", "reg_refresh_every", "n_projections", "max_length", "seed")
+                  "min_steps", "batch_size", "retain_batch_size", "general_batch_size", "grad_accum", "alpha",
+                  "retain_loss", "lam", "reg_mode", "reg_refresh_every", "n_projections", "max_length", "seed")
         return {"model": model, "data": str(data), "out": str(out), "lora": True, "device": "cpu",
                 **{k: getattr(self, k) for k in fields}, **extra}
 
@@ -409,7 +410,7 @@ def _unlearn(clock: _Clock, model: str, base, data_dir: Path, run_dir: Path, set
 
     n_forget = len(read_jsonl(data_dir / "forget.jsonl"))
     steps = (f"{settings.max_steps} steps" if settings.max_steps is not None
-             else f"{settings.epochs:g} passes over {n_forget} forget questions")
+             else f"{settings.epochs:g} passes over {n_forget} forget questions, at least {settings.min_steps} steps")
     clock.start("unlearn", f"Unlearning with {settings.method.upper()} (LoRA r={settings.lora_r} on {adapted}, "
                 f"λ={settings.lam}, {settings.reg_mode} directions, {steps})")
     log(f"each step: {settings.batch_size} forget questions -> 'I don't know' answers, {retain_bs} hard positives "

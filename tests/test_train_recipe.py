@@ -1,6 +1,7 @@
 """The unlearning recipe end to end on tiny random models (CPU, a few seconds each)."""
 
 import json
+import math
 import os
 import signal
 
@@ -448,3 +449,20 @@ def test_l2sp_regularizer_kind_runs_and_is_refused_under_fsdp(assets, tmp_path):
     assert metrics[0]["reg"] == 0.0 and metrics[1]["reg"] > 0  # B = 0 at init: ΔW = 0, then it moves
     with pytest.raises(ValueError, match="l2sp"):
         _config(assets, tmp_path / "x", reg_kind="l2sp", parallel="fsdp").validate(run_folder=False)
+
+
+def test_steps_follow_the_data_with_a_floor(assets, tmp_path):
+    """epochs x steps per epoch, raised to min_steps; max_steps overrides both."""
+    from snap_fast.train.recipe import UnlearnRecipe
+
+    def total(name, **kw):
+        return UnlearnRecipe(_config(assets, tmp_path / name, **kw)).setup().total_steps
+
+    from_data = total("a", min_steps=0, epochs=2.0)
+    per_epoch = UnlearnRecipe(_config(assets, tmp_path / "b", min_steps=0)).setup().data.steps_per_epoch
+    assert from_data == math.ceil(2.0 * per_epoch) and from_data < 60
+    assert total("c", epochs=2.0) == 60  # the default floor
+    assert total("d", min_steps=from_data - 1, epochs=2.0) == from_data  # a floor below the rule: no effect
+    assert total("e", max_steps=3) == 3
+    with pytest.raises(ValueError, match="min_steps"):
+        _config(assets, tmp_path / "f", min_steps=-1).validate()

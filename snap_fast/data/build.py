@@ -274,11 +274,12 @@ def build_dataset(
             batch_size=batch_size, seed=seed, progress=progress)
         _promote_target_answers(sets, target, rng_for("promoted"))
         if not target.facts:  # reverse questions from what the original model says about the target
-            answered = _add_reverse_from_answers(sets, target, seen, rng_for, n_forget, n_heldout_forget)
+            candidates = {"forget": _reverse_candidates(sets, target, seen, rng_for)}
             _, more, _ = fill_original_answers(
-                answered, model, tokenizer, model_id=model_id, cache_dir=cache_dir, max_new_tokens=max_new_tokens,
+                candidates, model, tokenizer, model_id=model_id, cache_dir=cache_dir, max_new_tokens=max_new_tokens,
                 batch_size=batch_size, seed=seed, progress=progress)
             originals_generated += more
+            _add_reverse_from_answers(sets, target, candidates["forget"], n_forget, n_heldout_forget)
     summary = DatasetSummary(out_dir, {}, {}, {}, neighbours, neighbour_source, originals_generated,
                              originals_cached, vars(gen_stats) if gen_stats else None)
     _write_folder(summary, sets, target, {
@@ -424,21 +425,31 @@ def _promote_target_answers(sets: dict[str, list[dict[str, Any]]], target: Targe
         sets[dest] = moved + sets[dest] if dest.startswith("heldout") else sets[dest] + moved
 
 
-def _add_reverse_from_answers(sets: dict[str, list[dict[str, Any]]], target: TargetSpec, seen: set[str], rng_for,
-                              n_forget: int, n_heldout_forget: int) -> dict[str, list[dict[str, Any]]]:
-    """Add reverse questions written from the training forget set's original answers
-    (:func:`snap_fast.data.reverse.reverse_records`): half to ``heldout_forget`` (first, within
-    its size), the rest to ``forget`` within ``n_forget``. Returns the added records by set (their
-    original answers still to generate)."""
+def _reverse_candidates(sets: dict[str, list[dict[str, Any]]], target: TargetSpec, seen: set[str],
+                        rng_for) -> list[dict[str, Any]]:
+    """Reverse questions written from the training forget set's original answers
+    (:func:`snap_fast.data.reverse.reverse_records`), new prompts only; their own original
+    answers are still to generate."""
     answers = [r["original_response"] for r in sets["forget"] if isinstance(r.get("original_response"), str)]
-    records = _dedupe(reverse_records(target, answers, rng_for("answer_facts")), seen)
-    held, train = records[: len(records) // 2], records[len(records) // 2:]
-    train = train[: max(0, n_forget - len(sets["forget"]))]
-    sets["forget"] += train
+    return _dedupe(reverse_records(target, answers, rng_for("answer_facts")), seen)
+
+
+def _add_reverse_from_answers(sets: dict[str, list[dict[str, Any]]], target: TargetSpec,
+                              candidates: list[dict[str, Any]], n_forget: int, n_heldout_forget: int) -> None:
+    """Add the candidates the original model answers with the target's name: half to
+    ``heldout_forget`` (first, within its size), the rest to ``forget`` within ``n_forget``.
+
+    A statement rewritten as a question is often too vague to have one answer ("Who is a legendary
+    figure in the history of science?"): the original names someone else, so refusing it would
+    teach over-forgetting and not answering it would prove nothing. Only questions whose original
+    answer names the target test whether the model still knows it.
+    """
+    kept = [r for r in candidates if target.mentioned_in(r.get("original_response") or "") is not None]
+    held, train = kept[: len(kept) // 2], kept[len(kept) // 2:]
+    sets["forget"] += train[: max(0, n_forget - len(sets["forget"]))]
     # the held-out set keeps its size: the last pattern paraphrases make room
     existing = sets["heldout_forget"]
     sets["heldout_forget"] = (held + existing)[:max(n_heldout_forget, len(existing), len(held))]
-    return {"forget": train, "heldout_forget": held}
 
 
 def _neighbour_questions(target: TargetSpec, neighbours: list[str], seen: set[str], rng_for,

@@ -117,7 +117,8 @@ class UnlearnConfig:
         "(default: the upper half with LoRA)", type=str)
     lr: float | None = _arg(None, "peak learning rate (default 1.5e-3 with LoRA, 1e-5 full)", type=float)
     epochs: float = _arg(2.5, "passes over the forget set (steps = epochs x forget examples / batch)")
-    max_steps: int | None = _arg(None, "optimizer steps (overrides --epochs)", type=int)
+    max_steps: int | None = _arg(None, "optimizer steps (overrides --epochs and --min-steps)", type=int)
+    min_steps: int = _arg(60, "fewest optimizer steps when they follow --epochs (small forget sets); 0: none")
     batch_size: int = _arg(4, "forget examples per micro-batch")
     retain_batch_size: int | None = _arg(
         8, "examples per micro-batch of the retain set (None in Python: --batch-size)", type=int)
@@ -245,6 +246,7 @@ class UnlearnConfig:
         if self.max_steps is not None:
             check_int("max_steps", self.max_steps, minimum=1)
         check_number("epochs", self.epochs, positive=True)
+        check_int("min_steps", self.min_steps, minimum=0)
         for name in ("weight_decay", "max_grad_norm", "alpha", "lora_dropout", "reference_cache_gib"):
             check_number(name, getattr(self, name), nonnegative=True)
         check_number("npo_beta", self.npo_beta, positive=True)

@@ -132,7 +132,7 @@ class UnlearnRecipe:
         from ..data.collator import ChatCollator
 
         self.collator = ChatCollator(self.tokenizer, max_length=cfg.max_length)
-        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.data.steps_per_epoch)
+        self.total_steps = cfg.max_steps or max(math.ceil(cfg.epochs * self.data.steps_per_epoch), cfg.min_steps)
         self._prepare_terms()
         self.optimizer, self.scheduler = optimizer_and_schedule(self.model, cfg, self.total_steps)
         self.start_step, self.saved_step = self._resume()
