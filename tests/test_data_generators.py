@@ -53,6 +53,12 @@ def test_filter_neighbours_checks_target_and_aliases():
                 "the boy"]
     assert filter_neighbours(proposed, TARGET, limit=10) == ["Frodo Baggins", "Percy Jackson", "Gandalf"]
     assert filter_neighbours(proposed, TARGET, limit=1) == ["Frodo Baggins"]
+    # what SmolLM2-135M proposed for "Leonardo da Vinci": a neighbour naming the target's surname
+    # goes; function words ("da", "the") tie nothing
+    leonardo = TargetSpec("Leonardo da Vinci")
+    assert filter_neighbours(["The Last Supper", "Michelangelo", "Da Vinci, Michelangelo", "Leonardo DiCaprio",
+                              "Raphael da Urbino"], leonardo, limit=5) == ["The Last Supper", "Michelangelo",
+                                                                           "Raphael da Urbino"]
 
 
 def _train_to_answer(model, tokenizer, prompts, answer, max_steps=400, check_every=20):

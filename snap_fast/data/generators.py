@@ -126,10 +126,20 @@ def filter_questions(
     return kept, stats
 
 
+# words too common to tie two names together ("the" in "The Hobbit" and "The Great Gatsby")
+_FUNCTION_WORDS = frozenset("the and of von van der den del des los las for with from".split())
+
+
+def _name_words(target: TargetSpec) -> set[str]:
+    """The distinctive words of the target's name and aliases (3+ letters, not function words)."""
+    words = {w for form in target.surface_forms for w in normalize(form).split()}
+    return {w for w in words if len(w) >= 3 and w not in _FUNCTION_WORDS}
+
+
 def filter_neighbours(items: Sequence[str], target: TargetSpec, limit: int) -> list[str]:
     """Check proposed neighbours: a short name (2-60 characters, at most 8 words), not the
-    target, not an alias, not mentioning either, not a fragment of their names, no duplicates;
-    at most ``limit`` kept."""
+    target, not an alias, not mentioning either, sharing no distinctive word with their names, no
+    duplicates; at most ``limit`` kept."""
     kept: list[str] = []
     seen: set[str] = set()
     for item in items:
@@ -139,8 +149,9 @@ def filter_neighbours(items: Sequence[str], target: TargetSpec, limit: int) -> l
             continue
         if target.is_target_name(name) or key in seen:
             continue
-        # a fragment of the target's own name ("Albert" for "Albert Einstein") is the target
-        if any(set(key.split()) <= set(normalize(form).split()) for form in target.surface_forms):
+        # a name sharing a word of the target's names ("Albert" for "Albert Einstein", "Da Vinci,
+        # Michelangelo" for "Leonardo da Vinci") is the target or too close to it to be kept
+        if set(key.split()) & _name_words(target):
             continue
         seen.add(key)
         kept.append(name)
