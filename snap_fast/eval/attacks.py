@@ -133,8 +133,8 @@ def quantization_attack(
         count = quantize_linear_weights_(attacked, b, group_size)
         summary = evaluate_model(
             attacked, tokenizer, data_dir, Path(out_dir) / f"quant_{b}bit_g{group_size}",
-            identity=f"{identity}+rtn{b}g{group_size}", sets=ATTACK_SETS, perplexity=False, log=log,
-            **(evaluate_kwargs or {}))
+            identity=f"{identity}+rtn{b}g{group_size}", sets=ATTACK_SETS, perplexity=False, probability=False,
+            log=log, **(evaluate_kwargs or {}))  # answer probabilities are not reported: not computed
         del attacked
         forget, retain = summary["sets"].get("heldout_forget", {}), summary["sets"].get("heldout_retain", {})
         out["settings"][f"{b}bit"] = {
