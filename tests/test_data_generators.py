@@ -57,8 +57,8 @@ def test_filter_neighbours_checks_target_and_aliases():
     # goes; function words ("da", "the") tie nothing
     leonardo = TargetSpec("Leonardo da Vinci")
     assert filter_neighbours(["The Last Supper", "Michelangelo", "Da Vinci, Michelangelo", "Leonardo DiCaprio",
-                              "Raphael da Urbino"], leonardo, limit=5) == ["The Last Supper", "Michelangelo",
-                                                                           "Raphael da Urbino"]
+                              "Raphael da Urbino", "Titian was a Venetian painter"], leonardo, limit=6) == [
+        "The Last Supper", "Michelangelo", "Raphael da Urbino", "Titian"]  # a description is cut at its verb
 
 
 def _train_to_answer(model, tokenizer, prompts, answer, max_steps=400, check_every=20):

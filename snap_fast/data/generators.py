@@ -62,12 +62,16 @@ def neighbour_prompts(target: TargetSpec, n: int = 10) -> list[str]:
     """Instructions asking a generator for entities similar to ``target`` (several phrasings,
     whose answers are pooled).
 
-    Kept short and positive: small models (SmolLM2-135M) answer "similar to X, but not X" with X
-    itself, while a plain request with the kind of entity named often gives real neighbours; the
-    target is removed afterwards by :func:`filter_neighbours`.
+    Kept short: small models (SmolLM2-135M) often list the target itself, and which phrasing gives
+    real neighbours differs by target, so several are pooled; the target is removed afterwards by
+    :func:`filter_neighbours`.
     """
     kind = _KIND_WORDS.get(target.category or "", "famous people, characters or works")
     prompts = [
+        # the phrasing that gave SmolLM2-135M real neighbours where the others repeat the target
+        # ("Nikola Tesla": Copernicus, Einstein, Zuse; "Greenpeace": WWF, the Nature Conservancy);
+        # asked for "10" instead of "five" it lists the target ten times
+        f"{target.name} is famous. Name five other famous ones of the same kind, one per line, without {target.name}.",
         f"List {n} {kind} similar to {target.name}, one per line.",
         f"Which {kind} are often compared with {target.name}? List {n}, one per line.",
     ]
@@ -143,7 +147,7 @@ def filter_neighbours(items: Sequence[str], target: TargetSpec, limit: int) -> l
     kept: list[str] = []
     seen: set[str] = set()
     for item in items:
-        name = re.split(r"\s+[-–—:]\s+|:\s|\s\(", item)[0].strip().rstrip(".")
+        name = re.split(r"\s+[-–—:]\s+|:\s|\s\(|\s(?:was|is|were|are)\s", item)[0].strip().rstrip(".")
         key = normalize(name)
         if not (2 <= len(name) <= 60) or len(name.split()) > 8 or not key:
             continue

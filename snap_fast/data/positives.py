@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 #: Widely known entities per category: the hard positives of last resort. Small models asked for
-#: neighbours often list the target itself ten times (SmolLM2-135M for "Nikola Tesla"), which
+#: neighbours often list the target itself ten times (SmolLM2-135M, for many phrasings), which
 #: would leave the retain set empty, so the builder fills the neighbour list from here (the target
 #: and its aliases removed). They are not *hard* positives (close to the target) but they keep the
 #: model answering about other well-known entities of the same kind; ``--neighbours`` gives better.
