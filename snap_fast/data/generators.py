@@ -131,7 +131,8 @@ def filter_questions(
 
 
 # words too common to tie two names together ("the" in "The Hobbit" and "The Great Gatsby")
-_FUNCTION_WORDS = frozenset("the and of von van der den del des los las for with from".split())
+_FUNCTION_WORDS = frozenset({"the", "and", "of", "von", "van", "der", "den", "del", "des", "los", "las", "for",
+                             "with", "from"})
 
 
 def _name_words(target: TargetSpec) -> set[str]:
@@ -147,6 +148,8 @@ def filter_neighbours(items: Sequence[str], target: TargetSpec, limit: int) -> l
     kept: list[str] = []
     seen: set[str] = set()
     for item in items:
+        if item.rstrip().endswith("?"):  # a question, not a name
+            continue
         name = re.split(r"\s+[-–—:]\s+|:\s|\s\(|\s(?:was|is|were|are)\s", item)[0].strip().rstrip(".")
         key = normalize(name)
         if not (2 <= len(name) <= 60) or len(name.split()) > 8 or not key:
