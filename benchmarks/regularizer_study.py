@@ -44,7 +44,7 @@ _OVER = {"epochs": 7.5, "lr": 3e-3}
 #: name -> UnlearnConfig overrides. "lora/swd-0.1" is the shipped default.
 CONFIGS: dict[str, dict] = {
     "lora/none": {"lam": 0.0},
-    **{f"lora/swd-{lam:g}": {"lam": lam} for lam in (0.1, 1.0, 10.0, 100.0)},
+    **{f"lora/swd-{lam:g}": {"lam": lam} for lam in (0.1, 1.0, 10.0, 100.0, 1000.0)},
     **{f"lora/l2sp-{lam:g}": {"reg_kind": "l2sp", "lam": lam} for lam in (1.0, 10.0, 100.0)},
     "full/none": {**_FULL, "lam": 0.0},
     **{f"full/swd-{lam:g}": {**_FULL, "lam": lam} for lam in (1.0, 10.0)},
