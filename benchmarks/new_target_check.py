@@ -77,9 +77,9 @@ def kind_rates(samples: list[dict]) -> dict[str, dict]:
     rates = {}
     for kind in ("direct", "reverse", "all"):
         rows = [r for r in samples if kind == "all" or r["kind"] == kind]
-        n = len(rows)
-        rates[kind] = {"n": n, "obliteration": sum(bool(r["obliterated"]) for r in rows) / n,
-                       "leaks": sum(bool(r["leaked"]) for r in rows)}
+        if rows:  # a file may hold one kind only
+            rates[kind] = {"n": len(rows), "obliteration": sum(bool(r["obliterated"]) for r in rows) / len(rows),
+                           "leaks": sum(bool(r["leaked"]) for r in rows)}
     return rates
 
 
@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
            "threads": summary["threads"],
            "hand_written": {label: kind_rates(s) for label, s in samples.items()},
            "builder_heldout": {"original": summary["original"], "unlearned": summary["unlearned"]},
-           "steps": json.loads((args.out / "run" / "metrics.jsonl").read_text().splitlines()[-1]).get("step")
-           if (args.out / "run" / "metrics.jsonl").is_file() else None,
+           "steps": read_jsonl(args.out / "run" / "metrics.jsonl")[-1]["step"],
            "minutes": {k: round(v / 60, 2) for k, v in summary["timings_s"].items()},
            "settings": summary["settings"]}
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         f.write(json.dumps(row) + "\n")
     for label in ("original", "unlearned"):
         r = row["hand_written"][label]
-        print(f"{label:9s} hand-written obliteration: all {r['all']['obliteration']:.0%} "
-              f"(direct {r['direct']['obliteration']:.0%}, reverse {r['reverse']['obliteration']:.0%}); "
+        kinds = ", ".join(f"{k} {r[k]['obliteration']:.0%}" for k in ("direct", "reverse") if k in r)
+        print(f"{label:9s} hand-written obliteration: all {r['all']['obliteration']:.0%} ({kinds}); "
               f"leaks {r['all']['leaks']}/{r['all']['n']}")
     return 0
 

@@ -147,6 +147,7 @@ def filter_neighbours(items: Sequence[str], target: TargetSpec, limit: int) -> l
     duplicates; at most ``limit`` kept."""
     kept: list[str] = []
     seen: set[str] = set()
+    name_words = _name_words(target)
     for item in items:
         if item.rstrip().endswith("?"):  # a question, not a name
             continue
@@ -158,7 +159,7 @@ def filter_neighbours(items: Sequence[str], target: TargetSpec, limit: int) -> l
             continue
         # a name sharing a word of the target's names ("Albert" for "Albert Einstein", "Da Vinci,
         # Michelangelo" for "Leonardo da Vinci") is the target or too close to it to be kept
-        if set(key.split()) & _name_words(target):
+        if set(key.split()) & name_words:
             continue
         seen.add(key)
         kept.append(name)
