@@ -50,7 +50,10 @@ setup(
             "pytest-timeout>=2.3",
             "POT>=0.9.4",
             "ruff>=0.6",
+            "torchao>=0.12",
         ],
+        # the quantization attack's library quantizer (snap-fast eval --quant-library torchao-int8)
+        "attacks": ["torchao>=0.12"],
     },
     entry_points={"console_scripts": ["snap-fast=snap_fast.cli:main"]},
 )

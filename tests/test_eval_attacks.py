@@ -122,3 +122,51 @@ def test_relearning_attack_recovers_the_original_answers_on_a_tiny_model(tmp_pat
         relearning_attack(model, tokenizer, data, tmp_path / "x", identity="tiny", steps=[-1])
     with pytest.raises(ValueError, match="lr"):
         relearning_attack(model, tokenizer, data, tmp_path / "x", identity="tiny", lr=0.0)
+
+
+def test_library_quantizer_is_per_channel_int8_and_checked_first(tmp_path):
+    pytest.importorskip("torchao")
+    from snap_fast.eval.attacks import check_library_quantizer, quantize_with_library_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 8, bias=False))
+    weights = model[0].weight.detach().clone()
+    x = torch.randn(5, 32)
+    assert quantize_with_library_(model, "torchao-int8") == 1
+    # symmetric int8 per output channel: the quantized layer computes x (scale_i * round(w_ij / scale_i))^T
+    # with scale_i = max_j |w_ij| / 127 (torchao's choice; its scale may differ by rounding of the
+    # divisor, so the product is compared within one quantization step's effect)
+    scale = weights.abs().amax(dim=1, keepdim=True) / 127
+    want = x @ (torch.round(weights / scale).clamp(-127, 127) * scale).T
+    got = model(x)
+    step_effect = (x.abs() @ (scale.expand_as(weights) / 2).T)  # bound on a half-step error per weight
+    assert ((got - want).abs() <= step_effect + 1e-5).all()
+    assert (got - x @ weights.T).abs().max() > 0  # it did quantize
+    with pytest.raises(ValueError, match="--quant-library"):
+        check_library_quantizer("bitsandbytes-nf4")
+    from peft import LoraConfig, get_peft_model
+
+    tiny, _ = make_tiny_llama()
+    with pytest.raises(ValueError, match="merge"):
+        quantize_with_library_(get_peft_model(tiny, LoraConfig(r=2, target_modules=["q_proj"])), "torchao-int8")
+
+
+def test_eval_cli_adds_the_library_quantizer(tmp_path, capsys):
+    pytest.importorskip("torchao")
+    from snap_fast.cli import main
+
+    folder = save_tiny_model(tmp_path / "model")
+    data = write_data_folder(tmp_path / "data")
+    args = ["eval", "--model", str(folder), "--data", str(data), "--max-new-tokens", "3", "--limit", "2", "--quiet",
+            "--sets", "heldout_forget", "heldout_retain", "--attacks", "quant", "--quant-bits", "8",
+            "--quant-group-size", "16"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "bad"), "--quant-library", "gptq"]) == 2
+    assert "--quant-library: unknown quantizer 'gptq'" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "summary.json").exists()  # refused before any evaluation
+    assert main([*args, "--out", str(tmp_path / "attacked"), "--quant-library", "torchao-int8"]) == 0
+    quant = json.loads((tmp_path / "attacked" / "summary.json").read_text())["attacks"]["quant"]
+    assert list(quant["settings"]) == ["8bit", "torchao-int8"]
+    assert quant["settings"]["torchao-int8"]["quantized_tensors"] > 0
+    assert "torchao" in quant["settings"]["torchao-int8"]["scheme"]
+    assert (tmp_path / "attacked" / "quant_torchao-int8" / "samples.jsonl").is_file()

@@ -32,7 +32,8 @@ def quant_rows(models: Mapping[str, Mapping], fmt) -> list[list]:
                      fmt(forget.get("leak_rate"), pct=True),
                      fmt(summary.get("sets", {}).get("heldout_retain", {}).get("rougeL_recall"))])
         for setting, r in attack["settings"].items():
-            rows.append([label, f"{setting}, groups of {attack['group_size']}", fmt(r["obliteration_rate"], pct=True),
+            weights = f"{setting}, groups of {attack['group_size']}" if setting.endswith("bit") else setting
+            rows.append([label, weights, fmt(r["obliteration_rate"], pct=True),
                          fmt(r["leak_rate"], pct=True), fmt(r["retain_rougeL_recall"])])
     return rows
 
@@ -73,8 +74,9 @@ def attack_section(doc, models: Mapping[str, Mapping], fmt) -> None:
     rows = quant_rows(models, fmt)
     if rows:
         doc.para("Quantization (--attacks quant): each model's linear weights rounded to the given bits "
-                 "(symmetric, per group), held-out sets evaluated again; the original quantized the same "
-                 "way is the control.")
+                 "(symmetric, per group; torchao-int8: the torchao library's int8 weight-only quantizer, "
+                 "one scale per output channel), held-out sets evaluated again; the original quantized the "
+                 "same way is the control.")
         doc.table(["model", "weights", "obliteration (held-out forget)", "leak rate", "retain ROUGE-L"], rows)
     rows = [[label, k, fmt(r["obliteration_rate"], pct=True), fmt(r["leak_rate"], pct=True)]
             for label, summary in models.items()

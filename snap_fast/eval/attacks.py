@@ -6,7 +6,9 @@
   evaluate the held-out forget and retain questions again. Quantizing an unlearned model has been
   reported to restore forgotten knowledge (arXiv 2410.16454: 21 % → 83 % at 4 bits), because a
   small unlearning update can be rounded away. The original model quantized the same way is the
-  control: its answers show what quantization alone does.
+  control: its answers show what quantization alone does. ``library`` adds a library quantizer
+  that runs on the CPU (:data:`LIBRARY_QUANTIZERS`: torchao's int8 weight-only, per output
+  channel), so the result does not rest on our rounding alone.
 
 * **Relearning** (``relearn``): fine-tune a copy (a fresh LoRA adapter, r = 8 on every linear
   layer, AdamW) for k steps on a few training forget questions with the *original* model's
@@ -35,11 +37,16 @@ import torch
 
 from snap_fast.checks import check_int
 
-__all__ = ["ATTACKS", "parse_attacks", "quantization_attack", "quantize_linear_weights_", "relearning_attack"]
+__all__ = ["ATTACKS", "LIBRARY_QUANTIZERS", "parse_attacks", "quantization_attack", "quantize_linear_weights_",
+           "quantize_with_library_", "relearning_attack"]
 
 #: Attack names ``snap-fast eval --attacks`` accepts (``all``: every one). ``prompts`` and ``mia``
 #: live in :mod:`snap_fast.eval.prompt_attacks` and :mod:`snap_fast.eval.mia`.
 ATTACKS = ("quant", "relearn", "prompts", "mia")
+#: Library quantizers the quantization attack can add (name → what it does); each needs its package.
+LIBRARY_QUANTIZERS = {
+    "torchao-int8": "torchao Int8WeightOnlyConfig: symmetric int8 weights, one scale per output channel",
+}
 #: Sets an attack re-evaluates: the held-out forget questions, and the hard positives as a control.
 ATTACK_SETS = ("heldout_forget", "heldout_retain")
 
@@ -96,6 +103,54 @@ def quantize_linear_weights_(model: torch.nn.Module, bits: int, group_size: int)
     return len(done)
 
 
+def check_library_quantizer(name: str) -> None:
+    if name not in LIBRARY_QUANTIZERS:
+        raise ValueError(f"--quant-library: unknown quantizer {name!r}; choose from {sorted(LIBRARY_QUANTIZERS)}")
+    try:
+        _import_torchao()
+    except ImportError as exc:
+        raise ImportError(f"--quant-library {name} needs torchao (pip install torchao; it runs on the CPU and "
+                          "installs no other package)") from exc
+
+
+def _import_torchao():
+    """torchao's quantization API. At import, its optional CUDA kernels fail to load on a
+    CPU-only machine and it registers a type torch calls deprecated: warnings that concern no
+    user of this attack, kept out of the log."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    return quantize_, Int8WeightOnlyConfig
+
+
+@torch.no_grad()
+def quantize_with_library_(model: torch.nn.Module, name: str) -> int:
+    """Quantize every ``nn.Linear`` weight of ``model`` in place with library quantizer ``name``
+    (see :data:`LIBRARY_QUANTIZERS`); returns the number of quantized layers.
+
+    Unlike :func:`quantize_linear_weights_`, a head tied to the input embedding is quantized as a
+    layer of its own (the library replaces the head's weight; the embedding keeps its values).
+
+    Raises:
+        ValueError: an unknown name or unmerged LoRA layers; ImportError: the library is missing.
+    """
+    check_library_quantizer(name)
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        raise ValueError("model has unmerged LoRA layers: merge the adapter first (merge_and_unload)")
+    quantize_, int8_config = _import_torchao()
+    count = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    quantize_(model, int8_config())
+    return count
+
+
 def quantization_attack(
     model,
     tokenizer,
@@ -105,43 +160,59 @@ def quantization_attack(
     identity: str,
     bits: Sequence[int] = (8, 4),
     group_size: int = 64,
+    library: Sequence[str] = (),
     evaluate_kwargs: dict | None = None,
     log=print,
 ) -> dict:
-    """Evaluate ``model`` quantized to each of ``bits`` on the held-out forget and retain sets.
+    """Evaluate ``model`` quantized to each of ``bits`` (and with each ``library`` quantizer) on
+    the held-out forget and retain sets.
 
     Args:
         model, tokenizer, identity: as for :func:`snap_fast.eval.evaluate.evaluate_model` (a
             merged model; it is copied, never changed).
         data_dir: the data folder.
         out_dir: each setting's evaluation goes to ``out_dir/quant_<bits>bit_g<group_size>``.
-        bits, group_size: the settings (see :func:`quantize_linear_weights_`).
+        bits, group_size: the round-to-nearest settings (see :func:`quantize_linear_weights_`).
+        library: names of :data:`LIBRARY_QUANTIZERS` (each evaluated after the RTN settings, in
+            ``out_dir/quant_<name>``).
         evaluate_kwargs: extra keyword arguments of ``evaluate_model`` (batch size, limit, ...).
 
-    Returns ``{"group_size", "settings": {"<bits>bit": {"obliteration_rate", "leak_rate",
-    "retain_rougeL_recall", "quantized_tensors"}}}``.
+    Returns ``{"group_size", "settings": {"<bits>bit" or library name: {"obliteration_rate",
+    "leak_rate", "retain_rougeL_recall", "quantized_tensors", "scheme"}}}``.
     """
-    from .evaluate import evaluate_model
-
-    bits = list(bits)
+    bits, library = list(bits), list(dict.fromkeys(library))
     for b in bits:  # every setting checked before any evaluation
         quantize_linear_weights_(torch.nn.Linear(group_size, 1), b, group_size)
+    for name in library:
+        check_library_quantizer(name)
+    settings = [(f"{b}bit", f"rtn{b}g{group_size}", f"quant_{b}bit_g{group_size}",
+                 f"{b}-bit round-to-nearest, groups of {group_size}",
+                 lambda m, b=b: quantize_linear_weights_(m, b, group_size)) for b in bits]
+    settings += [(name, name, f"quant_{name}", LIBRARY_QUANTIZERS[name],
+                  lambda m, name=name: quantize_with_library_(m, name)) for name in library]
     out: dict = {"group_size": group_size, "settings": {}}
-    for b in bits:
-        log(f"[attack quant] {b}-bit, groups of {group_size}")
-        attacked = copy.deepcopy(model)
-        count = quantize_linear_weights_(attacked, b, group_size)
-        summary = evaluate_model(
-            attacked, tokenizer, data_dir, Path(out_dir) / f"quant_{b}bit_g{group_size}",
-            identity=f"{identity}+rtn{b}g{group_size}", sets=ATTACK_SETS, perplexity=False, probability=False,
-            log=log, **(evaluate_kwargs or {}))  # answer probabilities are not reported: not computed
-        del attacked
-        forget, retain = summary["sets"].get("heldout_forget", {}), summary["sets"].get("heldout_retain", {})
-        out["settings"][f"{b}bit"] = {
-            "obliteration_rate": forget.get("obliteration_rate"), "leak_rate": forget.get("leak_rate"),
-            "retain_rougeL_recall": retain.get("rougeL_recall"), "quantized_tensors": count,
-        }
+    for key, tag, folder, scheme, quantize in settings:
+        log(f"[attack quant] {scheme}")
+        out["settings"][key] = {**_evaluate_quantized(model, tokenizer, data_dir, Path(out_dir) / folder,
+                                                      f"{identity}+{tag}", quantize, evaluate_kwargs, log),
+                                "scheme": scheme}
     return out
+
+
+def _evaluate_quantized(model, tokenizer, data_dir, out_dir: Path, identity: str, quantize,
+                        evaluate_kwargs: dict | None, log) -> dict:
+    """Quantize a copy of ``model`` and evaluate the attack sets; the setting's result."""
+    from .evaluate import evaluate_model
+
+    attacked = copy.deepcopy(model)
+    count = quantize(attacked)
+    summary = evaluate_model(attacked, tokenizer, data_dir, out_dir, identity=identity, sets=ATTACK_SETS,
+                             perplexity=False, probability=False, log=log,
+                             **(evaluate_kwargs or {}))  # answer probabilities are not reported: not computed
+    del attacked
+    forget, retain = summary["sets"].get("heldout_forget", {}), summary["sets"].get("heldout_retain", {})
+    return {"obliteration_rate": forget.get("obliteration_rate"), "leak_rate": forget.get("leak_rate"),
+            "retain_rougeL_recall": retain.get("rougeL_recall"), "quantized_tensors": count}
 
 
 def relearning_attack(

@@ -96,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "prompts, mia, or 'all' (snap_fast.eval.attacks)")
     parser.add_argument("--quant-bits", type=int, nargs="+", default=[8, 4], help="--attacks quant: bit widths")
     parser.add_argument("--quant-group-size", type=int, default=64, help="--attacks quant: weights per scale")
+    parser.add_argument("--quant-library", nargs="+", default=[], metavar="NAME",
+                        help="--attacks quant: library quantizers to add (torchao-int8: torchao's int8 "
+                             "weight-only, needs torchao)")
     parser.add_argument("--relearn-steps", type=int, nargs="+", default=[0, 10, 25, 50],
                         help="--attacks relearn: fine-tuning steps after which the held-out forget set is evaluated")
     parser.add_argument("--relearn-examples", type=int, default=8, help="--attacks relearn: forget examples used")
@@ -125,6 +128,14 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--quant-bits must be between 2 and 8, got {b}")
     if args.quant_group_size < 1:
         raise ValueError(f"--quant-group-size must be >= 1, got {args.quant_group_size}")
+    if "quant" in attacks:
+        from .attacks import check_library_quantizer
+
+        for name in args.quant_library:
+            try:
+                check_library_quantizer(name)
+            except ImportError as exc:  # a missing optional package is a setup error: one line, exit 2
+                raise ValueError(str(exc)) from exc
     if any(k < 0 for k in args.relearn_steps):
         raise ValueError(f"--relearn-steps must be >= 0, got {args.relearn_steps}")
     if args.relearn_examples < 1 or not args.relearn_lr > 0:
@@ -176,6 +187,7 @@ def _run_attacks(args: argparse.Namespace, attacks: list[str], model, tokenizer,
     runs = {
         "quant": lambda: quantization_attack(model, tokenizer, args.data, args.out, identity=identity,
                                              bits=args.quant_bits, group_size=args.quant_group_size,
+                                             library=args.quant_library,
                                              evaluate_kwargs=common),
         "relearn": lambda: relearning_attack(model, tokenizer, args.data, args.out, identity=identity,
                                              steps=args.relearn_steps, n_examples=args.relearn_examples,
