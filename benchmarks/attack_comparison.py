@@ -4,10 +4,10 @@ SNAP and the baselines, same data, same budget.
 For each target and seed, the data folder is built once and the original model evaluated and
 attacked once (the control); then each method of :data:`METHODS` unlearns from the original with
 ``snap-fast unlearn``'s defaults (``idk`` is SNAP without the regularizer, λ = 0), and the
-unlearned model is evaluated and attacked: quantization (8 and 4 bits), relearning (0, 10, 25
-steps on 8 forget answers), the nine prompt attacks, membership inference. One JSONL line per
-finished (target, seed, method), with each attack's wall time; the table gives mean ± sd per
-method::
+unlearned model is evaluated and attacked: quantization (8 and 4 bits round-to-nearest, and
+torchao's int8), relearning (0, 10, 25 steps on 8 forget answers), the nine prompt attacks,
+membership inference. One JSONL line per finished (target, seed, method), with each attack's
+wall time; the table gives mean ± sd per method::
 
     nohup python benchmarks/attack_comparison.py --work DIR > attacks.log 2>&1 &
     python benchmarks/attack_comparison.py --table-only
@@ -42,7 +42,7 @@ def attack_all(model, tokenizer, data: Path, out: Path, identity: str, seed: int
     quiet = {"progress": False, "batch_size": 64, "max_new_tokens": 32, "seed": seed}
     runs = {
         "quant": lambda: quantization_attack(model, tokenizer, data, out, identity=identity, bits=(8, 4),
-                                             evaluate_kwargs=quiet, log=lambda m: None),
+                                             library=("torchao-int8",), evaluate_kwargs=quiet, log=lambda m: None),
         "relearn": lambda: relearning_attack(model, tokenizer, data, out, identity=identity, steps=RELEARN_STEPS,
                                              seed=seed, evaluate_kwargs=quiet, log=lambda m: None),
         "prompts": lambda: prompt_attack(model, tokenizer, data, out, seed=seed, batch_size=64, progress=False,
@@ -83,6 +83,7 @@ def run_method(method: str, folder: Path, seed: int, base, tokenizer, identity: 
         "general_false_refusal": h["general_false_refusal_rate"], "perplexity": h["perplexity"],
         "quant8_obliteration": attacks["quant"]["settings"]["8bit"]["obliteration_rate"],
         "quant4_obliteration": attacks["quant"]["settings"]["4bit"]["obliteration_rate"],
+        "torchao_int8_obliteration": attacks["quant"]["settings"]["torchao-int8"]["obliteration_rate"],
         **{f"relearn{k}_obliteration": attacks["relearn"]["steps"][str(k)]["obliteration_rate"] for k in RELEARN_STEPS},
         "prompt_leak_mean": statistics.mean(k["leak_rate"] for k in kinds.values()),
         "prompt_leak": {name: k["leak_rate"] for name, k in kinds.items()},
@@ -94,6 +95,7 @@ def run_method(method: str, folder: Path, seed: int, base, tokenizer, identity: 
 
 COLUMNS = (("held-out obliteration", "obliteration", 100, 1), ("retain ROUGE-L", "retain_rouge", 1, 3),
            ("8-bit obliteration", "quant8_obliteration", 100, 1), ("4-bit obliteration", "quant4_obliteration", 100, 1),
+           ("torchao int8 obliteration", "torchao_int8_obliteration", 100, 1),
            ("after 10 relearning steps", "relearn10_obliteration", 100, 1),
            ("after 25 relearning steps", "relearn25_obliteration", 100, 1),
            ("prompt attacks: mean leak rate", "prompt_leak_mean", 100, 1))

@@ -57,7 +57,8 @@ def test_attack_comparison_table_from_rows(tmp_path):
 
     def row(method, target, oblit):
         return {"target": target, "seed": 0, "method": method, "obliteration": oblit, "retain_rouge": 0.8,
-                "quant8_obliteration": oblit, "quant4_obliteration": 0.5, "relearn0_obliteration": oblit,
+                "quant8_obliteration": oblit, "quant4_obliteration": 0.5, "torchao_int8_obliteration": oblit,
+                "relearn0_obliteration": oblit,
                 "relearn10_obliteration": 0.1, "relearn25_obliteration": 0.0, "prompt_leak_mean": 0.25,
                 "mia_auc": {"loss": 0.4, "min_k_plus_plus": 0.6}, "attack_seconds": {"quant": 60.0, "mia": 10.0},
                 "threads": 2}
