@@ -12,6 +12,16 @@ Public API (everything else is internal and may change):
 * :func:`lora_delta_stats` — statistics of LoRA updates ΔW = s·B A, computed from the factors.
 """
 
+import logging as _logging
+
+# torchao (the quantization attack's optional library), when installed, is imported by
+# transformers whenever a model class loads; on a CPU-only machine it then logs that its CUDA
+# kernels failed to load, and torch logs a deprecation in a call torchao makes: noise about code
+# this package never runs. A level the user has set on these loggers is kept.
+for _name in ("torchao", "torch.utils._pytree"):
+    if _logging.getLogger(_name).level == _logging.NOTSET:
+        _logging.getLogger(_name).setLevel(_logging.ERROR)
+
 from .generation import generate_answers
 from .models import load_model, model_identity
 from .ops.lora_stats import lora_delta_stats
@@ -23,9 +33,9 @@ from .version import __version__
 
 __all__ = [
     "MODES",
-    "__version__",
     "SlicedWassersteinRegularizer",
     "UnlearnConfig",
+    "__version__",
     "generate_answers",
     "load_model",
     "lora_delta_stats",

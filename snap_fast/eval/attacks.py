@@ -114,20 +114,9 @@ def check_library_quantizer(name: str) -> None:
 
 
 def _import_torchao():
-    """torchao's quantization API. At import, its optional CUDA kernels fail to load on a
-    CPU-only machine and it registers a type torch calls deprecated: warnings that concern no
-    user of this attack, kept out of the log."""
-    import logging
+    """torchao's int8 weight-only API (its import-time noise is quieted in ``snap_fast/__init__``)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
     return quantize_, Int8WeightOnlyConfig
 
 
