@@ -8,7 +8,9 @@ Stages, each cached in the output folder and skipped when done (an interrupted r
 2. **data**: a SNAP data folder from the forget split (the questions, an obliterated response
    each, TOFU's answer as the original answer) and the retain split (the hard positives);
 3. **unlearn** the target model with each method (snap, snap-npo, ga, grad-diff, npo, idk) on the
-   same budget of optimizer steps;
+   same budget of optimizer steps (by default ``snap-fast unlearn``'s: they follow the forget
+   split's size). Changing only the unlearning settings (steps, lr, extra options) redoes only
+   the unlearning and its evaluation: the fine-tuned models and their evaluations are kept;
 4. **evaluate** every model with TOFU's metrics (:mod:`snap_fast.eval.tofu_metrics`): forget
    quality (KS-test p-value of forget-split truth ratios against the retain model's), model
    utility, forget ROUGE-L, probability and truth-ratio score;
@@ -39,6 +41,9 @@ from .checks import check_int
 from .io import write_json, write_jsonl
 
 METHODS = ("snap", "snap-npo", "ga", "grad-diff", "npo", "idk")
+#: Settings only the unlearning stage depends on: a change redoes the unlearning and its
+#: evaluation, never the fine-tuning.
+UNLEARN_SETTINGS = ("unlearn_steps", "unlearn_lr", "unlearn_extra")
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
 
@@ -53,7 +58,7 @@ class TofuSettings:
     ft_batch_size: int = 32
     ft_max_length: int = 256
     methods: tuple[str, ...] = METHODS
-    unlearn_steps: int = 40
+    unlearn_steps: int | None = None  # None: snap-fast unlearn's default (follows the forget set's size)
     unlearn_lr: float | None = None  # None: snap-fast unlearn's default
     n_retain: int = 256  # hard positives in the data folder
     eval_limit: int | None = None
@@ -64,7 +69,7 @@ class TofuSettings:
 
 PRESETS = {
     "paper": TofuSettings(),
-    "quick": TofuSettings(limit=160, ft_epochs=3.0, ft_batch_size=8, ft_max_length=160, unlearn_steps=20,
+    "quick": TofuSettings(limit=160, ft_epochs=3.0, ft_batch_size=8, ft_max_length=160,
                           n_retain=64, eval_limit=40, max_new_tokens=32),
     "tiny": TofuSettings(limit=4, ft_epochs=1.0, ft_batch_size=4, ft_max_length=64, methods=("snap", "ga"),
                          unlearn_steps=2, n_retain=4, eval_limit=2, max_new_tokens=2,
@@ -133,8 +138,9 @@ def resolve_settings(settings: TofuSettings | str) -> tuple[str, TofuSettings]:
         if settings not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {settings!r}")
         name, settings = settings, PRESETS[settings]
-    else:
-        name = next((k for k, v in PRESETS.items() if v == settings), "custom")
+    else:  # a preset with another forget split is still that preset
+        name = next((k for k, v in PRESETS.items() if replace(v, forget_split=settings.forget_split) == settings),
+                    "custom")
     if settings.forget_split not in RETAIN_OF:
         raise ValueError(f"forget_split must be one of {sorted(RETAIN_OF)}, got {settings.forget_split!r}")
     unknown = [m for m in settings.methods if m not in METHODS]
@@ -142,8 +148,9 @@ def resolve_settings(settings: TofuSettings | str) -> tuple[str, TofuSettings]:
         raise ValueError(f"methods must be a non-empty subset of {list(METHODS)}, got {list(settings.methods)}")
     for key in ("limit", "eval_limit"):
         check_int(key, getattr(settings, key), minimum=1, allow_none=True)
-    for key in ("ft_batch_size", "ft_max_length", "unlearn_steps", "n_retain", "max_new_tokens"):
+    for key in ("ft_batch_size", "ft_max_length", "n_retain", "max_new_tokens"):
         check_int(key, getattr(settings, key), minimum=1)
+    check_int("unlearn_steps", settings.unlearn_steps, minimum=1, allow_none=True)
     if not settings.ft_epochs > 0 or not settings.ft_lr > 0:
         raise ValueError("ft_epochs and ft_lr must be > 0")
     return name, settings
@@ -154,10 +161,18 @@ class _TofuRun:
 
     def __init__(self, out: Path, model: str, settings: TofuSettings, root: Path, progress: bool, log):
         self.out, self.model, self.s, self.root, self.progress, self.log = out, model, settings, root, progress, log
-        self.seconds: dict[str, float] = {}
+        # each stage's wall time, kept across invocations (a cached stage keeps the time it took)
+        self.times_file = out / "stage_seconds.json"
+        self.seconds: dict[str, float] = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
+        self.unlearn_identity = {k: getattr(settings, k) for k in UNLEARN_SETTINGS}
 
-    def _timed(self, name: str, start: float) -> None:
-        self.seconds[name] = round(time.perf_counter() - start, 1)
+    def _timed(self, name: str, start: float | None) -> None:
+        """Record stage ``name``'s wall time since ``start`` (None: forget it, the stage is stale)."""
+        if start is None:
+            self.seconds.pop(name, None)
+        else:
+            self.seconds[name] = round(time.perf_counter() - start, 1)
+        write_json(self.times_file, self.seconds)
 
     def finetuned(self, name: str, records: list[dict]) -> Path:
         """``<out>/<name>_model``: the base fine-tuned on ``records`` (``finetune.json`` last)."""
@@ -184,20 +199,35 @@ class _TofuRun:
         return folder
 
     def unlearned(self, method: str, target_dir: Path, data_dir: Path) -> Path:
-        """``<out>/runs/<method>``: the target model unlearned with ``method``; its adapter."""
+        """``<out>/runs/<method>``: the target model unlearned with ``method``; its adapter.
+
+        The run's unlearning settings are recorded beside it in ``runs/<method>.json``; a run (and
+        its evaluation) made with other ones is redone, an interrupted one with the same resumes."""
+        import shutil
+
         from .train.recipe import unlearn
 
         run_dir = self.out / "runs" / method
-        summary = run_dir / "summary.json"
-        if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+        marker, summary = self.out / "runs" / f"{method}.json", run_dir / "summary.json"
+        same = marker.is_file() and json.loads(marker.read_text()) == self.unlearn_identity
+        if same and summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
             self.log(f"[tofu] unlearn {method}: cached")
             return run_dir / "final" / "adapter"
+        if not same:
+            for stale in (run_dir, self.out / "eval" / method):
+                shutil.rmtree(stale, ignore_errors=True)
+            self._timed(f"unlearn_{method}", None)
+            self._timed(f"eval_{method}", None)
+            write_json(marker, self.unlearn_identity)
         start = time.perf_counter()
-        self.log(f"[tofu] unlearn {method}: {self.s.unlearn_steps} steps")
+        budget = f"{self.s.unlearn_steps} steps" if self.s.unlearn_steps else "snap-fast unlearn's default steps"
+        self.log(f"[tofu] unlearn {method}: {budget}")
         resume = (run_dir / "config.yaml").is_file()
         config = {"model": str(target_dir), "data": str(data_dir), "out": str(run_dir), "method": method,
-                  "max_steps": self.s.unlearn_steps, "use_general": False, "seed": self.s.seed,
-                  "progress": self.progress, "resume": resume, "overwrite": not resume, **self.s.unlearn_extra}
+                  "use_general": False, "seed": self.s.seed, "progress": self.progress, "resume": resume,
+                  "overwrite": not resume, **self.s.unlearn_extra}
+        if self.s.unlearn_steps is not None:
+            config["max_steps"] = self.s.unlearn_steps
         if self.s.unlearn_lr is not None:
             config["lr"] = self.s.unlearn_lr
         result = unlearn(config)
@@ -262,8 +292,10 @@ def run_tofu(model: str = "smollm2-135m-instruct", out: str | Path = "tofu_run",
     preset, s = resolve_settings(settings)
     root = resolve_tofu_root(tofu_root)
     out = Path(out)
-    # the methods are not part of the folder's identity: adding or dropping one keeps every other stage
-    settings = {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k != "methods"}
+    # the folder's identity: what the fine-tuned models, the data and their evaluations depend on
+    # (adding or dropping a method, or changing the unlearning settings, keeps them)
+    settings = {k: v for k, v in json.loads(json.dumps(asdict(s))).items()
+                if k != "methods" and k not in UNLEARN_SETTINGS}
     _guard(out, {"model": model, "settings": settings, "tofu_root": str(root)}, overwrite)
     run = _TofuRun(out, model, s, root, progress, log)
     forget = load_tofu(root, s.forget_split)
@@ -280,7 +312,10 @@ def run_tofu(model: str = "smollm2-135m-instruct", out: str | Path = "tofu_run",
     results = {"preset": preset, "settings": asdict(s), "model": model, "tofu_root": str(root),
                "tofu_sample": is_tofu_sample(root), "models": {n: _row(x, s.forget_split, reference)
                                                                for n, x in summaries.items()},
-               "seconds": run.seconds}
+               "unlearn_steps": {m: json.loads((out / "runs" / m / "summary.json").read_text())["steps"]
+                                 for m in s.methods},
+               "seconds": {k: v for k, v in run.seconds.items()
+                           if k.split("_", 1)[1] in ("target", "retain", *s.methods)}}
     write_json(out / "results.json", results)
     (out / "results.md").write_text(results_markdown(results), encoding="utf-8")
     (out / "figure.png").write_bytes(figure_tofu(results))
@@ -317,6 +352,11 @@ def results_markdown(results: dict) -> str:
         rouge = "–" if r["forget_rougeL"] is None else f"{r['forget_rougeL']:.3f}"
         lines.append(f"| {name} | {r['forget_quality']:.3g} | {r['model_utility']:.3f} | {rouge} | "
                      f"{r['forget_probability']:.3f} | {r['forget_truth_ratio_score']:.3f} |")
+    steps = results.get("unlearn_steps") or {}
+    if steps:
+        budget = sorted(set(steps.values()))
+        lines += ["", f"Unlearning: {', '.join(map(str, budget))} optimizer steps per method"
+                  + ("" if s.get("unlearn_steps") else " (snap-fast unlearn's default for this forget split)") + "."]
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()), ""]
     return "\n".join(lines)
 

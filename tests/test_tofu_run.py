@@ -93,3 +93,23 @@ def test_tiny_run_end_to_end_cached_and_guarded(tmp_path):
     assert list(fewer["models"]) == ["retain", "target", "ga"] and sum("cached" in line for line in logs) == 2 + 1 + 3
     with pytest.raises(FileExistsError, match="other settings"):
         run_tofu(str(model), tmp_path / "run", settings=replace(PRESETS["tiny"], seed=1), tofu_root=SAMPLE_ROOT)
+
+
+def test_new_unlearning_settings_redo_only_the_unlearning(tmp_path):
+    model = save_tiny_model(tmp_path / "base")
+    tiny = replace(PRESETS["tiny"], methods=("ga",))
+    first = run_tofu(str(model), tmp_path / "run", settings=tiny, tofu_root=SAMPLE_ROOT, progress=False,
+                     log=lambda m: None)
+    assert first["unlearn_steps"] == {"ga": 2} and first["preset"] == "custom"
+    logs: list[str] = []
+    more = run_tofu(str(model), tmp_path / "run", settings=replace(tiny, unlearn_steps=3), tofu_root=SAMPLE_ROOT,
+                    progress=False, log=logs.append)
+    # both fine-tuned models and their evaluations are kept; ga is unlearned and evaluated again
+    assert sum("cached" in line for line in logs) == 2 + 2
+    assert any("unlearn ga: 3 steps" in line for line in logs) and more["unlearn_steps"] == {"ga": 3}
+    assert {"finetune_target", "finetune_retain", "eval_retain", "eval_target", "unlearn_ga",
+            "eval_ga"} <= set(more["seconds"])  # the cached stages keep the times they took
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "Unlearning: 3 optimizer steps per method." in md
+    assert resolve_settings(replace(PRESETS["quick"], forget_split="forget05"))[0] == "quick"
+    assert PRESETS["quick"].unlearn_steps is None  # the budget follows the forget split (unlearn's default)
