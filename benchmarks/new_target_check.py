@@ -5,8 +5,10 @@ aliases or neighbours). Then the original and the unlearned model answer a quest
 by hand before the run (``benchmarks/new_target_questions/*.json``: direct questions and reverse
 ones whose answer is the target), never shown to the data builder. Its aliases and facts are given
 to the leak check only, so an answer naming a fact counts as a leak even though training never
-saw it. The builder's own held-out sets (forget, hard positives, general requests) come from the
-``forget`` run's evaluation. Resumable: the forget stages and the evaluations are cached::
+saw it. Beside the rates over all questions, the rates over the questions the original model
+answered with a leak (it knew them) say how much knowledge was removed. The builder's own
+held-out sets (forget, hard positives, general requests) come from the ``forget`` run's
+evaluation. Resumable: the forget stages and the evaluations are cached::
 
     python benchmarks/new_target_check.py benchmarks/new_target_questions/leonardo_da_vinci.json \\
         --out /tmp/leonardo --threads 2
@@ -83,6 +85,25 @@ def kind_rates(samples: list[dict]) -> dict[str, dict]:
     return rates
 
 
+def known_answer_rates(original: list[dict], unlearned: list[dict]) -> dict[str, dict]:
+    """Per kind, over the questions the original model answered with a leak (the target's name,
+    an alias or a fact term the question does not contain: it knew them): how many there are,
+    and the share the unlearned model answers without a leak (``removed``) and with an "I don't
+    know" (``obliterated``).
+
+    Refusing a question the original could not answer either proves nothing about forgetting;
+    these rates measure only knowledge that was there.
+    """
+    after = {r["prompt"]: r for r in unlearned}
+    rates = {}
+    for kind in ("direct", "reverse", "all"):
+        known = [after[r["prompt"]] for r in original if r["leaked"] and (kind == "all" or r["kind"] == kind)]
+        if known:
+            rates[kind] = {"n": len(known), "removed": sum(not r["leaked"] for r in known) / len(known),
+                           "obliterated": sum(bool(r["obliterated"]) for r in known) / len(known)}
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("questions", type=Path, help="hand-written question file (JSON)")
@@ -101,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     row = {"target": spec["target"], "questions_file": args.questions.name, "preset": args.preset,
            "threads": summary["threads"],
            "hand_written": {label: kind_rates(s) for label, s in samples.items()},
+           "hand_written_known": known_answer_rates(samples["original"], samples["unlearned"]),
            "builder_heldout": {"original": summary["original"], "unlearned": summary["unlearned"]},
            "steps": read_jsonl(args.out / "run" / "metrics.jsonl")[-1]["step"],
            "minutes": {k: round(v / 60, 2) for k, v in summary["timings_s"].items()},
@@ -113,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         kinds = ", ".join(f"{k} {r[k]['obliteration']:.0%}" for k in ("direct", "reverse") if k in r)
         print(f"{label:9s} hand-written obliteration: all {r['all']['obliteration']:.0%} ({kinds}); "
               f"leaks {r['all']['leaks']}/{r['all']['n']}")
+    for kind, r in row["hand_written_known"].items():
+        print(f"questions the original knew ({kind}, {r['n']}): {r['removed']:.0%} no longer name the target, "
+              f"{r['obliterated']:.0%} answered 'I don't know'")
     return 0
 
 

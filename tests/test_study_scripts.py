@@ -152,8 +152,27 @@ def test_new_target_check_on_the_tiny_model(tmp_path):
         rates = row["hand_written"][label]
         assert (rates["direct"]["n"], rates["reverse"]["n"], rates["all"]["n"]) == (1, 2, 3)
         assert rates["all"]["obliteration"] * 3 == rates["direct"]["obliteration"] + rates["reverse"]["obliteration"] * 2
+    assert set(row["hand_written_known"]) <= {"direct", "reverse", "all"}
     assert new_target_check.main(argv) == 0  # resumed: every stage cached
     assert len(results.read_text().splitlines()) == 2
+
+
+def test_known_answer_rates_count_only_what_the_original_knew():
+    import new_target_check
+
+    def sample(prompt, kind, leaked, obliterated=False):
+        return {"prompt": prompt, "kind": kind, "leaked": leaked, "obliterated": obliterated}
+
+    original = [sample("a", "direct", True), sample("b", "direct", True), sample("c", "reverse", True),
+                sample("d", "reverse", False), sample("e", "reverse", False)]
+    unlearned = [sample("a", "direct", False, True), sample("b", "direct", False), sample("c", "reverse", True),
+                 sample("d", "reverse", False, True), sample("e", "reverse", True)]
+    rates = new_target_check.known_answer_rates(original, unlearned)
+    # d and e were unknown to the original: neither the refusal of d nor the leak of e counts
+    assert rates["direct"] == {"n": 2, "removed": 1.0, "obliterated": 0.5}
+    assert rates["reverse"] == {"n": 1, "removed": 0.0, "obliterated": 0.0}
+    assert rates["all"] == {"n": 3, "removed": 2 / 3, "obliterated": 1 / 3}
+    assert new_target_check.known_answer_rates(original[3:], unlearned[3:]) == {}
 
 
 def test_new_target_check_rejects_a_bad_question_file(tmp_path):
