@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 from .checks import check_int
-from .data.build import DEFAULT_GEN_BATCH_SIZE, DEFAULT_SIZES
+from .data.build import DEFAULT_SIZES
 from .data.target import TargetSpec
+from .generation import DEFAULT_GEN_BATCH_SIZE
 from .train.config import LORA_LAYERS, LORA_LR, UnlearnConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

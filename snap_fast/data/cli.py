@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .build import DEFAULT_GEN_BATCH_SIZE, DEFAULT_SIZES
+from ..generation import DEFAULT_GEN_BATCH_SIZE
+from .build import DEFAULT_SIZES
 from .target import TargetSpec, builtin_target
 
 

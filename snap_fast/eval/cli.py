@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from snap_fast.generation import DEFAULT_GEN_BATCH_SIZE
+
 from .evaluate import (
     ALL_SETS,
     DEFAULT_SETS,
@@ -75,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), choices=list(ALL_SETS),
                         help="QA sets to evaluate")
     parser.add_argument("--limit", type=int, default=None, help="first N records of each set only")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_GEN_BATCH_SIZE,
+                        help="prompts per generation and per probability batch (as snap-fast forget; lower it "
+                             "if memory is short)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")

@@ -30,7 +30,7 @@ import numpy as np
 
 from snap_fast.checks import check_int
 from snap_fast.data.sets import FORGET_SETS, QA_SETS
-from snap_fast.generation import generate_answers
+from snap_fast.generation import DEFAULT_GEN_BATCH_SIZE, generate_answers
 from snap_fast.io import read_jsonl, write_json, write_jsonl
 
 from .classifier import ObliterationJudge
@@ -117,7 +117,7 @@ def evaluate_model(
     sets: Sequence[str] = DEFAULT_SETS,
     limit: int | None = None,
     force: bool = False,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_GEN_BATCH_SIZE,
     max_new_tokens: int = 64,
     seed: int = 0,
     perplexity: bool = True,
