@@ -104,6 +104,8 @@ def quantize_linear_weights_(model: torch.nn.Module, bits: int, group_size: int)
 
 
 def check_library_quantizer(name: str) -> None:
+    """Raise ValueError for an unknown library quantizer ``name`` and ImportError when its package
+    is missing, before any model is copied."""
     if name not in LIBRARY_QUANTIZERS:
         raise ValueError(f"--quant-library: unknown quantizer {name!r}; choose from {sorted(LIBRARY_QUANTIZERS)}")
     try:
