@@ -74,15 +74,21 @@ def evaluate_both(forget_out: Path, folder: Path, model_spec: str) -> dict[str, 
     return samples
 
 
-def kind_rates(samples: list[dict]) -> dict[str, dict]:
-    """Obliteration and leak rate (and counts) per question kind and over all questions."""
+def _per_kind(rows: list[dict], stats) -> dict[str, dict]:
+    """``{"n", **stats(rows of the kind)}`` for direct, reverse and all questions (a kind with no
+    row is left out: a file may hold one kind only)."""
     rates = {}
     for kind in ("direct", "reverse", "all"):
-        rows = [r for r in samples if kind == "all" or r["kind"] == kind]
-        if rows:  # a file may hold one kind only
-            rates[kind] = {"n": len(rows), "obliteration": sum(bool(r["obliterated"]) for r in rows) / len(rows),
-                           "leaks": sum(bool(r["leaked"]) for r in rows)}
+        chosen = [r for r in rows if kind == "all" or r["kind"] == kind]
+        if chosen:
+            rates[kind] = {"n": len(chosen), **stats(chosen)}
     return rates
+
+
+def kind_rates(samples: list[dict]) -> dict[str, dict]:
+    """Obliteration and leak rate (and counts) per question kind and over all questions."""
+    return _per_kind(samples, lambda rows: {"obliteration": sum(bool(r["obliterated"]) for r in rows) / len(rows),
+                                            "leaks": sum(bool(r["leaked"]) for r in rows)})
 
 
 def known_answer_rates(original: list[dict], unlearned: list[dict]) -> dict[str, dict]:
@@ -94,14 +100,10 @@ def known_answer_rates(original: list[dict], unlearned: list[dict]) -> dict[str,
     Refusing a question the original could not answer either proves nothing about forgetting;
     these rates measure only knowledge that was there.
     """
-    after = {r["prompt"]: r for r in unlearned}
-    rates = {}
-    for kind in ("direct", "reverse", "all"):
-        known = [after[r["prompt"]] for r in original if r["leaked"] and (kind == "all" or r["kind"] == kind)]
-        if known:
-            rates[kind] = {"n": len(known), "removed": sum(not r["leaked"] for r in known) / len(known),
-                           "obliterated": sum(bool(r["obliterated"]) for r in known) / len(known)}
-    return rates
+    knew = {r["prompt"] for r in original if r["leaked"]}
+    return _per_kind([r for r in unlearned if r["prompt"] in knew],
+                     lambda rows: {"removed": sum(not r["leaked"] for r in rows) / len(rows),
+                                   "obliterated": sum(bool(r["obliterated"]) for r in rows) / len(rows)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,12 @@ def parse_attacks(spec: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _refuse_unmerged_lora(model: torch.nn.Module) -> None:
+    """Quantization acts on the deployed weights W0 + ΔW: a PEFT adapter must be merged first."""
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        raise ValueError("model has unmerged LoRA layers: merge the adapter first (merge_and_unload)")
+
+
 @torch.no_grad()
 def quantize_linear_weights_(model: torch.nn.Module, bits: int, group_size: int) -> int:
     """Round every ``nn.Linear`` weight of ``model`` in place to ``bits``-bit symmetric RTN per group.
@@ -84,8 +90,7 @@ def quantize_linear_weights_(model: torch.nn.Module, bits: int, group_size: int)
     if bits > 8:
         raise ValueError(f"bits must be between 2 and 8, got {bits}")
     check_int("group_size", group_size, minimum=1)
-    if any(hasattr(m, "lora_A") for m in model.modules()):
-        raise ValueError("model has unmerged LoRA layers: merge the adapter first (merge_and_unload)")
+    _refuse_unmerged_lora(model)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     bad = [f"{name} ({m.in_features})" for name, m in linears if m.in_features % group_size]
     if bad:
@@ -134,8 +139,7 @@ def quantize_with_library_(model: torch.nn.Module, name: str) -> int:
         ValueError: an unknown name or unmerged LoRA layers; ImportError: the library is missing.
     """
     check_library_quantizer(name)
-    if any(hasattr(m, "lora_A") for m in model.modules()):
-        raise ValueError("model has unmerged LoRA layers: merge the adapter first (merge_and_unload)")
+    _refuse_unmerged_lora(model)
     quantize_, int8_config = _import_torchao()
     count = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     quantize_(model, int8_config())
