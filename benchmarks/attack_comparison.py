@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from forget_targets import TARGETS, _mean_sd, read_results
+from forget_targets import TARGETS, _mean_sd, read_results, target_folder
 from regularizer_study import prepare
 
 METHODS = ("original", "snap", "idk", "snap-npo", "grad-diff", "npo", "ga")
@@ -54,6 +54,28 @@ def attack_all(model, tokenizer, data: Path, out: Path, identity: str, seed: int
         start = time.perf_counter()
         results[name] = {**run(), "seconds": time.perf_counter() - start}
     return results
+
+
+#: (key prefix, evaluation folder under the method's ``eval``) of each attacked evaluation whose held-out
+#: forget leak rate the table reports: the folders quantization_attack and relearning_attack write
+ATTACK_FOLDERS = (("", "."), ("quant8", "quant_8bit_g64"), ("quant4", "quant_4bit_g64"),
+                  ("torchao_int8", "quant_torchao-int8"), *((f"relearn{k}", f"relearn_{k}steps") for k in RELEARN_STEPS))
+
+
+def leak_columns(eval_dir: Path) -> dict:
+    """Method-neutral columns from the saved summaries: held-out forget leak rate (an answer naming the
+    target or one of its facts) after each attack, and the gibberish rate before any. Obliteration
+    counts only fluent "I don't know" answers, so a method that collapses into gibberish scores 0 %
+    there while leaking nothing; the leak rate compares every method on the same footing."""
+    import json
+
+    out = {}
+    for prefix, folder in ATTACK_FOLDERS:
+        forget = json.loads((eval_dir / folder / "summary.json").read_text())["sets"]["heldout_forget"]
+        out[f"{prefix}_leak_rate".lstrip("_")] = forget["leak_rate"]
+        if not prefix:
+            out["gibberish_rate"] = forget["gibberish_rate"]
+    return out
 
 
 def run_method(method: str, folder: Path, seed: int, base, tokenizer, identity: str) -> dict:
@@ -90,6 +112,7 @@ def run_method(method: str, folder: Path, seed: int, base, tokenizer, identity: 
         "mia_auc": attacks["mia"]["auc"],
         "attack_seconds": {name: a["seconds"] for name, a in attacks.items()},
         "unlearn_minutes": unlearn_minutes,
+        **leak_columns(out / "eval"),
     }
 
 
@@ -99,6 +122,10 @@ COLUMNS = (("held-out obliteration", "obliteration", 100, 1), ("retain ROUGE-L",
            ("after 10 relearning steps", "relearn10_obliteration", 100, 1),
            ("after 25 relearning steps", "relearn25_obliteration", 100, 1),
            ("prompt attacks: mean leak rate", "prompt_leak_mean", 100, 1))
+LEAK_COLUMNS = (("held-out leak rate", "leak_rate"), ("gibberish rate", "gibberish_rate"),
+                ("8-bit leak", "quant8_leak_rate"), ("4-bit leak", "quant4_leak_rate"),
+                ("torchao int8 leak", "torchao_int8_leak_rate"), ("leak after 10 relearning steps", "relearn10_leak_rate"),
+                ("leak after 25 relearning steps", "relearn25_leak_rate"))
 
 
 def write_table(results: list[dict], path: Path) -> str:
@@ -118,6 +145,14 @@ def write_table(results: list[dict], path: Path) -> str:
             cells = [_mean_sd([r[c[1]] for r in runs], c[2], c[3]) for c in COLUMNS]
             cells += [_mean_sd([r["mia_auc"][k] for r in runs], 1, 3) for k in ("loss", "min_k_plus_plus")]
             lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += ["", ("Leak rates, % of held-out forget answers that name the target or one of its facts (every "
+                   "method on the same footing: a collapsed model leaks nothing but is not obliterated either):"), "",
+              "| method | n | " + " | ".join(c[0] for c in LEAK_COLUMNS) + " |", "|---|---:|" + "---:|" * len(LEAK_COLUMNS)]
+    for method in METHODS:
+        runs = [r for r in results if r["method"] == method and "leak_rate" in r]
+        if runs:
+            cells = [_mean_sd([r[key] for r in runs], 100, 1) for _, key in LEAK_COLUMNS]
+            lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
     if results:
         names = list(results[0]["attack_seconds"])
         lines += ["", "Wall time per attack (s, mean over runs): " + ", ".join(
@@ -126,6 +161,19 @@ def write_table(results: list[dict], path: Path) -> str:
     text = "\n".join(lines) + "\n"
     atomic_write_text(path, text)
     return text
+
+
+def add_leak_columns(results: Path, work: Path) -> None:
+    """Give finished rows written before the leak columns existed their values, from the evaluations
+    their run saved under ``work`` (rows whose folders are gone are left as they are)."""
+    from snap_fast.io import write_jsonl
+
+    rows = read_results(results)
+    for row in rows:
+        eval_dir = target_folder(work, row["target"], row["seed"]) / "methods" / row["method"] / "eval"
+        if "leak_rate" not in row and (eval_dir / "summary.json").is_file():
+            row.update(leak_columns(eval_dir))
+    write_jsonl(results, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_only:
         print(write_table(read_results(args.results), args.table))
         return 0
+    add_leak_columns(args.results, args.work)
     import torch
 
     from snap_fast.io import write_jsonl

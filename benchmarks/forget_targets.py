@@ -132,6 +132,11 @@ def read_results(path: Path, recipe: str | None = None) -> list[dict]:
     return [r for r in rows if recipe is None or r.get("recipe") == recipe]
 
 
+def target_folder(work: Path, target: str, seed: int) -> Path:
+    """Where one (target, seed) keeps its data, the original's evaluation and the runs."""
+    return work / f"{target.lower().replace(' ', '_')}_seed{seed}"
+
+
 def run_one(spec: dict, seed: int, work: Path, threads: int | None) -> dict:
     """One ``run_forget`` with default settings; the result line."""
     from dataclasses import replace
@@ -141,7 +146,7 @@ def run_one(spec: dict, seed: int, work: Path, threads: int | None) -> dict:
     from snap_fast.io import read_jsonl
 
     target = TargetSpec.from_dict(spec)
-    out = work / f"{spec['name'].lower().replace(' ', '_')}_seed{seed}"
+    out = target_folder(work, spec["name"], seed)
     start = time.perf_counter()
     summary = run_forget(target, out, settings=replace(PRESETS["full"], seed=seed), threads=threads,
                          progress=False)

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from forget_targets import TARGETS, _mean_sd, read_results
+from forget_targets import TARGETS, _mean_sd, read_results, target_folder
 
 STUDY_TARGETS = ("Barack Obama", "Sherlock Holmes", "The Great Gatsby")
 _FULL = {"lora": False, "lr": 1e-5}
@@ -64,7 +64,7 @@ def prepare(spec: dict, seed: int, work: Path, model, tokenizer, identity: str) 
     from snap_fast.data.target import TargetSpec
     from snap_fast.eval.evaluate import evaluate_model
 
-    folder = work / f"{spec['name'].lower().replace(' ', '_')}_seed{seed}"
+    folder = target_folder(work, spec["name"], seed)
     data = folder / "data"
     if not (data / "manifest.json").is_file():
         build_dataset(TargetSpec.from_dict(spec), data, model=model, tokenizer=tokenizer, model_id=identity,
@@ -137,7 +137,7 @@ def add_relearning(results: Path, work: Path, selected) -> None:
         if not selected(row) or f"relearn{RELEARN_STEPS[-1]}_obliteration" in row:
             continue
         print(f"[regularizer_study] relearning {row['target']} seed {row['seed']} {row['config']} ...", flush=True)
-        folder = work / f"{row['target'].lower().replace(' ', '_')}_seed{row['seed']}"
+        folder = target_folder(work, row["target"], row["seed"])
         rows = read_results(results)
         rows[i] = {**rows[i], **relearn_columns(folder, row)}
         write_jsonl(results, rows)

@@ -70,6 +70,27 @@ def test_attack_comparison_table_from_rows(tmp_path):
     assert "quant 60, mia 10; threads [2]" in text
 
 
+def test_attack_comparison_leak_columns_come_from_each_attacks_saved_summary(tmp_path):
+    import attack_comparison
+    from forget_targets import read_results
+
+    from snap_fast.io import write_json, write_jsonl
+
+    eval_dir = tmp_path / "work" / "barack_obama_seed0" / "methods" / "snap" / "eval"
+    for i, (_, folder) in enumerate(attack_comparison.ATTACK_FOLDERS):  # a distinct leak rate per folder
+        write_json(eval_dir / folder / "summary.json",
+                   {"sets": {"heldout_forget": {"leak_rate": i / 10, "gibberish_rate": 0.25}}})
+    done = {"target": "Barack Obama", "seed": 0, "method": "snap", "leak_rate": 0.99}
+    write_jsonl(tmp_path / "r.jsonl", [{"target": "Barack Obama", "seed": 0, "method": "snap"}, done,
+                                       {"target": "Barack Obama", "seed": 0, "method": "ga"}])  # ga: no folder
+    attack_comparison.add_leak_columns(tmp_path / "r.jsonl", tmp_path / "work")
+    filled, kept, missing = read_results(tmp_path / "r.jsonl")
+    assert filled["leak_rate"] == 0.0 and filled["gibberish_rate"] == 0.25
+    assert [filled[f"{k}_leak_rate"] for k in ("quant8", "quant4", "torchao_int8")] == [0.1, 0.2, 0.3]
+    assert [filled[f"relearn{k}_leak_rate"] for k in attack_comparison.RELEARN_STEPS] == [0.4, 0.5, 0.6]
+    assert kept == done and "leak_rate" not in missing
+
+
 def test_sequential_study_chain_resumes_and_tabulates(tmp_path):
     """Two stages on a tiny model: each starts from the previous merged model, rows say which
     targets are forgotten, a rerun adds nothing, and the table has one line per stage."""
