@@ -41,7 +41,7 @@ from forget_targets import TARGETS, _mean_sd, read_results, target_folder
 STUDY_TARGETS = ("Barack Obama", "Sherlock Holmes", "The Great Gatsby")
 _FULL = {"lora": False, "lr": 1e-5}
 _OVER = {"epochs": 7.5, "lr": 3e-3}
-#: name -> UnlearnConfig overrides. "lora/swd-0.1" is the shipped default.
+#: name -> UnlearnConfig overrides. "lora/none" is the shipped LoRA default, "lora/swd-0.1" the paper's λ.
 CONFIGS: dict[str, dict] = {
     "lora/none": {"lam": 0.0},
     **{f"lora/swd-{lam:g}": {"lam": lam} for lam in (0.1, 1.0, 10.0, 100.0, 1000.0)},

@@ -39,7 +39,7 @@ from .checks import check_int
 from .data.build import DEFAULT_SIZES
 from .data.target import TargetSpec
 from .generation import DEFAULT_GEN_BATCH_SIZE
-from .train.config import LORA_LAYERS, LORA_LR, UnlearnConfig
+from .train.config import LORA_LAM, LORA_LAYERS, LORA_LR, UnlearnConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -76,7 +76,7 @@ class ForgetSettings:
     grad_accum: int = _recipe("grad_accum")
     alpha: float = _recipe("alpha")
     retain_loss: str = "kl"  # UnlearnConfig's rule with LoRA
-    lam: float = 0.1  # SNAP's default (snap_fast.train.methods)
+    lam: float = LORA_LAM  # UnlearnConfig's rule with LoRA
     reg_mode: str = _recipe("reg_mode")
     reg_refresh_every: int = _recipe("reg_refresh_every")
     n_projections: int = _recipe("n_projections")
@@ -412,8 +412,9 @@ def _unlearn(clock: _Clock, model: str, base, data_dir: Path, run_dir: Path, set
     n_forget = len(read_jsonl(data_dir / "forget.jsonl"))
     steps = (f"{settings.max_steps} steps" if settings.max_steps is not None
              else f"{settings.epochs:g} passes over {n_forget} forget questions, at least {settings.min_steps} steps")
+    regularizer = f"λ={settings.lam:g}, {settings.reg_mode} directions" if settings.lam > 0 else "no regularizer"
     clock.start("unlearn", f"Unlearning with {settings.method.upper()} (LoRA r={settings.lora_r} on {adapted}, "
-                f"λ={settings.lam}, {settings.reg_mode} directions, {steps})")
+                f"{regularizer}, {steps})")
     log(f"each step: {settings.batch_size} forget questions -> 'I don't know' answers, {retain_bs} hard positives "
         f"+ {general_bs} general instructions held to the original model "
         f"({'KL to its next-token distributions' if settings.retain_loss == 'kl' else 'NLL of its answers'}, "

@@ -99,8 +99,9 @@ def _train_config(tmp: Path, name: str) -> dict:
 
 
 def _lora_config(tmp: Path, name: str) -> dict:
-    """LoRA with the merged model saved, and the fixed-mode (sharded) regularizer cache."""
-    return {**_train_config(tmp, name), "lora": True, "merge": True, "lr": 1e-2, "reg_mode": "fixed"}
+    """LoRA with the merged model saved, and the fixed-mode (sharded) regularizer cache (λ set: LoRA's
+    default is 0)."""
+    return {**_train_config(tmp, name), "lora": True, "merge": True, "lr": 1e-2, "reg_mode": "fixed", "lam": 0.1}
 
 
 def _write_data(folder: Path) -> None:

@@ -22,7 +22,9 @@ def test_every_configuration_is_a_valid_unlearn_config(tmp_path):
         assert name.split("/")[0] in ("lora", "full", "over")
         assert (cfg.lam == 0) == name.endswith("/none"), name
         assert cfg.lora == (not name.startswith("full/")), name
-    assert regularizer_study.CONFIGS["lora/swd-0.1"] == {"lam": 0.1}  # the shipped default is in the grid
+    assert regularizer_study.CONFIGS["lora/swd-0.1"] == {"lam": 0.1}  # the paper's λ is in the grid
+    lora_default = UnlearnConfig(data="d", out=str(tmp_path / "o")).resolved()
+    assert lora_default.lam == UnlearnConfig(**regularizer_study.CONFIGS["lora/none"]).resolved().lam  # shipped
 
 
 def test_regularizer_study_table_and_figure_from_rows(tmp_path):

@@ -127,10 +127,13 @@ def test_lora_layer_indices():
 
 def test_defaults_resolve_and_yaml_round_trip(tmp_path):
     cfg = UnlearnConfig(data="d", out="o").resolved()
-    assert (cfg.lr, cfg.lam, cfg.method, cfg.lora_r, cfg.reg_mode) == (1.5e-3, 0.1, "snap", 8, "fixed")
+    assert (cfg.lr, cfg.lam, cfg.method, cfg.lora_r, cfg.reg_mode) == (1.5e-3, 0.0, "snap", 8, "fixed")
     assert cfg.lora_layers == 0.5 and cfg.resolved() == cfg  # the upper half; resolving twice changes nothing
     full = UnlearnConfig(data="d", out="o", lora=False).resolved()
     assert full.lr == 1e-5 and full.lora_layers is None  # the layer rule is LoRA's only
+    assert full.lam == 0.1  # the paper's λ in full fine-tuning; off with LoRA, where it changed nothing
+    assert UnlearnConfig(lora=False, method="idk").resolved().lam == 0.0
+    assert UnlearnConfig(lam=0.1).resolved().lam == 0.1  # an explicit λ is kept under LoRA
     full._validate_lora()  # no "lora_layers only applies to LoRA runs" from a default
     assert UnlearnConfig(lora_layers="all").resolved().lora_layers == 1.0
     assert cfg.retain_loss == full.retain_loss == "kl"
@@ -185,7 +188,7 @@ def test_cli_sigint_in_a_subprocess_saves_a_checkpoint(assets, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "snap_fast.cli", "unlearn", "--model", assets["model"], "--data", assets["data"],
-           "--out", str(out), "--max-steps", "100000", "--batch-size", "2", "--n-projections", "8",
+           "--out", str(out), "--max-steps", "100000", "--batch-size", "2", "--lam", "0.1", "--n-projections", "8",
            "--reg-backend", "torch", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"

@@ -3,15 +3,18 @@
 How the methods combine their terms (``λ·SWD`` is added once per step when λ > 0, to any
 method; ``retain`` stands for the retain and the general set, each weighted by α)::
 
-    snap       ForgetNLL(obliterated) + α·retain + λ·SWD           (λ = 0.1)
+    snap       ForgetNLL(obliterated) + α·retain + λ·SWD           (λ = 0.1 in full fine-tuning)
     idk        snap with λ = 0 ("I don't know" fine-tuning)
-    snap-npo   even steps: NPO(original answers); odd steps: α·retain; + λ·SWD every step  (λ = 0.1)
+    snap-npo   even steps: NPO(original answers); odd steps: α·retain; + λ·SWD every step  (λ as snap)
     ga         GradientAscent(original answers)
     grad-diff  GradientAscent(original answers) + α·retain
     npo        NPO(original answers)
 
 ``retain`` is :class:`~snap_fast.train.terms.RetainNLL` of the original model's answers, or
 :class:`~snap_fast.train.terms.RetainKL` with ``retain_loss="kl"``.
+
+With LoRA every method's λ defaults to 0 (``config.LORA_LAM``: the regularizer was measured to
+change nothing there), so under LoRA ``snap`` and ``idk`` train the same loss unless ``lam`` is set.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class Method:
             obliterated one) or ``"original_response"`` (the knowledge GA and NPO push away from).
         trains_retain: has a retain (hard-positive and general) term.
         alternates: forget and retain terms on alternate steps (SNAP v3's ``snap-npo``).
-        default_lam: λ when the config leaves it unset.
+        default_lam: λ in full fine-tuning when the config leaves it unset (LoRA runs take
+            ``config.LORA_LAM``).
     """
 
     name: str
