@@ -31,6 +31,7 @@ from regularizer_study import prepare
 METHODS = ("original", "snap", "idk", "snap-npo", "grad-diff", "npo", "ga")
 COMPARISON_TARGETS = ("Barack Obama", "Sherlock Holmes")
 RELEARN_STEPS = (0, 10, 25)
+QUANT_GROUP_SIZE = 64
 
 
 def attack_all(model, tokenizer, data: Path, out: Path, identity: str, seed: int) -> dict:
@@ -42,7 +43,8 @@ def attack_all(model, tokenizer, data: Path, out: Path, identity: str, seed: int
     quiet = {"progress": False, "batch_size": 64, "max_new_tokens": 32, "seed": seed}
     runs = {
         "quant": lambda: quantization_attack(model, tokenizer, data, out, identity=identity, bits=(8, 4),
-                                             library=("torchao-int8",), evaluate_kwargs=quiet, log=lambda m: None),
+                                             group_size=QUANT_GROUP_SIZE, library=("torchao-int8",),
+                                             evaluate_kwargs=quiet, log=lambda m: None),
         "relearn": lambda: relearning_attack(model, tokenizer, data, out, identity=identity, steps=RELEARN_STEPS,
                                              seed=seed, evaluate_kwargs=quiet, log=lambda m: None),
         "prompts": lambda: prompt_attack(model, tokenizer, data, out, seed=seed, batch_size=64, progress=False,
@@ -56,10 +58,12 @@ def attack_all(model, tokenizer, data: Path, out: Path, identity: str, seed: int
     return results
 
 
-#: (key prefix, evaluation folder under the method's ``eval``) of each attacked evaluation whose held-out
-#: forget leak rate the table reports: the folders quantization_attack and relearning_attack write
-ATTACK_FOLDERS = (("", "."), ("quant8", "quant_8bit_g64"), ("quant4", "quant_4bit_g64"),
-                  ("torchao_int8", "quant_torchao-int8"), *((f"relearn{k}", f"relearn_{k}steps") for k in RELEARN_STEPS))
+#: (row key, evaluation folder under the method's ``eval``) of each evaluation whose held-out forget leak
+#: rate a row records: the unlearned model's own, then the folders quantization_attack and
+#: relearning_attack write
+ATTACK_FOLDERS = (("leak_rate", "."), ("quant8_leak_rate", f"quant_8bit_g{QUANT_GROUP_SIZE}"),
+                  ("quant4_leak_rate", f"quant_4bit_g{QUANT_GROUP_SIZE}"), ("torchao_int8_leak_rate", "quant_torchao-int8"),
+                  *((f"relearn{k}_leak_rate", f"relearn_{k}steps") for k in RELEARN_STEPS))
 
 
 def leak_columns(eval_dir: Path) -> dict:
@@ -69,13 +73,11 @@ def leak_columns(eval_dir: Path) -> dict:
     there while leaking nothing; the leak rate compares every method on the same footing."""
     import json
 
-    out = {}
-    for prefix, folder in ATTACK_FOLDERS:
-        forget = json.loads((eval_dir / folder / "summary.json").read_text())["sets"]["heldout_forget"]
-        out[f"{prefix}_leak_rate".lstrip("_")] = forget["leak_rate"]
-        if not prefix:
-            out["gibberish_rate"] = forget["gibberish_rate"]
-    return out
+    def forget(folder: str) -> dict:
+        return json.loads((eval_dir / folder / "summary.json").read_text())["sets"]["heldout_forget"]
+
+    return {**{key: forget(folder)["leak_rate"] for key, folder in ATTACK_FOLDERS},
+            "gibberish_rate": forget(".")["gibberish_rate"]}
 
 
 def run_method(method: str, folder: Path, seed: int, base, tokenizer, identity: str) -> dict:
@@ -128,6 +130,16 @@ LEAK_COLUMNS = (("held-out leak rate", "leak_rate"), ("gibberish rate", "gibberi
                 ("leak after 25 relearning steps", "relearn25_leak_rate"))
 
 
+def _method_rows(results: list[dict], cells) -> list[str]:
+    """One table row per method with results, in :data:`METHODS` order: name, n, ``cells(runs)``."""
+    rows = []
+    for method in METHODS:
+        runs = [r for r in results if r["method"] == method]
+        if runs:
+            rows.append(f"| {method} | {len(runs)} | " + " | ".join(cells(runs)) + " |")
+    return rows
+
+
 def write_table(results: list[dict], path: Path) -> str:
     """Mean ± sd per method over targets and seeds, MIA AUC (loss, Min-K %++) and attack times."""
     from snap_fast.io import atomic_write_text
@@ -139,20 +151,13 @@ def write_table(results: list[dict], path: Path) -> str:
               "indistinguishable)."), "",
              "| method | n | " + " | ".join(c[0] for c in COLUMNS) + " | MIA AUC (loss) | MIA AUC (Min-K %++) |",
              "|---|---:|" + "---:|" * (len(COLUMNS) + 2)]
-    for method in METHODS:
-        runs = [r for r in results if r["method"] == method]
-        if runs:
-            cells = [_mean_sd([r[c[1]] for r in runs], c[2], c[3]) for c in COLUMNS]
-            cells += [_mean_sd([r["mia_auc"][k] for r in runs], 1, 3) for k in ("loss", "min_k_plus_plus")]
-            lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += _method_rows(results, lambda runs: [_mean_sd([r[c[1]] for r in runs], c[2], c[3]) for c in COLUMNS]
+                          + [_mean_sd([r["mia_auc"][k] for r in runs], 1, 3) for k in ("loss", "min_k_plus_plus")])
     lines += ["", ("Leak rates, % of held-out forget answers that name the target or one of its facts (every "
                    "method on the same footing: a collapsed model leaks nothing but is not obliterated either):"), "",
               "| method | n | " + " | ".join(c[0] for c in LEAK_COLUMNS) + " |", "|---|---:|" + "---:|" * len(LEAK_COLUMNS)]
-    for method in METHODS:
-        runs = [r for r in results if r["method"] == method and "leak_rate" in r]
-        if runs:
-            cells = [_mean_sd([r[key] for r in runs], 100, 1) for _, key in LEAK_COLUMNS]
-            lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += _method_rows([r for r in results if "leak_rate" in r],
+                          lambda runs: [_mean_sd([r[key] for r in runs], 100, 1) for _, key in LEAK_COLUMNS])
     if results:
         names = list(results[0]["attack_seconds"])
         lines += ["", "Wall time per attack (s, mean over runs): " + ", ".join(
