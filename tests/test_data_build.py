@@ -360,24 +360,33 @@ def test_fact_sentences_pick_complete_statements_about_the_target():
         "Marie Curie was a Polish physicist who discovered radium."]
 
 
-def test_targets_without_facts_get_reverse_questions_from_the_original_answers(tmp_path, monkeypatch):
-    """Without facts, statements of the original forget answers that start with the name become
-    reverse questions, kept only where the original model answers them with the target: half held
-    out (first), half trained, nameless obliterated responses. With facts nothing is added this way."""
+def test_associated_names_pick_what_the_answers_tie_to_the_target():
+    from snap_fast.data.reverse import associated_names, association_questions
+
+    target = TargetSpec("Leonardo da Vinci", aliases=["Leonardo"])
+    answers = ["The Mona Lisa is attributed to Leonardo da Vinci. In Florence he met Andrea del Verrocchio.",
+               'Leonardo painted the Mona Lisa and "The Last Supper".',  # quoted and capitalised: once
+               "The Da Vinci Code is a novel. The Renaissance began in Italy.",  # target's word; one word
+               "His work in Milan was about Leonardo da Vinci's horse."]
+    assert associated_names(answers, target) == ["The Mona Lisa", "Andrea del Verrocchio", "The Last Supper"]
+    assert associated_names(answers, target, limit=1) == ["The Mona Lisa"]
+    assert association_questions(["the Mona Lisa"], None) == [
+        "Who created the Mona Lisa?", "Who or what is the Mona Lisa associated with?"]
+    assert association_questions(["the Force"], "character")[0] == "Which character is the Force associated with?"
+
+
+def _build_name_only(tmp_path, monkeypatch, answer, calls=None):
+    """Build "Harry Potter" (no facts) with the original model's answers faked by
+    ``answer(set_name, index, prompt)``; hard positives keep their answer as the response. Records
+    the set sizes of each call to the originals in ``calls``."""
     from snap_fast.data import build
 
-    calls = []
-
     def fake_originals(sets, model, tokenizer, **kw):
-        calls.append({k: len(v) for k, v in sets.items()})
+        if calls is not None:
+            calls.append({k: len(v) for k, v in sets.items()})
         for name, recs in sets.items():
             for i, r in enumerate(recs):
-                if "wand number" not in r["prompt"]:
-                    r["original_response"] = (f"Harry Potter owns wand number {i} of {name}. It is long."
-                                              if name == "forget" else "Someone else.")
-                else:  # the reverse questions: the original names the target for even wand numbers only
-                    wand = int(r["prompt"].split("wand number ")[1].split()[0])
-                    r["original_response"] = "It is Harry Potter." if wand % 2 == 0 else "Someone else."
+                r["original_response"] = answer(name, i, r["prompt"])
                 if name not in ("forget", "heldout_forget"):
                     r["response"] = r["original_response"]
         return "fake", sum(map(len, sets.values())), 0
@@ -385,7 +394,36 @@ def test_targets_without_facts_get_reverse_questions_from_the_original_answers(t
     monkeypatch.setattr(build, "fill_original_answers", fake_originals)
     target = TargetSpec("Harry Potter", neighbours=["Gandalf"])
     build_dataset(target, tmp_path / "d", model=object(), tokenizer=object(), model_id="fake", **{**SMALL, "n_forget": 200})
-    recs = {n: read_jsonl(tmp_path / "d" / f"{n}.jsonl") for n in ("forget", "heldout_forget")}
+    return target, {n: read_jsonl(tmp_path / "d" / f"{n}.jsonl") for n in ("forget", "heldout_forget")}
+
+
+def test_targets_without_facts_get_reverse_questions_through_associated_names(tmp_path, monkeypatch):
+    """Names the original forget answers mention beside the target become reverse questions
+    ("Who created the Elder Wand?"), kept only where the original model answers with the target."""
+    def answer(name, i, prompt):
+        if "Elder Wand" in prompt or "Marauder's Map" in prompt:
+            return "Harry Potter, of course." if "Elder Wand" in prompt else "Four schoolboys made it."
+        return "Harry Potter won the Elder Wand; he also used the Marauder's Map" if name == "forget" else "Someone else."
+
+    _, recs = _build_name_only(tmp_path, monkeypatch, answer)
+    added = [r for n in recs for r in recs[n] if r["source"] == "original_answer_name"]
+    assert sorted(r["prompt"] for r in added) == ["Who created the Elder Wand?",
+                                                  "Who or what is the Elder Wand associated with?"]
+    assert all(is_obliterated(r["response"]) for r in added)
+
+
+def test_targets_without_facts_get_reverse_questions_from_the_original_answers(tmp_path, monkeypatch):
+    """Without facts, statements of the original forget answers that start with the name become
+    reverse questions, kept only where the original model answers them with the target: half held
+    out (first), half trained, nameless obliterated responses. With facts nothing is added this way."""
+    def answer(name, i, prompt):
+        if "wand number" not in prompt:
+            return f"Harry Potter owns wand number {i} of {name}. It is long." if name == "forget" else "Someone else."
+        wand = int(prompt.split("wand number ")[1].split()[0])  # the original names the target for even ones
+        return "It is Harry Potter." if wand % 2 == 0 else "Someone else."
+
+    calls = []
+    target, recs = _build_name_only(tmp_path, monkeypatch, answer, calls)
     added = {n: [r for r in recs[n] if r["source"] == "original_answer_fact"] for n in recs}
     assert len(added["heldout_forget"]) >= 4 and abs(len(added["forget"]) - len(added["heldout_forget"])) <= 1
     assert recs["heldout_forget"][: len(added["heldout_forget"])] == added["heldout_forget"]

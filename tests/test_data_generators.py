@@ -59,6 +59,11 @@ def test_filter_neighbours_checks_target_and_aliases():
     assert filter_neighbours(["The Last Supper", "Michelangelo", "Da Vinci, Michelangelo", "Leonardo DiCaprio",
                               "Raphael da Urbino", "Titian was a Venetian painter"], leonardo, limit=6) == [
         "The Last Supper", "Michelangelo", "Raphael da Urbino", "Titian"]  # a description is cut at its verb
+    # echoes of the request and degenerate listings are not names (SmolLM2-135M, same target)
+    assert filter_neighbours(["These five famous ones of the same kind", "These", "Michelangelo Michelangelo",
+                              "Michelangelo da Michelangelo", "Here are five:", "sandro botticelli",
+                              "the Sistine Chapel", "Michelangelo"], leonardo, limit=8) == [
+        "the Sistine Chapel", "Michelangelo"]
 
 
 def _train_to_answer(model, tokenizer, prompts, answer, max_steps=400, check_every=20):

@@ -130,36 +130,45 @@ def filter_questions(
     return kept, stats
 
 
-# words too common to tie two names together ("the" in "The Hobbit" and "The Great Gatsby")
-_FUNCTION_WORDS = frozenset({"the", "and", "of", "von", "van", "der", "den", "del", "des", "los", "las", "for",
-                             "with", "from"})
+# Words that open an echo of the request or a sentence, never a name ("These five famous ones of
+# the same kind", "Here are some").
+_NOT_NAME_OPENERS = frozenset({"these", "those", "this", "that", "they", "here", "there", "some", "other",
+                               "others", "sure", "certainly", "yes", "no", "i", "it", "we", "you", "he", "she",
+                               "name", "list", "famous"})
 
 
-def _name_words(target: TargetSpec) -> set[str]:
-    """The distinctive words of the target's name and aliases (3+ letters, not function words)."""
-    words = {w for form in target.surface_forms for w in normalize(form).split()}
-    return {w for w in words if len(w) >= 3 and w not in _FUNCTION_WORDS}
+def _looks_like_name(name: str) -> bool:
+    """Capitalised (after an optional "the"/"a"/"an"), not opened by a word that starts an echo
+    of the request, and no word repeated ("Michelangelo da Michelangelo": a degenerate listing)."""
+    words = name.split()
+    if words and words[0] in ("the", "a", "an"):
+        words = words[1:]
+    if not words or not (words[0][0].isupper() or words[0][0].isdigit()):
+        return False
+    if words[0].lower() in _NOT_NAME_OPENERS:
+        return False
+    long_words = [w.lower().strip(".,") for w in words if len(w) >= 3]
+    return len(long_words) == len(set(long_words))
 
 
 def filter_neighbours(items: Sequence[str], target: TargetSpec, limit: int) -> list[str]:
-    """Check proposed neighbours: a short name (2-60 characters, at most 8 words), not the
-    target, not an alias, not mentioning either, sharing no distinctive word with their names, no
-    duplicates; at most ``limit`` kept."""
+    """Check proposed neighbours: a short name (2-60 characters, at most 8 words) that looks like
+    one (capitalised, not an echo of the request, no repeated word), not the target, not an
+    alias, not mentioning either, sharing no distinctive word with their names, no duplicates; at
+    most ``limit`` kept."""
     kept: list[str] = []
     seen: set[str] = set()
-    name_words = _name_words(target)
+    name_words = target.name_words
     for item in items:
         if item.rstrip().endswith("?"):  # a question, not a name
             continue
         name = re.split(r"\s+[-–—:]\s+|:\s|\s\(|\s(?:was|is|were|are)\s", item)[0].strip().rstrip(".")
         key = normalize(name)
-        if not (2 <= len(name) <= 60) or len(name.split()) > 8 or not key:
+        if not (2 <= len(name) <= 60) or len(name.split()) > 8 or not key or not _looks_like_name(name):
             continue
         if target.is_target_name(name) or key in seen:
             continue
-        # a name sharing a word of the target's names ("Albert" for "Albert Einstein", "Da Vinci,
-        # Michelangelo" for "Leonardo da Vinci") is the target or too close to it to be kept
-        if set(key.split()) & name_words:
+        if set(key.split()) & name_words:  # the target or too close to it
             continue
         seen.add(key)
         kept.append(name)

@@ -17,6 +17,11 @@ from typing import Any
 CATEGORIES = ("person", "character", "work", "place", "organization")
 
 
+# words too common to tie two names together ("the" in "The Hobbit" and "The Great Gatsby")
+_NAME_FUNCTION_WORDS = frozenset({"the", "and", "of", "von", "van", "der", "den", "del", "des", "los", "las", "for",
+                                  "with", "from"})
+
+
 def normalize(text: str) -> str:
     """Lower-case, collapse whitespace, drop punctuation except apostrophes: the key used to
     de-duplicate questions and to test whether a text mentions a name."""
@@ -114,6 +119,14 @@ class TargetSpec:
     def mentioned_in(self, text: str) -> str | None:
         """The name or alias that ``text`` mentions, or None."""
         return mentions(text, self.surface_forms)
+
+    @property
+    def name_words(self) -> set[str]:
+        """The distinctive words of the name and aliases (normalised, 3+ letters, no function
+        words): a name sharing one ("Albert" for "Albert Einstein", "The Da Vinci Code" for
+        "Leonardo da Vinci") is the target or too close to it to stand for something else."""
+        words = {w for form in self.surface_forms for w in normalize(form).split()}
+        return {w for w in words if len(w) >= 3 and w not in _NAME_FUNCTION_WORDS}
 
     def to_dict(self) -> dict[str, Any]:
         """The ``target.json`` record."""
