@@ -7,6 +7,8 @@ configuration's overrides, and the unlearned model is evaluated on the held-out 
 
 * ``lora``: the shipped recipe (LoRA on the upper half), λ on a log grid, SWD and L2-SP;
 * ``full``: full fine-tuning at the SNAP paper's lr 1e-5, where updates are not low-rank;
+* ``full-lr1e-4``: full fine-tuning at 10× that lr, where it forgets as much as the LoRA recipe
+  (at 1e-5 it forgot 60 % where LoRA forgets 90 %), so the penalty has a forgetting run to act on;
 * ``over``: over-unlearning (3× the passes at 2× the lr), where forgetting methods collapse.
 
 One JSONL line per finished run (``--results``; a run already there is skipped, so the study
@@ -40,6 +42,7 @@ from forget_targets import TARGETS, _mean_sd, read_results, target_folder
 
 STUDY_TARGETS = ("Barack Obama", "Sherlock Holmes", "The Great Gatsby")
 _FULL = {"lora": False, "lr": 1e-5}
+_FULL_FAST = {"lora": False, "lr": 1e-4}
 _OVER = {"epochs": 7.5, "lr": 3e-3}
 #: name -> UnlearnConfig overrides. "lora/none" is the shipped LoRA default, "lora/swd-0.1" the paper's λ.
 CONFIGS: dict[str, dict] = {
@@ -49,6 +52,9 @@ CONFIGS: dict[str, dict] = {
     "full/none": {**_FULL, "lam": 0.0},
     **{f"full/swd-{lam:g}": {**_FULL, "lam": lam} for lam in (1.0, 10.0)},
     "full/l2sp-10": {**_FULL, "reg_kind": "l2sp", "lam": 10.0},
+    "full-lr1e-4/none": {**_FULL_FAST, "lam": 0.0},
+    **{f"full-lr1e-4/swd-{lam:g}": {**_FULL_FAST, "lam": lam} for lam in (10.0, 100.0)},
+    "full-lr1e-4/l2sp-1": {**_FULL_FAST, "reg_kind": "l2sp", "lam": 1.0},
     "over/none": {**_OVER, "lam": 0.0},
     "over/swd-10": {**_OVER, "lam": 10.0},
     "over/l2sp-10": {**_OVER, "reg_kind": "l2sp", "lam": 10.0},
@@ -183,7 +189,7 @@ def pareto_figure(results: list[dict]) -> bytes:
 
     from snap_fast.eval.report import _png
 
-    regimes = [r for r in ("lora", "full", "over") if any(x["regime"] == r for x in results)]
+    regimes = [r for r in dict.fromkeys(n.split("/")[0] for n in CONFIGS) if any(x["regime"] == r for x in results)]
     fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4.2), squeeze=False)
     colours = {"none": "#444444", "swd": "#d6604d", "l2sp": "#4393c3"}
     for ax, regime in zip(axes[0], regimes):
