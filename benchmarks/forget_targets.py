@@ -112,15 +112,16 @@ COLUMNS = (  # (label, key in a result line, scale, digits)
 PIPELINE = 2
 
 
-def recipe_key() -> str:
-    """What makes two runs comparable: the pipeline version and every default setting but the
-    seed. Rows of another recipe stay in the JSONL but are neither counted nor tabulated."""
+def recipe_key(overrides: dict | None = None) -> str:
+    """What makes two runs comparable: the pipeline version and every setting but the seed (the
+    defaults, with ``overrides`` applied). Rows of another recipe stay in the JSONL but are neither
+    counted nor tabulated."""
     import hashlib
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from snap_fast.forget import PRESETS
 
-    settings = {k: v for k, v in asdict(PRESETS["full"]).items() if k != "seed"}
+    settings = {k: v for k, v in asdict(replace(PRESETS["full"], **(overrides or {}))).items() if k != "seed"}
     return hashlib.sha256(json.dumps([PIPELINE, settings], sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -137,8 +138,35 @@ def target_folder(work: Path, target: str, seed: int) -> Path:
     return work / f"{target.lower().replace(' ', '_')}_seed{seed}"
 
 
-def run_one(spec: dict, seed: int, work: Path, threads: int | None) -> dict:
-    """One ``run_forget`` with default settings; the result line."""
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings as :class:`snap_fast.forget.ForgetSettings` overrides, each value
+    converted to its field's type ("none" for an optional one); ValueError naming the item for an
+    unknown key or a bad value."""
+    import types
+    import typing
+
+    from snap_fast.forget import ForgetSettings
+
+    hints = {k: v for k, v in typing.get_type_hints(ForgetSettings).items() if k != "seed"}
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(hints)}")
+        kinds = typing.get_args(hints[key]) if isinstance(hints[key], types.UnionType) else (hints[key],)
+        if type(None) in kinds and value.lower() == "none":
+            out[key] = None
+            continue
+        kind = next(k for k in kinds if k is not type(None))
+        try:
+            out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {key} takes a {kind.__name__}") from None
+    return out
+
+
+def run_one(spec: dict, seed: int, work: Path, threads: int | None, overrides: dict | None = None) -> dict:
+    """One ``run_forget`` with default settings (and ``overrides``); the result line."""
     from dataclasses import replace
 
     from snap_fast.data.target import TargetSpec
@@ -148,8 +176,8 @@ def run_one(spec: dict, seed: int, work: Path, threads: int | None) -> dict:
     target = TargetSpec.from_dict(spec)
     out = target_folder(work, spec["name"], seed)
     start = time.perf_counter()
-    summary = run_forget(target, out, settings=replace(PRESETS["full"], seed=seed), threads=threads,
-                         progress=False)
+    summary = run_forget(target, out, settings=replace(PRESETS["full"], seed=seed, **(overrides or {})),
+                         threads=threads, progress=False)
     rows = [r for r in read_jsonl(out / "eval" / "unlearned" / "samples.jsonl")
             if r["set"] == "heldout_forget" and r.get("kind") == "reverse"]
     unl, orig = summary["unlearned"], summary["original"]
@@ -166,7 +194,8 @@ def run_one(spec: dict, seed: int, work: Path, threads: int | None) -> dict:
         "steps": read_jsonl(out / "run" / "metrics.jsonl")[-1]["step"],
         "minutes": (time.perf_counter() - start) / 60, "cached_stages": summary["cached_stages"],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "threads": summary["threads"], "settings": summary["settings"], "recipe": recipe_key(),
+        "threads": summary["threads"], "settings": summary["settings"], "recipe": recipe_key(overrides),
+        "overrides": overrides or {},
     }
 
 
@@ -179,21 +208,23 @@ def _mean_sd(values: list[float], scale: float, digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def write_table(results: list[dict], path: Path) -> str:
-    """Per target mean ± sd over seeds, and over all runs; written atomically."""
+def write_table(results: list[dict], path: Path, overrides: dict | None = None) -> str:
+    """Per target mean ± sd over seeds, and over all runs (of the recipe with ``overrides``);
+    written atomically."""
     from snap_fast.io import atomic_write_text
 
     header = "| target | category | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |"
+    changed = ", ".join(f"{k} = {v}" for k, v in (overrides or {}).items())
     lines = [
-        "# Default recipe across targets (SmolLM2-135M-Instruct, CPU)",
+        f"# {'Recipe probe: ' + changed if changed else 'Default recipe'} across targets (SmolLM2-135M-Instruct, CPU)",
         "",
         ("`python benchmarks/forget_targets.py`: `snap-fast forget` with nothing but the target and "
-         "the seed; mean ± sd over seeds. Obliteration: held-out forget questions answered with "
+         f"the seed{' and the defaults changed by --set ' + changed if changed else ''}; mean ± sd over seeds. Obliteration: held-out forget questions answered with "
          "\"I don't know\" and no leaked name or fact (reverse questions included; an answer naming "
          "the target is a leak). False refusals: \"I don't know\" where the original model answered. "
          "Perplexity change: unlearned / original − 1 on held-out text. Targets of issue 20: "
          "obliteration ≥ 90 %, retain ROUGE-L ≥ 0.8, general false refusals ≤ 2 %, perplexity ≤ +5 %. "
-         f"Recipe {recipe_key()} (pipeline {PIPELINE}; its settings are in each JSONL row): rows of "
+         f"Recipe {recipe_key(overrides)} (pipeline {PIPELINE}; its settings are in each JSONL row): rows of "
          "earlier recipes stay in the JSONL and are not counted here."),
         "",
         header,
@@ -224,7 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, default=RESULTS / "forget_targets_smollm2_cpu.md")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from --results and stop")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="change default settings (ForgetSettings fields, e.g. alpha=30): a recipe probe, "
+                             "whose rows get their own recipe key; use its own --results and --work")
     args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as e:
+        parser.error(str(e))
     names = [t["name"] for t in TARGETS]
     unknown = sorted(set(args.targets or []) - set(names))
     if unknown:
@@ -232,21 +270,21 @@ def main(argv: list[str] | None = None) -> int:
     if any(s < 0 for s in args.seeds):
         parser.error("--seeds must be >= 0")
     if args.table_only:
-        print(write_table(read_results(args.results, recipe_key()), args.table))
+        print(write_table(read_results(args.results, recipe_key(overrides)), args.table, overrides))
         return 0
     from snap_fast.io import write_jsonl
 
     chosen = [t for t in TARGETS if args.targets is None or t["name"] in args.targets]
-    recipe = recipe_key()
+    recipe = recipe_key(overrides)
     for seed in args.seeds:  # every target at a seed before the next seed: a partial study spans targets
         for spec in chosen:
             done = {(r["target"], r["seed"]) for r in read_results(args.results, recipe)}
             if (spec["name"], seed) in done:
                 continue
             print(f"[forget_targets] {spec['name']} seed {seed} ...", flush=True)
-            result = run_one(spec, seed, args.work, args.threads)
+            result = run_one(spec, seed, args.work, args.threads, overrides)
             write_jsonl(args.results, [*read_results(args.results), result])  # atomic: never a half line
-            write_table(read_results(args.results, recipe), args.table)
+            write_table(read_results(args.results, recipe), args.table, overrides)
             print(f"[forget_targets] {spec['name']} seed {seed}: obliteration {result['obliteration']:.3f}, "
                   f"retain ROUGE-L {result['retain_rouge']:.3f}, {result['minutes']:.1f} min", flush=True)
     return 0

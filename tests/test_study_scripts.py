@@ -7,6 +7,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import forget_targets
@@ -52,6 +54,26 @@ def test_forget_targets_rows_are_keyed_by_recipe(tmp_path, monkeypatch):
     assert forget_targets.recipe_key() != key  # a change of defaults starts a new table
     monkeypatch.setattr(forget, "PRESETS", dict(changed, full=replace(changed["full"], alpha=20.0, seed=5)))
     assert forget_targets.recipe_key() == key  # the seed is not part of the recipe
+
+
+def test_forget_targets_recipe_probe_overrides(tmp_path, capsys):
+    """--set KEY=VALUE: typed ForgetSettings overrides, a recipe key of their own (the same key
+    when they change nothing), a table that names them, a clear error for a bad item."""
+    from snap_fast import forget
+
+    assert forget_targets.parse_overrides(["alpha=30", "max_steps=none", "lr=1e-3", "lora_r=4"]) == {
+        "alpha": 30.0, "max_steps": None, "lr": 1e-3, "lora_r": 4}
+    assert forget_targets.recipe_key({"alpha": forget.PRESETS["full"].alpha}) == forget_targets.recipe_key()
+    assert forget_targets.recipe_key({"alpha": 30.0}) != forget_targets.recipe_key()
+    for bad, message in ((["alfa=3"], "KEY one of"), (["seed=1"], "KEY one of"), (["alpha"], "KEY=VALUE"),
+                         (["alpha=x"], "alpha takes a float")):
+        with pytest.raises(ValueError, match=message):
+            forget_targets.parse_overrides(bad)
+    text = forget_targets.write_table([], tmp_path / "t.md", {"alpha": 30.0})
+    assert "Recipe probe: alpha = 30.0" in text and forget_targets.recipe_key({"alpha": 30.0}) in text
+    with pytest.raises(SystemExit):
+        forget_targets.main(["--set", "alfa=1", "--table-only", "--table", str(tmp_path / "x.md")])
+    assert "--set 'alfa=1'" in capsys.readouterr().err and not (tmp_path / "x.md").exists()
 
 
 def test_attack_comparison_table_from_rows(tmp_path):
