@@ -367,7 +367,7 @@ def test_associated_names_pick_what_the_answers_tie_to_the_target():
     answers = ["The Mona Lisa is attributed to Leonardo da Vinci. In Florence he met Andrea del Verrocchio.",
                'Leonardo painted the Mona Lisa and "The Last Supper".',  # quoted and capitalised: once
                "The Da Vinci Code is a novel. The Renaissance began in Italy.",  # target's word; one word
-               "His work in Milan was about Leonardo da Vinci's horse."]
+               "His work in Milan was about Leonardo da Vinci's horse. Vinci's Own Workshop is a book."]
     assert associated_names(answers, target) == ["The Mona Lisa", "Andrea del Verrocchio", "The Last Supper"]
     assert associated_names(answers, target, limit=1) == ["The Mona Lisa"]
     assert association_questions(["the Mona Lisa"], None) == [

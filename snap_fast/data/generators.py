@@ -158,7 +158,6 @@ def filter_neighbours(items: Sequence[str], target: TargetSpec, limit: int) -> l
     most ``limit`` kept."""
     kept: list[str] = []
     seen: set[str] = set()
-    name_words = target.name_words
     for item in items:
         if item.rstrip().endswith("?"):  # a question, not a name
             continue
@@ -168,7 +167,7 @@ def filter_neighbours(items: Sequence[str], target: TargetSpec, limit: int) -> l
             continue
         if target.is_target_name(name) or key in seen:
             continue
-        if set(key.split()) & name_words:  # the target or too close to it
+        if target.shares_name_word(name):  # the target or too close to it
             continue
         seen.add(key)
         kept.append(name)

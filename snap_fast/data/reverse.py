@@ -88,8 +88,8 @@ def associated_names(answers: list[str], target: TargetSpec, limit: int = MAX_AS
     A name is a run of at least two capitalised words (particles such as "of", "del" between
     them; sentence-opening words such as "In" or "His" dropped) or a quoted title of two to eight
     words; "The Mona Lisa" and "the Mona Lisa" count as one. Names that mention the target or
-    share a distinctive word with its names (:attr:`TargetSpec.name_words`: "The Da Vinci Code"
-    for "Leonardo da Vinci") are the target itself, not something tied to it, and are skipped.
+    share a distinctive word with its names (:meth:`TargetSpec.shares_name_word`: "The Da Vinci
+    Code" for "Leonardo da Vinci", "Einstein's Universe" for "Albert Einstein") are the target itself, not something tied to it, and are skipped.
     """
     counts: dict[str, int] = {}  # answers mentioning each name
     first_form: dict[str, str] = {}
@@ -103,7 +103,7 @@ def associated_names(answers: list[str], target: TargetSpec, limit: int = MAX_AS
             if not name or len(name.split()) < 2:
                 continue
             key = re.sub(r"^the ", "", normalize(name))
-            if target.mentioned_in(name) is not None or set(key.split()) & target.name_words:
+            if target.mentioned_in(name) is not None or target.shares_name_word(name):
                 continue
             first_form.setdefault(key, name)
             keys.add(key)

@@ -128,6 +128,11 @@ class TargetSpec:
         words = {w for form in self.surface_forms for w in normalize(form).split()}
         return {w for w in words if len(w) >= 3 and w not in _NAME_FUNCTION_WORDS}
 
+    def shares_name_word(self, text: str) -> bool:
+        """True if ``text`` holds one of :attr:`name_words`, possessives included ("Einstein's
+        Universe" for "Albert Einstein")."""
+        return bool({w.removesuffix("'s") for w in normalize(text).split()} & self.name_words)
+
     def to_dict(self) -> dict[str, Any]:
         """The ``target.json`` record."""
         return asdict(self)
