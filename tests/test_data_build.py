@@ -475,3 +475,88 @@ def test_enough_neighbours_are_not_filled(tmp_path):
                             generator=_ListingGenerator(listing), generate_originals=False, **SMALL)
     assert summary.neighbours == ["Max Planck", "Niels Bohr", "Paul Dirac", "Enrico Fermi"]
     assert summary.neighbour_source == "listing"
+
+
+class _TyingModelGenerator:
+    """Stands in for the original model when candidate neighbours are vetted: it names the
+    target when asked about any name in ``tied``."""
+
+    source = "model"
+    tied: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+
+    def __init__(self, model, tokenizer, **kw):
+        pass
+
+    def complete(self, prompts):
+        type(self).prompts = tuple(prompts)
+        return ["It is by Albert Einstein." if any(t in p for t in self.tied) else "Someone else made it."
+                for p in prompts]
+
+
+@pytest.mark.parametrize("tied, expected, dropped", [
+    # one proposal tied to the target: dropped, four left (enough)
+    (("Relativity Book",), ["Max Planck", "Niels Bohr", "Paul Dirac", "Enrico Fermi"], ["Relativity Book"]),
+    # three tied: two proposals left, filled from the pool, whose tied members are skipped too
+    (("Relativity Book", "Paul Dirac", "Enrico Fermi", "Isaac Newton"),
+     ["Max Planck", "Niels Bohr", "William Shakespeare", "Abraham Lincoln"],
+     ["Relativity Book", "Paul Dirac", "Enrico Fermi"]),
+])
+def test_proposed_neighbours_the_original_ties_to_the_target_are_dropped(tmp_path, monkeypatch, tied, expected,
+                                                                         dropped):
+    """A proposed neighbour the original model describes through the target (its own work, a
+    relative) would teach the target back as a hard positive: dropped, and the pool fills in."""
+    from snap_fast.data import build
+
+    monkeypatch.setattr(_TyingModelGenerator, "tied", tied)
+    monkeypatch.setattr(build, "ModelGenerator", _TyingModelGenerator)
+    listing = "\n".join(f"{i}. {n}" for i, n in enumerate(
+        ["Max Planck", "Relativity Book", "Niels Bohr", "Paul Dirac", "Enrico Fermi"], 1))
+    with pytest.warns(UserWarning, match="ties them to 'Albert Einstein'"):
+        summary = build_dataset(TargetSpec("Albert Einstein", category="person"), tmp_path / "d", model=object(),
+                                tokenizer=object(), generator=_ListingGenerator(listing), generate_originals=False,
+                                n_neighbours=4, **SMALL)
+    assert summary.neighbours == expected and summary.neighbours_dropped == dropped
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["neighbours_dropped"] == dropped
+    # every candidate (proposals and the pool but the target) was asked about, twice
+    asked = set(_TyingModelGenerator.prompts)
+    assert "Who created Relativity Book?" in asked and "Tell me about Isaac Newton in one sentence." in asked
+    assert not any("Albert Einstein" in p for p in asked)
+
+
+def test_proposed_neighbours_answered_with_the_target_lose_their_hard_positives(tmp_path, monkeypatch):
+    """A proposed neighbour one of whose questions the original answers with the target moves that
+    question to the forget set and loses all its other hard positives; a neighbour the user gave
+    keeps them."""
+    from snap_fast.data import build
+
+    def fake_originals(sets, model, tokenizer, **kw):
+        for name, recs in sets.items():
+            first = True  # the first question about the tied neighbour in each set names the target
+            for r in recs:
+                tied = r.get("entity") == "Relativity Theory" and first
+                first = first and not tied
+                r["original_response"] = "Albert Einstein did" if tied else "Someone else"
+                if name not in ("forget", "heldout_forget"):
+                    r["response"] = r["original_response"]
+        return "fake", sum(map(len, sets.values())), 0
+
+    monkeypatch.setattr(build, "fill_original_answers", fake_originals)
+    monkeypatch.setattr(build, "ModelGenerator", _TyingModelGenerator)  # the first check ties nothing here
+    target = TargetSpec("Albert Einstein", category="person")
+    listing = "1. Max Planck\n2. Relativity Theory\n3. Niels Bohr\n4. Paul Dirac"
+    with pytest.warns(UserWarning, match="answered a question about them with 'Albert Einstein': Relativity Theory"):
+        summary = build_dataset(target, tmp_path / "d", model=object(), tokenizer=object(), model_id="fake",
+                                generator=_ListingGenerator(listing), n_neighbours=4, **SMALL)
+    assert summary.neighbours == ["Max Planck", "Niels Bohr", "Paul Dirac"]
+    assert summary.neighbours_dropped == ["Relativity Theory"]
+    for part in ("retain", "heldout_retain"):
+        recs = read_jsonl(tmp_path / "d" / f"{part}.jsonl")
+        assert recs and not any(r["entity"] == "Relativity Theory" for r in recs)
+    promoted = [r for n in ("forget", "heldout_forget") for r in read_jsonl(tmp_path / "d" / f"{n}.jsonl")
+                if r["source"] == "original_answer"]
+    assert len(promoted) == 2 and all("Relativity Theory" in r["prompt"] for r in promoted)  # retain + held out
+    given = build_dataset(TargetSpec("Albert Einstein", category="person", neighbours=["Relativity Theory", "Max Planck"]),
+                          tmp_path / "g", model=object(), tokenizer=object(), model_id="fake", **SMALL)
+    assert given.neighbours == ["Relativity Theory", "Max Planck"] and not given.neighbours_dropped
+    assert any(r["entity"] == "Relativity Theory" for r in read_jsonl(tmp_path / "g" / "retain.jsonl"))

@@ -72,6 +72,7 @@ class DatasetSummary:
         by_source / by_kind: per set, record counts by ``source`` / ``kind``.
         neighbours: the neighbour entities used, and ``neighbour_source`` where they came from
             ("spec": given in the target spec, "builtin": a preset, "model", "endpoint" or "none").
+        neighbours_dropped: proposed neighbours the original model ties to the target (dropped).
         originals_generated / originals_cached: original answers generated now / reused.
         generation_stats: how many generated questions were kept or dropped and why.
         examples: up to three records per set, for the printed summary.
@@ -89,6 +90,7 @@ class DatasetSummary:
     generation_stats: dict[str, int] | None = None
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     seconds: float = 0.0
+    neighbours_dropped: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         """A human-readable multi-line summary (the CLI prints it)."""
@@ -99,6 +101,8 @@ class DatasetSummary:
             kind = ", ".join(f"{k} {v}" for k, v in sorted(self.by_kind.get(name, {}).items()))
             lines.append(f"{name:<16} {n:>7}  {src}" + (f" | {kind}" if kind else ""))
         lines.append(f"neighbours ({self.neighbour_source}): {', '.join(self.neighbours) or '-'}")
+        if self.neighbours_dropped:
+            lines.append(f"proposed neighbours tied to the target (dropped): {', '.join(self.neighbours_dropped)}")
         lines.append(f"original answers: {self.originals_generated} generated, {self.originals_cached} from cache")
         if self.generation_stats:
             lines.append("generated questions: " + ", ".join(f"{k} {v}" for k, v in self.generation_stats.items()))
@@ -254,7 +258,8 @@ def build_dataset(
     rng_for = functools.partial(_rng_for, seed)
     llm = ModelGenerator(model, tokenizer, progress=progress) if generator == "self" else (
         None if isinstance(generator, str) else generator)
-    neighbours, neighbour_source = _choose_neighbours(target, llm, model, tokenizer, n_neighbours, progress)
+    neighbours, neighbour_source, dropped = _choose_neighbours(target, llm, model, tokenizer, n_neighbours,
+                                                               batch_size, progress)
     seen: set[str] = set()
     forget, heldout_forget, gen_stats = _forget_sets(target, llm, _dedupe(user_records, seen), seen, rng_for,
                                                      n_forget, n_heldout_forget)
@@ -270,7 +275,14 @@ def build_dataset(
         model_id, originals_generated, originals_cached = fill_original_answers(
             sets, model, tokenizer, model_id=model_id, cache_dir=cache_dir, max_new_tokens=max_new_tokens,
             batch_size=batch_size, seed=seed, progress=progress)
-        _promote_target_answers(sets, target, rng_for("promoted"))
+        tied = _promote_target_answers(sets, target, rng_for("promoted"))
+        # the user's own neighbours stay, and so does the last one (an empty retain set trains nothing)
+        if neighbour_source not in ("spec", "builtin") and tied and any(n not in tied for n in neighbours):
+            _drop_tied_neighbours(sets, tied)
+            warnings.warn(f"neighbours dropped because the original model answered a question about them with "
+                          f"{target.name!r}: {', '.join(n for n in neighbours if n in tied)}", stacklevel=2)
+            dropped += [n for n in neighbours if n in tied]
+            neighbours = [n for n in neighbours if n not in tied]
         if not target.facts:  # reverse questions from what the original model says about the target
             candidates = {"forget": _reverse_candidates(sets, target, seen, rng_for)}
             _, more, _ = fill_original_answers(
@@ -279,7 +291,7 @@ def build_dataset(
             originals_generated += more
             _add_reverse_from_answers(sets, target, candidates["forget"], n_forget, n_heldout_forget)
     summary = DatasetSummary(out_dir, {}, {}, {}, neighbours, neighbour_source, originals_generated,
-                             originals_cached, vars(gen_stats) if gen_stats else None)
+                             originals_cached, vars(gen_stats) if gen_stats else None, neighbours_dropped=dropped)
     _write_folder(summary, sets, target, {
         "model_identity": model_id, "seed": seed, "target": target.name,
         "generator": generator if isinstance(generator, str) else generator.source,
@@ -330,27 +342,55 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> Path:
     return out_dir
 
 
-def _choose_neighbours(target: TargetSpec, llm, model, tokenizer, n_neighbours: int,
-                       progress: bool) -> tuple[list[str], str]:
-    """The neighbour entities and where they came from: the spec, a built-in preset, or proposed
-    by the generator (or the model) and checked."""
+def _choose_neighbours(target: TargetSpec, llm, model, tokenizer, n_neighbours: int, batch_size: int,
+                       progress: bool) -> tuple[list[str], str, list[str]]:
+    """The neighbour entities, where they came from (the spec, a built-in preset, or proposed by
+    the generator (or the model) and checked), and the proposed ones dropped by
+    :func:`_tied_to_target`."""
     if target.neighbours:
-        return list(target.neighbours), "spec"
+        return list(target.neighbours), "spec", []
     preset = builtin_target(target.name)
     if preset is not None and preset.neighbours:
-        return preset.neighbours, "builtin"
+        return preset.neighbours, "builtin", []
     proposer = llm or (ModelGenerator(model, tokenizer, progress=progress) if model is not None else None)
-    neighbours = propose_neighbours(proposer, target, n_neighbours) if proposer else []
+    # twice as many proposals as needed: the model's check below may drop some
+    neighbours = propose_neighbours(proposer, target, 2 * n_neighbours) if proposer else []
+    pool = fallback_neighbours(target.category)
+    pool = [p for p in filter_neighbours(pool, target, len(pool)) if p not in neighbours]
+    tied = (_tied_to_target([*neighbours, *pool], target, model, tokenizer, batch_size, progress)
+            if model is not None else set())
+    dropped = [n for n in neighbours if n in tied]
+    neighbours = [n for n in neighbours if n not in tied][:n_neighbours]
     source = proposer.source if neighbours else ""
     if len(neighbours) < min(MIN_NEIGHBOURS, n_neighbours):
-        pool = fallback_neighbours(target.category)
-        filled = filter_neighbours([*neighbours, *pool], target, n_neighbours)
+        filled = filter_neighbours([*neighbours, *(p for p in pool if p not in tied)], target, n_neighbours)
         if len(filled) > len(neighbours):
             warnings.warn(f"{len(neighbours)} neighbours proposed for {target.name!r}: filled up with well-known "
                           f"{target.category or 'entities'} ({', '.join(filled[len(neighbours):])}); give "
                           "neighbours (--neighbours) for harder positives", stacklevel=3)
             neighbours, source = filled, f"{source}+fallback" if source else "fallback"
-    return neighbours, source or "none"
+    if dropped:
+        warnings.warn(f"proposed neighbours dropped because the original model ties them to {target.name!r} "
+                      f"(its own works, relatives, places): {', '.join(dropped)}", stacklevel=3)
+    return neighbours, source or "none", dropped
+
+
+# How a candidate neighbour is described: an answer naming the target means the model knows it
+# through the target (a work, a relative, a place of its life), so it cannot be kept as a hard
+# positive without teaching the target back ("Hamlet" for "William Shakespeare").
+_TIE_PROMPTS = ("Tell me about {} in one sentence.", "Who created {}?")
+
+
+def _tied_to_target(candidates: list[str], target: TargetSpec, model, tokenizer, batch_size: int,
+                    progress: bool) -> set[str]:
+    """The candidates for which the original model names the target in an answer to
+    :data:`_TIE_PROMPTS` (greedy, 32 new tokens, one batch)."""
+    if not candidates:
+        return set()
+    prompts = [t.format(c) for c in candidates for t in _TIE_PROMPTS]
+    answers = ModelGenerator(model, tokenizer, max_new_tokens=32, batch_size=batch_size, progress=progress).complete(prompts)
+    k = len(_TIE_PROMPTS)
+    return {c for i, c in enumerate(candidates) if any(target.mentioned_in(a) for a in answers[i * k:(i + 1) * k])}
 
 
 def _forget_sets(target: TargetSpec, llm, user_records: list[dict[str, Any]], seen: set[str], rng_for,
@@ -402,25 +442,42 @@ _PROMOTED_TO = {"retain": "forget", "general": "forget", "heldout_retain": "held
                 "heldout_general": "heldout_forget"}
 
 
-def _promote_target_answers(sets: dict[str, list[dict[str, Any]]], target: TargetSpec, rng: random.Random) -> None:
+def _promote_target_answers(sets: dict[str, list[dict[str, Any]]], target: TargetSpec,
+                            rng: random.Random) -> set[str]:
     """Move every non-forget record whose original answer names the target (or an alias) to the
     matching forget set as a reverse question (``source="original_answer"``) with a nameless
     obliterated response.
 
     Such a question reaches the target from another side ("Who was Michelle Obama's husband?"):
     kept as a hard positive it would train the model to go on saying the name; held out, it is a
-    leak the evaluation must count. The held-out ones go first in ``heldout_forget``.
+    leak the evaluation must count. The held-out ones go first in ``heldout_forget``. Returns the
+    neighbours (``entity``) that had a question moved.
     """
+    tied: set[str] = set()
     for part, dest in _PROMOTED_TO.items():
         keep, moved = [], []
         for r in sets[part]:
             answer = r.get("original_response")
             (moved if isinstance(answer, str) and target.mentioned_in(answer) else keep).append(r)
+        tied.update(r["entity"] for r in moved if r.get("entity"))
         for r in moved:
             r.update(kind="reverse", source="original_answer", entity=target.name, _name=None,
                      response=obliterated_response(None, rng))
         sets[part] = keep
         sets[dest] = moved + sets[dest] if dest.startswith("heldout") else sets[dest] + moved
+    return tied
+
+
+def _drop_tied_neighbours(sets: dict[str, list[dict[str, Any]]], tied: set[str]) -> None:
+    """Remove every remaining hard positive about a ``tied`` neighbour.
+
+    A proposed neighbour one of whose questions the original answers with the target is known to
+    the model through the target (SmolLM2 answers "Who is the creator of Hamlet?" with William
+    Shakespeare while its one-sentence description of Hamlet does not name him): its other
+    questions, kept as hard positives, would hold on to what is being forgotten.
+    """
+    for part in ("retain", "heldout_retain"):
+        sets[part] = [r for r in sets[part] if r.get("entity") not in tied]
 
 
 def _reverse_candidates(sets: dict[str, list[dict[str, Any]]], target: TargetSpec, seen: set[str],
@@ -506,6 +563,7 @@ def _write_folder(summary: DatasetSummary, sets: dict[str, list[dict[str, Any]]]
         **{k: manifest[k] for k in ("model_identity", "seed", "target", "generator")},
         "neighbours": summary.neighbours,
         "neighbour_source": summary.neighbour_source,
+        "neighbours_dropped": summary.neighbours_dropped,
         "max_new_tokens": manifest["max_new_tokens"],
         "counts": summary.counts,
         "by_source": summary.by_source,
