@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
            "minutes": {k: round(v / 60, 2) for k, v in summary["timings_s"].items()},
            "settings": summary["settings"]}
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    earlier = read_jsonl(args.results) if args.results.is_file() else []
+    write_jsonl(args.results, [*earlier, row])  # atomic: an interrupted write leaves the old file
     for label in ("original", "unlearned"):
         r = row["hand_written"][label]
         kinds = ", ".join(f"{k} {r[k]['obliteration']:.0%}" for k in ("direct", "reverse") if k in r)
