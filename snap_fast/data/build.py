@@ -388,7 +388,8 @@ def _tied_to_target(candidates: list[str], target: TargetSpec, model, tokenizer,
     if not candidates:
         return set()
     prompts = [t.format(c) for c in candidates for t in _TIE_PROMPTS]
-    answers = ModelGenerator(model, tokenizer, max_new_tokens=32, batch_size=batch_size, progress=progress).complete(prompts)
+    describer = ModelGenerator(model, tokenizer, max_new_tokens=32, batch_size=batch_size, progress=progress)
+    answers = describer.complete(prompts)
     k = len(_TIE_PROMPTS)
     return {c for i, c in enumerate(candidates) if any(target.mentioned_in(a) for a in answers[i * k:(i + 1) * k])}
 

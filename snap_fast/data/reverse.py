@@ -89,7 +89,8 @@ def associated_names(answers: list[str], target: TargetSpec, limit: int = MAX_AS
     them; sentence-opening words such as "In" or "His" dropped) or a quoted title of two to eight
     words; "The Mona Lisa" and "the Mona Lisa" count as one. Names that mention the target or
     share a distinctive word with its names (:meth:`TargetSpec.shares_name_word`: "The Da Vinci
-    Code" for "Leonardo da Vinci", "Einstein's Universe" for "Albert Einstein") are the target itself, not something tied to it, and are skipped.
+    Code" for "Leonardo da Vinci", "Einstein's Universe" for "Albert Einstein") are the target
+    itself, not something tied to it, and are skipped.
     """
     counts: dict[str, int] = {}  # answers mentioning each name
     first_form: dict[str, str] = {}
