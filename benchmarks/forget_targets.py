@@ -215,11 +215,13 @@ def write_table(results: list[dict], path: Path, overrides: dict | None = None) 
 
     header = "| target | category | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |"
     changed = ", ".join(f"{k} = {v}" for k, v in (overrides or {}).items())
+    title = f"Recipe probe: {changed}" if changed else "Default recipe"
+    inputs = f"the seed and the defaults changed by --set {changed}" if changed else "the seed"
     lines = [
-        f"# {'Recipe probe: ' + changed if changed else 'Default recipe'} across targets (SmolLM2-135M-Instruct, CPU)",
+        f"# {title} across targets (SmolLM2-135M-Instruct, CPU)",
         "",
         ("`python benchmarks/forget_targets.py`: `snap-fast forget` with nothing but the target and "
-         f"the seed{' and the defaults changed by --set ' + changed if changed else ''}; mean ± sd over seeds. Obliteration: held-out forget questions answered with "
+         f"{inputs}; mean ± sd over seeds. Obliteration: held-out forget questions answered with "
          "\"I don't know\" and no leaked name or fact (reverse questions included; an answer naming "
          "the target is a leak). False refusals: \"I don't know\" where the original model answered. "
          "Perplexity change: unlearned / original − 1 on held-out text. Targets of issue 20: "

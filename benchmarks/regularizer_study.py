@@ -7,8 +7,8 @@ configuration's overrides, and the unlearned model is evaluated on the held-out 
 
 * ``lora``: the shipped recipe (LoRA on the upper half), λ on a log grid, SWD and L2-SP;
 * ``full``: full fine-tuning at the SNAP paper's lr 1e-5, where updates are not low-rank;
-* ``full-lr1e-4``: full fine-tuning at 10× that lr, where it forgets as much as the LoRA recipe
-  (at 1e-5 it forgot 60 % where LoRA forgets 90 %), so the penalty has a forgetting run to act on;
+* ``full-lr1e-4``: full fine-tuning at 10× that lr (at 1e-5 it forgot 60 % where LoRA forgets
+  90 %), to give the penalty a run that forgets to act on;
 * ``over``: over-unlearning (3× the passes at 2× the lr), where forgetting methods collapse.
 
 One JSONL line per finished run (``--results``; a run already there is skipped, so the study
