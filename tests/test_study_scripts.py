@@ -45,14 +45,15 @@ def test_forget_targets_rows_are_keyed_by_recipe(tmp_path, monkeypatch):
     from snap_fast.io import write_jsonl
 
     key = forget_targets.recipe_key()
+    default_alpha = forget.PRESETS["full"].alpha
     path = tmp_path / "r.jsonl"
     write_jsonl(path, [{"target": "A", "recipe": key}, {"target": "B", "recipe": "old"}, {"target": "C"}])
     assert [r["target"] for r in forget_targets.read_results(path, key)] == ["A"]
     assert len(forget_targets.read_results(path)) == 3
-    changed = dict(forget.PRESETS, full=replace(forget.PRESETS["full"], alpha=10.0))
+    changed = dict(forget.PRESETS, full=replace(forget.PRESETS["full"], alpha=default_alpha + 1))
     monkeypatch.setattr(forget, "PRESETS", changed)
     assert forget_targets.recipe_key() != key  # a change of defaults starts a new table
-    monkeypatch.setattr(forget, "PRESETS", dict(changed, full=replace(changed["full"], alpha=20.0, seed=5)))
+    monkeypatch.setattr(forget, "PRESETS", dict(changed, full=replace(changed["full"], alpha=default_alpha, seed=5)))
     assert forget_targets.recipe_key() == key  # the seed is not part of the recipe
 
 
@@ -64,7 +65,7 @@ def test_forget_targets_recipe_probe_overrides(tmp_path, capsys):
     assert forget_targets.parse_overrides(["alpha=30", "max_steps=none", "lr=1e-3", "lora_r=4"]) == {
         "alpha": 30.0, "max_steps": None, "lr": 1e-3, "lora_r": 4}
     assert forget_targets.recipe_key({"alpha": forget.PRESETS["full"].alpha}) == forget_targets.recipe_key()
-    assert forget_targets.recipe_key({"alpha": 30.0}) != forget_targets.recipe_key()
+    assert forget_targets.recipe_key({"alpha": forget.PRESETS["full"].alpha + 10}) != forget_targets.recipe_key()
     for bad, message in ((["alfa=3"], "KEY one of"), (["seed=1"], "KEY one of"), (["alpha"], "KEY=VALUE"),
                          (["alpha=x"], "alpha takes a float")):
         with pytest.raises(ValueError, match=message):

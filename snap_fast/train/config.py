@@ -77,7 +77,7 @@ RESUMABLE_CHANGES = frozenset(
 @dataclass
 class UnlearnConfig:
     """Everything one run needs. The defaults are a recipe that forgets: LoRA on the upper half
-    of the layers, the KL retain term at α = 20, 2.5 passes over the forget set (the number of
+    of the layers, the KL retain term at α = 30, 2.5 passes over the forget set (the number of
     optimizer steps follows the data size), validated across targets and seeds (see the
     constants above and docs/training.md).
 
@@ -134,7 +134,7 @@ class UnlearnConfig:
     weight_decay: float = _arg(0.01, "AdamW weight decay")
     warmup: int = _arg(0, "linear warm-up steps")
     max_grad_norm: float = _arg(1.0, "gradient clipping norm, 0 = off")
-    alpha: float = _arg(20.0, "weight of the retain / general terms")
+    alpha: float = _arg(30.0, "weight of the retain / general terms")
     retain_loss: str | None = _arg(None, "retain term: nll of the original answers or kl to the original model "
                             "(default: kl; nll for full fine-tuning under --fsdp)",
                             choices=RETAIN_LOSSES)
