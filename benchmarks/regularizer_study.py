@@ -2,10 +2,11 @@
 
 For each target (three of ``forget_targets.TARGETS``: a person, a character, a work) and seed,
 the data folder is built once and the original model evaluated once; then every configuration of
-:data:`CONFIGS` unlearns from the original model with ``snap-fast unlearn``'s defaults plus the
-configuration's overrides, and the unlearned model is evaluated on the held-out sets. Regimes:
+:data:`CONFIGS` unlearns from the original model with ``snap-fast unlearn``'s defaults at α = 20
+(:data:`STUDY_BASE`) plus the configuration's overrides, and the unlearned model is evaluated on
+the held-out sets. Regimes:
 
-* ``lora``: the shipped recipe (LoRA on the upper half), λ on a log grid, SWD and L2-SP;
+* ``lora``: the shipped LoRA recipe (upper half; α = 20), λ on a log grid, SWD and L2-SP;
 * ``full``: full fine-tuning at the SNAP paper's lr 1e-5, where updates are not low-rank;
 * ``full-lr1e-4``: full fine-tuning at 10× that lr (at 1e-5 it forgot 60 % where LoRA forgets
   90 %), to give the penalty a run that forgets to act on;
@@ -44,6 +45,9 @@ STUDY_TARGETS = ("Barack Obama", "Sherlock Holmes", "The Great Gatsby")
 _FULL = {"lora": False, "lr": 1e-5}
 _FULL_FAST = {"lora": False, "lr": 1e-4}
 _OVER = {"epochs": 7.5, "lr": 3e-3}
+#: under every configuration: the study began when the default α was 20, and its runs must stay
+#: comparable across sessions whatever the shipped default becomes
+STUDY_BASE = {"alpha": 20.0}
 #: name -> UnlearnConfig overrides. "lora/none" is the shipped LoRA default, "lora/swd-0.1" the paper's λ.
 CONFIGS: dict[str, dict] = {
     "lora/none": {"lam": 0.0},
@@ -90,7 +94,7 @@ def run_config(name: str, folder: Path, seed: int, original: dict) -> dict:
     run_dir = run_folder(folder, name)
     start = time.perf_counter()
     result = unlearn({"data": str(folder / "data"), "out": str(run_dir), "seed": seed, "device": "cpu",
-                      "progress": False, "overwrite": True, **CONFIGS[name]})
+                      "progress": False, "overwrite": True, **STUDY_BASE, **CONFIGS[name]})
     if result.status != "completed":
         raise RuntimeError(f"{name}: unlearning did not complete ({result.status})")
     model, tokenizer, identity = load_run_model(run_dir)
@@ -162,7 +166,7 @@ def write_outputs(results: list[dict], table: Path, figure: Path) -> str:
 
     lines = ["# Where does the regularizer matter? (SmolLM2-135M-Instruct, CPU)", "",
              ("`python benchmarks/regularizer_study.py`: each configuration is `snap-fast unlearn`'s defaults "
-              "plus its overrides; mean ± sd over the targets and seeds that finished (n). Obliteration on "
+              f"at α = {STUDY_BASE['alpha']:g} plus its overrides; mean ± sd over the targets and seeds that finished (n). Obliteration on "
               "held-out forget questions (reverse questions included), ROUGE-L recall on held-out hard "
               "positives, perplexity on held-out text."), "",
              "| configuration | n | " + " | ".join(c[0] for c in COLUMNS) + " |",
