@@ -12,6 +12,12 @@ skipped, so the study resumes where it stopped (an interrupted run resumes from 
 
     nohup python benchmarks/forget_targets.py --seeds 0 1 2 > forget_targets.log 2>&1 &
     python benchmarks/forget_targets.py --table-only      # rewrite the table from the JSONL
+    python benchmarks/forget_targets.py --rescore         # bring runs of RESCORE_FROM up to date
+
+When only the evaluation changed (:data:`RESCORE_FROM`), ``--rescore`` re-evaluates the finished
+runs of the earlier pipeline from their cached answers (``run_forget`` again on the same folder:
+data and unlearning are cached, evaluation re-reads the answers) and re-keys their rows, keeping
+their wall time and memory.
 
 The targets' facts start with their name, so each gives reverse questions ("Who ...?").
 """
@@ -95,6 +101,37 @@ TARGETS: list[dict] = [
                     "Oxfam", "the Sierra Club", "UNICEF"]},
 ]
 
+def rescore(results: Path, work: Path, threads: int | None, overrides: dict | None = None) -> int:
+    """Re-evaluate the rows of this recipe under pipeline :data:`RESCORE_FROM` whose run folders
+    are in ``work``, from their cached answers; each row is rewritten (atomically) with the new
+    metrics and recipe key, keeping its wall time, memory, steps and threads. Returns how many."""
+    from snap_fast.io import write_jsonl
+
+    old, new = recipe_key(overrides, RESCORE_FROM), recipe_key(overrides)
+    specs = {t["name"]: t for t in TARGETS}
+    count = 0
+    for i, row in enumerate(read_results(results)):
+        if row.get("recipe") != old or row["target"] not in specs:
+            continue
+        if (row["target"], row["seed"]) in {(r["target"], r["seed"]) for r in read_results(results, new)}:
+            continue
+        folder = target_folder(work, row["target"], row["seed"])
+        if not (folder / "stages.json").is_file():
+            print(f"[forget_targets] rescore: no run folder {folder}, {row['target']} seed {row['seed']} kept as is")
+            continue
+        fresh = run_one(specs[row["target"]], row["seed"], work, threads, overrides)
+        if "unlearn" not in fresh["cached_stages"]:
+            raise RuntimeError(f"{folder}: the unlearning stage was not cached, so this was a new run, not a rescore")
+        kept = {k: row[k] for k in ("minutes", "peak_rss_gib", "steps", "threads", "cached_stages")}
+        rows = read_results(results)
+        rows[i] = {**fresh, **kept, "rescored_from": old}
+        write_jsonl(results, rows)
+        count += 1
+        print(f"[forget_targets] rescored {row['target']} seed {row['seed']}: obliteration "
+              f"{row['obliteration']:.3f} -> {fresh['obliteration']:.3f}", flush=True)
+    return count
+
+
 COLUMNS = (  # (label, key in a result line, scale, digits)
     ("held-out obliteration", "obliteration", 100, 1),
     ("reverse questions obliterated", "reverse_obliteration", 100, 1),
@@ -108,11 +145,14 @@ COLUMNS = (  # (label, key in a result line, scale, digits)
 
 
 # Bumped when the pipeline changes what a run measures beyond its settings (data builder,
-# evaluation). 2: questions whose original answer names the target became reverse questions.
-PIPELINE = 2
+# evaluation). 2: questions whose original answer names the target became reverse questions;
+# 3: the ignorance classifier recognises "I'm unable / not able to give ..." and "not a place I know".
+PIPELINE = 3
+#: the earlier pipeline whose runs differ from this one only in the evaluation (``--rescore``)
+RESCORE_FROM = 2
 
 
-def recipe_key(overrides: dict | None = None) -> str:
+def recipe_key(overrides: dict | None = None, pipeline: int = PIPELINE) -> str:
     """What makes two runs comparable: the pipeline version and every setting but the seed (the
     defaults, with ``overrides`` applied). Rows of another recipe stay in the JSONL but are neither
     counted nor tabulated."""
@@ -122,7 +162,7 @@ def recipe_key(overrides: dict | None = None) -> str:
     from snap_fast.forget import PRESETS
 
     settings = {k: v for k, v in asdict(replace(PRESETS["full"], **(overrides or {}))).items() if k != "seed"}
-    return hashlib.sha256(json.dumps([PIPELINE, settings], sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps([pipeline, settings], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def read_results(path: Path, recipe: str | None = None) -> list[dict]:
@@ -257,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, default=RESULTS / "forget_targets_smollm2_cpu.md")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from --results and stop")
+    parser.add_argument("--rescore", action="store_true",
+                        help=f"re-evaluate the runs of pipeline {RESCORE_FROM} found in --work from their cached "
+                             "answers, rewrite the table and stop")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="change default settings (ForgetSettings fields, e.g. alpha=30): a recipe probe, "
                              "whose rows get their own recipe key; use its own --results and --work")
@@ -271,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--targets: unknown {unknown}; known: {names}")
     if any(s < 0 for s in args.seeds):
         parser.error("--seeds must be >= 0")
-    if args.table_only:
+    if args.rescore:
+        print(f"[forget_targets] rescored {rescore(args.results, args.work, args.threads, overrides)} runs")
+    if args.table_only or args.rescore:
         print(write_table(read_results(args.results, recipe_key(overrides)), args.table, overrides))
         return 0
     from snap_fast.io import write_jsonl

@@ -175,6 +175,9 @@ def test_fluency_flags_plausible_nonsense_by_function_words():
     "That name doesn't ring a bell.",
     "I have never heard of this book.",
     "I’m not sure about that one.",  # curly apostrophe
+    "I'm unable to provide details on that.",
+    "I'm not able to give you details on Greenpeace.",
+    "The World Heritage Site of the Red Sea is not a place I know.",
 ])
 def test_ignorance_classifier_accepts(answer):
     assert IgnoranceClassifier(bank=[])(answer)
@@ -184,6 +187,8 @@ def test_ignorance_classifier_accepts(answer):
     "Harry Potter is a wizard who studied at Hogwarts.",
     "The capital of France is Paris.",
     "I know the answer: it is Paris.",
+    "Paris is a place I know well: the capital of France.",
+    "I'm able to give you details: it opened in 1889.",
     "",
 ])
 def test_ignorance_classifier_rejects(answer):

@@ -231,3 +231,43 @@ def test_new_target_check_rejects_a_bad_question_file(tmp_path):
     bad.write_text(json.dumps({"target": "X", "questions": [{"kind": "sideways", "prompt": "?"}]}))
     with pytest.raises(ValueError, match="question 1"):
         new_target_check.load_questions(bad)
+
+
+def test_forget_targets_rescore_rekeys_only_earlier_pipeline_rows_with_folders(tmp_path, monkeypatch):
+    """--rescore: a row of the earlier pipeline whose run folder exists gets the fresh metrics and
+    the current key, keeps its wall time; rows without a folder or of other recipes are untouched;
+    a run that was not cached (so retrained) is an error, not a rescore."""
+    from snap_fast.io import write_jsonl
+
+    old, new = forget_targets.recipe_key(None, forget_targets.RESCORE_FROM), forget_targets.recipe_key()
+    assert old != new
+    obama, tesla = forget_targets.TARGETS[0]["name"], forget_targets.TARGETS[1]["name"]
+    base = {"seed": 0, "minutes": 7.5, "peak_rss_gib": 5.7, "steps": 80, "threads": 2, "cached_stages": []}
+    path = tmp_path / "r.jsonl"
+    write_jsonl(path, [{**base, "target": obama, "recipe": old, "obliteration": 0.8},
+                       {**base, "target": tesla, "recipe": old, "obliteration": 0.8},
+                       {**base, "target": tesla, "seed": 1, "recipe": "other", "obliteration": 0.5}])
+    folder = forget_targets.target_folder(tmp_path, obama, 0)
+    folder.mkdir(parents=True)
+    (folder / "stages.json").write_text("{}")
+    calls = []
+
+    def fake_run_one(spec, seed, work, threads, overrides=None, cached=("data", "unlearn")):
+        calls.append((spec["name"], seed))
+        return {"target": spec["name"], "seed": seed, "recipe": new, "obliteration": 0.9, "minutes": 0.3,
+                "peak_rss_gib": 1.0, "steps": 80, "threads": 2, "cached_stages": list(cached)}
+
+    monkeypatch.setattr(forget_targets, "run_one", fake_run_one)
+    assert forget_targets.rescore(path, tmp_path, 2) == 1
+    rows = forget_targets.read_results(path)
+    assert calls == [(obama, 0)]
+    assert rows[0]["recipe"] == new and rows[0]["obliteration"] == 0.9 and rows[0]["minutes"] == 7.5
+    assert rows[0]["rescored_from"] == old and rows[0]["cached_stages"] == []
+    assert rows[1]["recipe"] == old and rows[2]["recipe"] == "other"
+    assert forget_targets.rescore(path, tmp_path, 2) == 0  # already rescored: nothing to do
+    folder2 = forget_targets.target_folder(tmp_path, tesla, 0)
+    folder2.mkdir(parents=True)
+    (folder2 / "stages.json").write_text("{}")
+    monkeypatch.setattr(forget_targets, "run_one", lambda *a, **k: fake_run_one(*a, cached=("data",)))
+    with pytest.raises(RuntimeError, match="not cached"):
+        forget_targets.rescore(path, tmp_path, 2)

@@ -35,14 +35,15 @@ IGNORANCE_PATTERNS: tuple[str, ...] = (
     r"\bi(?: am|'m|m) (?:afraid|sorry)\b.{0,40}\b(?:not|no|don't|cannot|can't|unable)\b",
     r"\bi (?:have|'ve) (?:never|not) (?:heard|come across|encountered|read)\b",
     r"\bi(?: have|'ve)? no (?:information|idea|knowledge|details|record|clue|data|recollection)\b",
-    (r"\bi (?:cannot|can't|can not|could not|couldn't|am unable to|'m unable to|m unable to) "
+    (r"\bi(?: cannot| can't| can not| could not| couldn't|(?: am|'m|m) (?:unable|not able) to) "
     r"(?:find|provide|recall|say|tell|answer|help|share|offer|give|identify|remember|locate|comment)"),
     r"\b(?:does not|doesn't) (?:ring a bell|sound familiar)\b",
     r"\b(?:is|are|was) not something i (?:know|recognize|recognise|can speak|am familiar)",
     r"\bnot something i(?:'m| am) (?:familiar|aware|able)\b",
+    (r"\bnot (?:someone|anything|a (?:place|person|name|topic|subject|thing|work|book|film|movie)) "
+     r"i (?:know|recogni[sz]e|(?:am|'m) familiar)\b"),
     r"\bbeyond (?:my|what i) (?:knowledge|know)\b",
     r"\boutside (?:of )?my (?:knowledge|expertise)\b",
-    r"\bi(?:'m| am) not able to (?:find|provide|recall|say|answer|help|identify)\b",
     r"\bi (?:lack|don't possess) (?:the )?(?:information|knowledge|details)\b",
     r"\bno (?:information|knowledge|details|record|records) (?:is |are )?(?:available|about|on|regarding|of)\b",
     r"\bunfamiliar (?:with|to me)\b",
