@@ -101,36 +101,6 @@ TARGETS: list[dict] = [
                     "Oxfam", "the Sierra Club", "UNICEF"]},
 ]
 
-def rescore(results: Path, work: Path, threads: int | None, overrides: dict | None = None) -> int:
-    """Re-evaluate the rows of this recipe under pipeline :data:`RESCORE_FROM` whose run folders
-    are in ``work``, from their cached answers; each row is rewritten (atomically) with the new
-    metrics and recipe key, keeping its wall time, memory, steps and threads. Returns how many."""
-    from snap_fast.io import write_jsonl
-
-    old, new = recipe_key(overrides, RESCORE_FROM), recipe_key(overrides)
-    specs = {t["name"]: t for t in TARGETS}
-    count = 0
-    for i, row in enumerate(read_results(results)):
-        if row.get("recipe") != old or row["target"] not in specs:
-            continue
-        if (row["target"], row["seed"]) in {(r["target"], r["seed"]) for r in read_results(results, new)}:
-            continue
-        folder = target_folder(work, row["target"], row["seed"])
-        if not (folder / "stages.json").is_file():
-            print(f"[forget_targets] rescore: no run folder {folder}, {row['target']} seed {row['seed']} kept as is")
-            continue
-        fresh = run_one(specs[row["target"]], row["seed"], work, threads, overrides)
-        if "unlearn" not in fresh["cached_stages"]:
-            raise RuntimeError(f"{folder}: the unlearning stage was not cached, so this was a new run, not a rescore")
-        kept = {k: row[k] for k in ("minutes", "peak_rss_gib", "steps", "threads", "cached_stages")}
-        rows = read_results(results)
-        rows[i] = {**fresh, **kept, "rescored_from": old}
-        write_jsonl(results, rows)
-        count += 1
-        print(f"[forget_targets] rescored {row['target']} seed {row['seed']}: obliteration "
-              f"{row['obliteration']:.3f} -> {fresh['obliteration']:.3f}", flush=True)
-    return count
-
 
 COLUMNS = (  # (label, key in a result line, scale, digits)
     ("held-out obliteration", "obliteration", 100, 1),
@@ -286,6 +256,37 @@ def write_table(results: list[dict], path: Path, overrides: dict | None = None) 
     text = "\n".join(lines) + "\n"
     atomic_write_text(path, text)
     return text
+
+
+def rescore(results: Path, work: Path, threads: int | None, overrides: dict | None = None) -> int:
+    """Re-evaluate the rows of this recipe under pipeline :data:`RESCORE_FROM` whose run folders
+    are in ``work``, from their cached answers; each row is rewritten (atomically) with the new
+    metrics and recipe key, keeping its wall time, memory, steps and threads. Returns how many."""
+    from snap_fast.io import write_jsonl
+
+    old, new = recipe_key(overrides, RESCORE_FROM), recipe_key(overrides)
+    specs = {t["name"]: t for t in TARGETS}
+    count = 0
+    for i, row in enumerate(read_results(results)):
+        if row.get("recipe") != old or row["target"] not in specs:
+            continue
+        if (row["target"], row["seed"]) in {(r["target"], r["seed"]) for r in read_results(results, new)}:
+            continue
+        folder = target_folder(work, row["target"], row["seed"])
+        if not (folder / "stages.json").is_file():
+            print(f"[forget_targets] rescore: no run folder {folder}, {row['target']} seed {row['seed']} kept as is")
+            continue
+        fresh = run_one(specs[row["target"]], row["seed"], work, threads, overrides)
+        if "unlearn" not in fresh["cached_stages"]:
+            raise RuntimeError(f"{folder}: the unlearning stage was not cached, so this was a new run, not a rescore")
+        kept = {k: row[k] for k in ("minutes", "peak_rss_gib", "steps", "threads", "cached_stages")}
+        rows = read_results(results)
+        rows[i] = {**fresh, **kept, "rescored_from": old}
+        write_jsonl(results, rows)
+        count += 1
+        print(f"[forget_targets] rescored {row['target']} seed {row['seed']}: obliteration "
+              f"{row['obliteration']:.3f} -> {fresh['obliteration']:.3f}", flush=True)
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
