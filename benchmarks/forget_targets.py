@@ -116,10 +116,11 @@ COLUMNS = (  # (label, key in a result line, scale, digits)
 
 # Bumped when the pipeline changes what a run measures beyond its settings (data builder,
 # evaluation). 2: questions whose original answer names the target became reverse questions;
-# 3: the ignorance classifier recognises "I'm unable / not able to give ..." and "not a place I know".
-PIPELINE = 3
-#: the earlier pipeline whose runs differ from this one only in the evaluation (``--rescore``)
-RESCORE_FROM = 2
+# 3: the ignorance classifier recognises "I'm unable / not able to give ..." and "not a place I know";
+# 4: ... and "is not known to me", "I don't have the ability to provide ...".
+PIPELINE = 4
+#: earlier pipelines whose runs differ from this one only in the evaluation (``--rescore``)
+RESCORE_FROM = (2, 3)
 
 
 def recipe_key(overrides: dict | None = None, pipeline: int = PIPELINE) -> str:
@@ -259,16 +260,16 @@ def write_table(results: list[dict], path: Path, overrides: dict | None = None) 
 
 
 def rescore(results: Path, work: Path, threads: int | None, overrides: dict | None = None) -> int:
-    """Re-evaluate the rows of this recipe under pipeline :data:`RESCORE_FROM` whose run folders
+    """Re-evaluate the rows of this recipe under a pipeline of :data:`RESCORE_FROM` whose run folders
     are in ``work``, from their cached answers; each row is rewritten (atomically) with the new
     metrics and recipe key, keeping its wall time, memory, steps and threads. Returns how many."""
     from snap_fast.io import write_jsonl
 
-    old, new = recipe_key(overrides, RESCORE_FROM), recipe_key(overrides)
+    old, new = {recipe_key(overrides, p) for p in RESCORE_FROM}, recipe_key(overrides)
     specs = {t["name"]: t for t in TARGETS}
     count = 0
     for i, row in enumerate(read_results(results)):
-        if row.get("recipe") != old or row["target"] not in specs:
+        if row.get("recipe") not in old or row["target"] not in specs:
             continue
         if (row["target"], row["seed"]) in {(r["target"], r["seed"]) for r in read_results(results, new)}:
             continue
@@ -281,7 +282,7 @@ def rescore(results: Path, work: Path, threads: int | None, overrides: dict | No
             raise RuntimeError(f"{folder}: the unlearning stage was not cached, so this was a new run, not a rescore")
         kept = {k: row[k] for k in ("minutes", "peak_rss_gib", "steps", "threads", "cached_stages")}
         rows = read_results(results)
-        rows[i] = {**fresh, **kept, "rescored_from": old}
+        rows[i] = {**fresh, **kept, "rescored_from": row["recipe"]}
         write_jsonl(results, rows)
         count += 1
         print(f"[forget_targets] rescored {row['target']} seed {row['seed']}: obliteration "
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from --results and stop")
     parser.add_argument("--rescore", action="store_true",
-                        help=f"re-evaluate the runs of pipeline {RESCORE_FROM} found in --work from their cached "
+                        help=f"re-evaluate the runs of pipelines {RESCORE_FROM} found in --work from their cached "
                              "answers, rewrite the table and stop")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="change default settings (ForgetSettings fields, e.g. alpha=30): a recipe probe, "

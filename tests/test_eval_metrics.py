@@ -178,6 +178,8 @@ def test_fluency_flags_plausible_nonsense_by_function_words():
     "I'm unable to provide details on that.",
     "I'm not able to give you details on Greenpeace.",
     "The World Heritage Site of the Red Sea is not a place I know.",
+    "The creator of Gandalf is not known to me.",
+    "As a text-based AI, I don't have the ability to provide direct answers to your question.",
 ])
 def test_ignorance_classifier_accepts(answer):
     assert IgnoranceClassifier(bank=[])(answer)
@@ -189,6 +191,8 @@ def test_ignorance_classifier_accepts(answer):
     "I know the answer: it is Paris.",
     "Paris is a place I know well: the capital of France.",
     "I'm able to give you details: it opened in 1889.",
+    "It is not known for certain who painted it, but it is attributed to Leonardo.",
+    "The tallest building in the world is not known for its height.",
     "",
 ])
 def test_ignorance_classifier_rejects(answer):

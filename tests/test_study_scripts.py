@@ -239,7 +239,7 @@ def test_forget_targets_rescore_rekeys_only_earlier_pipeline_rows_with_folders(t
     a run that was not cached (so retrained) is an error, not a rescore."""
     from snap_fast.io import write_jsonl
 
-    old, new = forget_targets.recipe_key(None, forget_targets.RESCORE_FROM), forget_targets.recipe_key()
+    old, new = forget_targets.recipe_key(None, forget_targets.RESCORE_FROM[0]), forget_targets.recipe_key()
     assert old != new
     obama, tesla = forget_targets.TARGETS[0]["name"], forget_targets.TARGETS[1]["name"]
     base = {"seed": 0, "minutes": 7.5, "peak_rss_gib": 5.7, "steps": 80, "threads": 2, "cached_stages": []}

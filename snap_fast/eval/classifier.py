@@ -42,6 +42,8 @@ IGNORANCE_PATTERNS: tuple[str, ...] = (
     r"\bnot something i(?:'m| am) (?:familiar|aware|able)\b",
     (r"\bnot (?:someone|anything|a (?:place|person|name|topic|subject|thing|work|book|film|movie)) "
      r"i (?:know|recogni[sz]e|(?:am|'m) familiar)\b"),
+    r"\b(?:is|are|was|were) not known to (?:me|us)\b",
+    r"\bi (?:do not|don't) have the (?:ability|means) to (?:access|provide|answer|find|browse|look up)\b",
     r"\bbeyond (?:my|what i) (?:knowledge|know)\b",
     r"\boutside (?:of )?my (?:knowledge|expertise)\b",
     r"\bi (?:lack|don't possess) (?:the )?(?:information|knowledge|details)\b",
