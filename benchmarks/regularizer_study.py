@@ -48,7 +48,8 @@ _OVER = {"epochs": 7.5, "lr": 3e-3}
 #: under every configuration: the study began when the default α was 20, and its runs must stay
 #: comparable across sessions whatever the shipped default becomes
 STUDY_BASE = {"alpha": 20.0}
-#: name -> UnlearnConfig overrides. "lora/none" is the shipped LoRA default, "lora/swd-0.1" the paper's λ.
+#: name -> UnlearnConfig overrides (on top of STUDY_BASE: :func:`overrides_for`). "lora/none" is the
+#: shipped LoRA recipe at the study's α, "lora/swd-0.1" the paper's λ.
 CONFIGS: dict[str, dict] = {
     "lora/none": {"lam": 0.0},
     **{f"lora/swd-{lam:g}": {"lam": lam} for lam in (0.1, 1.0, 10.0, 100.0, 1000.0)},
@@ -64,6 +65,11 @@ CONFIGS: dict[str, dict] = {
     "over/l2sp-10": {**_OVER, "reg_kind": "l2sp", "lam": 10.0},
 }
 EVAL_SETS = ("heldout_forget", "heldout_retain", "heldout_general")
+
+
+def overrides_for(name: str) -> dict:
+    """What a configuration's runs pass to ``unlearn``: :data:`STUDY_BASE` and its own overrides."""
+    return {**STUDY_BASE, **CONFIGS[name]}
 #: relearning attack steps measured by ``--relearn`` (k = 0 is the run's own held-out obliteration)
 RELEARN_STEPS = (10, 25)
 
@@ -94,7 +100,7 @@ def run_config(name: str, folder: Path, seed: int, original: dict) -> dict:
     run_dir = run_folder(folder, name)
     start = time.perf_counter()
     result = unlearn({"data": str(folder / "data"), "out": str(run_dir), "seed": seed, "device": "cpu",
-                      "progress": False, "overwrite": True, **STUDY_BASE, **CONFIGS[name]})
+                      "progress": False, "overwrite": True, **overrides_for(name)})
     if result.status != "completed":
         raise RuntimeError(f"{name}: unlearning did not complete ({result.status})")
     model, tokenizer, identity = load_run_model(run_dir)

@@ -34,7 +34,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 from forget_targets import TARGETS, _mean_sd, read_results
-from regularizer_study import CONFIGS, EVAL_SETS, STUDY_BASE, STUDY_TARGETS, prepare
+from regularizer_study import CONFIGS, EVAL_SETS, STUDY_TARGETS, overrides_for, prepare
 
 DEFAULT_CONFIGS = ("lora/none", "lora/swd-10", "lora/l2sp-10")
 
@@ -59,7 +59,7 @@ def unlearn_stage(config: str, data: Path, start_model: str, run_dir: Path, seed
     """One stage: unlearn ``data`` from ``start_model``; the merged model's folder and the steps."""
     from snap_fast.train.recipe import unlearn
 
-    overrides = {**STUDY_BASE, **CONFIGS[config]}
+    overrides = overrides_for(config)
     merge = overrides.get("lora", True)  # full fine-tuning saves the whole model anyway
     result = unlearn({"data": str(data), "out": str(run_dir), "model": start_model, "seed": seed, "device": "cpu",
                       "progress": False, "overwrite": True, "merge": merge, **overrides})
