@@ -182,11 +182,47 @@ def write_outputs(results: list[dict], table: Path, figure: Path) -> str:
         if runs:
             lines.append(f"| {name} | {len(runs)} | "
                          + " | ".join(_mean_sd([r.get(c[1]) for r in runs], c[2], c[3]) for c in COLUMNS) + " |")
+    lines += paired_differences(results)
     text = "\n".join(lines) + "\n"
     atomic_write_text(table, text)
     if results:
         atomic_write_bytes(figure, pareto_figure(results))
     return text
+
+
+#: columns of the paired table: (header, row key, scale, digits)
+PAIRED_COLUMNS = (("Δ held-out obliteration (points)", "obliteration", 100, 1), ("Δ retain ROUGE-L", "retain_rouge", 1, 3),
+                  ("Δ general false refusals (points)", "general_false_refusal", 100, 1),
+                  *((f"Δ obliteration after {k} relearning steps (points)", f"relearn{k}_obliteration", 100, 1)
+                    for k in RELEARN_STEPS))
+
+
+def paired_differences(results: list[dict]) -> list[str]:
+    """Markdown lines: each penalised configuration minus its regime's ``/none`` run on the same
+    target and seed, mean ± sd over those pairs (n). Seeds and targets move every metric more than
+    most penalties do; a pair shares both, so its difference is the penalty's own effect."""
+    by_key = {(r["target"], r["seed"], r["config"]): r for r in results}
+    lines = ["", "## Paired with no penalty", "",
+             ("Each configuration minus `<regime>/none` on the same target and seed, mean ± sd over n pairs; "
+             "a mean within 2 sd/√n of 0 is not distinguishable from seed and target noise."), "",
+             "| configuration | n pairs | " + " | ".join(c[0] for c in PAIRED_COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(PAIRED_COLUMNS)]
+    found = False
+    for name in CONFIGS:
+        if name.endswith("/none"):
+            continue
+        base = name.split("/")[0] + "/none"
+        pairs = [(r, by_key[(r["target"], r["seed"], base)]) for r in results
+                 if r["config"] == name and (r["target"], r["seed"], base) in by_key]
+        if not pairs:
+            continue
+        found = True
+        cells = []
+        for _, key, scale, digits in PAIRED_COLUMNS:
+            diffs = [a[key] - b[key] for a, b in pairs if a.get(key) is not None and b.get(key) is not None]
+            cells.append(_mean_sd(diffs, scale, digits))
+        lines.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return lines if found else []
 
 
 def pareto_figure(results: list[dict]) -> bytes:

@@ -38,6 +38,10 @@ def test_regularizer_study_table_and_figure_from_rows(tmp_path):
     assert "| lora/none | 2 | 85.0 ± 7.1 | 0.820 ± 0.028 |" in text
     assert "| lora/swd-10 | 1 | 70.0 | 0.900 |" in text and "| over/" not in text
     assert (tmp_path / "f.png").stat().st_size > 1000
+    # paired with lora/none on the same target and seed: only A pairs (0.7 - 0.9, 0.9 - 0.80);
+    # full/l2sp-10 has no full/none partner, so no row
+    assert "| lora/swd-10 | 1 | -20.0 | 0.100 | 0.0 | — | — |" in text
+    assert "| full/l2sp-10 |" not in text.split("## Paired with no penalty")[1]
 
 
 def test_forget_targets_rows_are_keyed_by_recipe(tmp_path, monkeypatch):
