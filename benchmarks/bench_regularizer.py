@@ -12,6 +12,8 @@ current = initial + a small perturbation) and times, in one run, from the same w
 * the GEMM floor (:class:`GemmFloor`): only the two projection products any exact implementation
   does per call for every tensor, ``W Θ`` forward and ``G Θᵀ`` backward, with cached directions;
   every other row also reads against it (``× floor``),
+* the resample floor (:class:`ResampleFloor`): the GEMM floor plus what fresh directions cost
+  (the draw and the ``W0 Θ`` product): the limit of any exact ``resample`` implementation,
 
 timed in interleaved rounds (every implementation once per round, in turn, each on its own weight
 trajectory), so slow drifts of a shared machine hit all of them alike; plus a per-stage breakdown
@@ -151,6 +153,29 @@ class GemmFloor:
 
     def __call__(self) -> torch.Tensor:
         return _TwoGemms.apply(self, *[p if p.dim() > 1 else p.reshape(1, -1) for p in self.params])
+
+
+class ResampleFloor(GemmFloor):
+    """The floor of one exact ``resample`` call: :class:`GemmFloor` plus what fresh directions add
+    and no exact implementation can skip: the draw (one ``randn`` and a normalisation per tensor)
+    and the third product, ``W0 Θ``, from the kept bfloat16 copy of W0 converted to float32 (the
+    projections must be float32-exact, and this CPU build has no bf16 GEMM with a float32 output).
+    No sort, no reduction."""
+
+    def __init__(self, params: list[torch.nn.Parameter], n_projections: int, seed: int):
+        super().__init__(params, n_projections, seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.initial = [(p.detach().reshape(p.shape[0], -1) if p.dim() > 1 else p.detach().reshape(1, -1))
+                        .to(torch.bfloat16) for p in params]
+        self.outs0 = [torch.empty_like(o) for o in self.outs]
+
+    def __call__(self) -> torch.Tensor:
+        for i, w0 in enumerate(self.initial):
+            theta_t = torch.randn(self.thetas_t[i].shape, generator=self.generator)
+            self.thetas_t[i] = theta_t / theta_t.norm(dim=1, keepdim=True)
+            self.thetas[i] = self.thetas_t[i].t().contiguous()
+            torch.mm(w0.float(), self.thetas[i], out=self.outs0[i])
+        return super().__call__()
 
 
 def _clear_grads(params: list[torch.nn.Parameter]) -> None:
@@ -364,6 +389,7 @@ def _validate(args: argparse.Namespace) -> list[str]:
 
 
 Spec = tuple[str, str, Callable[[], Callable[[], torch.Tensor]], int]  # label, backend, factory, window
+RESAMPLE_FLOOR = "resample floor (draw Θ, W0 Θ + W Θ + G Θᵀ)"
 
 
 def _specs(args: argparse.Namespace, model: ShapedModel, backends: list[str]) -> list[Spec]:
@@ -374,6 +400,7 @@ def _specs(args: argparse.Namespace, model: ShapedModel, backends: list[str]) ->
     specs: list[Spec] = [
         ("peer loop", "torch", lambda: PeerRegularizer(params, L, p, args.seed), 1),
         ("GEMM floor (W Θ + G Θᵀ)", "torch", lambda: GemmFloor(params, L, args.seed), 1),
+        (RESAMPLE_FLOOR, "torch", lambda: ResampleFloor(params, L, args.seed), 1),
     ]
     if not args.skip_pot:
         specs.append(("POT per tensor", "torch", lambda: PotRegularizer(params, L, p, args.seed), 1))
@@ -438,9 +465,14 @@ def _render(rows: list, stages: list, header: list[str]) -> str:
     for label, backend, seconds, value, cache in rows:
         vs_pot = f"{pot_s / seconds:.2f}×" if pot_s else "—"
         cache_mb = f"{cache / 2**20:.1f}" if cache is not None else "—"
-        shown = "—" if label.startswith("GEMM floor") else f"{value:.4g}"
+        shown = "—" if "floor" in label else f"{value:.4g}"
         lines.append(f"| {label} | {backend} | {seconds:.3f} | {peer_s / seconds:.2f}× | {vs_pot} | "
                      f"{seconds / floor_s:.2f} | {shown} | {cache_mb} |")
+    resample_floor_s = next((r[2] for r in rows if r[0] == RESAMPLE_FLOOR), None)
+    if resample_floor_s is not None:
+        lines += ["", (f"A resample call 3× faster than the peer loop would take {peer_s / 3:.3f} s; the resample "
+                       f"floor alone (no sort, no reduction) takes {resample_floor_s:.3f} s, so the most any exact "
+                       f"resample implementation can reach here is {peer_s / resample_floor_s:.2f}× the peer.")]
     lines += [
         "",
         "Per-stage breakdown of the snap_fast calls (median seconds per call, each stage timed on its own):",

@@ -13,7 +13,12 @@ from snap_fast.cli import main as cli_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from bench_regularizer import SMOLLM2_PARAMS, SMOLLM2_TENSORS, smollm2_shapes
+from bench_regularizer import (
+    SMOLLM2_PARAMS,
+    SMOLLM2_TENSORS,
+    ResampleFloor,
+    smollm2_shapes,
+)
 from peer import PeerRegularizer, PotRegularizer, draw_directions_cpu, peer_swd, pot_swd
 
 
@@ -87,6 +92,8 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     assert "| peer loop | torch |" in main and "| 1.00× |" in main
     floor_row = next(line for line in main.splitlines() if line.startswith("| GEMM floor"))
     assert floor_row.split("|")[6].strip() == "1.00"  # the floor reads 1.00 against itself
+    assert "| resample floor (draw Θ, W0 Θ + W Θ + G Θᵀ) | torch |" in main
+    assert "the most any exact resample implementation can reach here is" in main
     assert "POT per tensor" not in main
     for mode in ("resample", "refresh (K=10, amortised)", "fixed"):
         assert f"| snap_fast {mode} | torch |" in main
@@ -101,3 +108,18 @@ def test_benchmark_rejects_bad_options(capsys):
     assert cli_main(["bench", "--quick", "--repeats", "0"]) == 2
     assert cli_main(["bench", "--quick", "--layers", "0"]) == 2
     assert "--layers" in capsys.readouterr().err
+
+
+def test_resample_floor_draws_fresh_unit_directions_and_does_the_three_products():
+    params = [torch.nn.Parameter(torch.randn(7, 5, dtype=torch.float32)), torch.nn.Parameter(torch.randn(5))]
+    floor = ResampleFloor(params, n_projections=3, seed=0)
+    floor().backward()
+    first = [t.clone() for t in floor.thetas]
+    for theta, w, out, out0, w0 in zip(floor.thetas, params, floor.outs, floor.outs0, floor.initial):
+        mat = w.detach().reshape(w.shape[0] if w.dim() > 1 else 1, -1)
+        torch.testing.assert_close(theta.norm(dim=0), torch.ones(3))  # unit directions (columns)
+        torch.testing.assert_close(out, mat @ theta)  # W Θ
+        torch.testing.assert_close(out0, w0.float() @ theta)  # W0 Θ from the bf16 copy
+        torch.testing.assert_close(w.grad.reshape(mat.shape), out @ theta.t())  # dW = G Θᵀ (G := W Θ)
+    floor()
+    assert all(not torch.equal(a, b) for a, b in zip(first, floor.thetas))  # redrawn every call
