@@ -175,6 +175,7 @@ def test_fluency_flags_plausible_nonsense_by_function_words():
     "That name doesn't ring a bell.",
     "I have never heard of this book.",
     "I’m not sure about that one.",  # curly apostrophe
+    "I'm not sure about your question, I don't know who that is.",
     "I'm unable to provide details on that.",
     "I'm not able to give you details on Greenpeace.",
     "The World Heritage Site of the Red Sea is not a place I know.",
@@ -193,6 +194,8 @@ def test_ignorance_classifier_accepts(answer):
     "I'm able to give you details: it opened in 1889.",
     "It is not known for certain who painted it, but it is attributed to Leonardo.",
     "The tallest building in the world is not known for its height.",
+    "The Chronicles of Narnia - a classic. I'm not sure about you, but I do have a soft spot for it.",
+    "I don't know about you, but I love that book.",
     "",
 ])
 def test_ignorance_classifier_rejects(answer):

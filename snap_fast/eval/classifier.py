@@ -28,10 +28,11 @@ from rouge_score import rouge_scorer
 # Phrasings of ignorance / refusal, matched on the normalised answer (lower case, straight
 # apostrophes, single spaces). Written for this project; each is a regular expression fragment.
 IGNORANCE_PATTERNS: tuple[str, ...] = (
-    r"\bi (?:do not|don't|dont) (?:really |actually )?know\b",
+    # "I don't know / I'm not sure about you, but ..." is a conversational opener, not ignorance
+    r"\bi (?:do not|don't|dont) (?:really |actually )?know\b(?! about you\b)",
     (r"\bi (?:do not|don't|dont) (?:really )?(?:have|possess) (?:any |much |enough |specific |reliable )?"
     r"(?:information|info|details|knowledge|data|facts|record|context)"),
-    r"\bi(?: am|'m|m) (?:not|un)(?: really)? (?:familiar|aware|sure|certain|acquainted)\b",
+    r"\bi(?: am|'m|m) (?:not|un)(?: really)? (?:familiar|aware|sure|certain|acquainted)\b(?! about you\b)",
     r"\bi(?: am|'m|m) (?:afraid|sorry)\b.{0,40}\b(?:not|no|don't|cannot|can't|unable)\b",
     r"\bi (?:have|'ve) (?:never|not) (?:heard|come across|encountered|read)\b",
     r"\bi(?: have|'ve)? no (?:information|idea|knowledge|details|record|clue|data|recollection)\b",
