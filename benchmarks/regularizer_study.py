@@ -71,7 +71,7 @@ def overrides_for(name: str) -> dict:
     """What a configuration's runs pass to ``unlearn``: :data:`STUDY_BASE` and its own overrides."""
     return {**STUDY_BASE, **CONFIGS[name]}
 #: relearning attack steps measured by ``--relearn`` (k = 0 is the run's own held-out obliteration)
-RELEARN_STEPS = (10, 25)
+RELEARN_STEPS = (2, 5, 10, 25)
 
 
 def prepare(spec: dict, seed: int, work: Path, model, tokenizer, identity: str) -> tuple[Path, dict]:
@@ -146,11 +146,12 @@ def relearn_columns(folder: Path, row: dict) -> dict:
 
 
 def add_relearning(results: Path, work: Path, selected) -> None:
-    """Add the relearning columns to every selected row that lacks them (rows rewritten atomically)."""
+    """Add the relearning columns to every selected row that lacks one of them (the attack is rerun
+    from its seed for all of :data:`RELEARN_STEPS`; rows rewritten atomically)."""
     from snap_fast.io import write_jsonl
 
     for i, row in enumerate(read_results(results)):
-        if not selected(row) or f"relearn{RELEARN_STEPS[-1]}_obliteration" in row:
+        if not selected(row) or all(f"relearn{k}_obliteration" in row for k in RELEARN_STEPS):
             continue
         print(f"[regularizer_study] relearning {row['target']} seed {row['seed']} {row['config']} ...", flush=True)
         folder = target_folder(work, row["target"], row["seed"])

@@ -156,22 +156,24 @@ def test_regularizer_study_relearning_fills_only_missing_selected_rows(tmp_path,
 
     path = tmp_path / "r.jsonl"
     rows = [{"target": "A", "seed": 0, "config": "lora/none"},
-            {"target": "A", "seed": 0, "config": "lora/swd-10", "relearn10_obliteration": 0.5,
-             "relearn25_obliteration": 0.4},
+            {"target": "A", "seed": 0, "config": "lora/swd-10",
+             **{f"relearn{k}_obliteration": 0.4 for k in regularizer_study.RELEARN_STEPS}},
+            {"target": "A", "seed": 1, "config": "lora/swd-10", "relearn25_obliteration": 0.4},  # one step missing
             {"target": "B", "seed": 0, "config": "lora/none"}]
     write_jsonl(path, rows)
     calls = []
 
     def fake(folder, row):
         calls.append((folder.name, row["config"]))
-        return {"relearn10_obliteration": 0.3, "relearn25_obliteration": 0.1}
+        return {f"relearn{k}_obliteration": 0.1 for k in regularizer_study.RELEARN_STEPS}
 
     monkeypatch.setattr(regularizer_study, "relearn_columns", fake)
     regularizer_study.add_relearning(path, tmp_path, lambda r: r["target"] == "A")
-    assert calls == [("a_seed0", "lora/none")]
+    assert calls == [("a_seed0", "lora/none"), ("a_seed1", "lora/swd-10")]
     after = read_jsonl(path)
     assert after[0]["relearn25_obliteration"] == 0.1 and after[1]["relearn25_obliteration"] == 0.4
-    assert "relearn25_obliteration" not in after[2]
+    assert after[2]["relearn2_obliteration"] == 0.1
+    assert "relearn25_obliteration" not in after[3]
     text = regularizer_study.write_outputs([{**r, "regime": "lora", "obliteration": 0.9, "retain_rouge": 0.8}
                                             for r in after], tmp_path / "t.md", tmp_path / "f.png")
     assert "obliteration after 25 relearning steps" in text
