@@ -471,8 +471,9 @@ def _render(rows: list, stages: list, header: list[str]) -> str:
     resample_floor_s = next((r[2] for r in rows if r[0] == RESAMPLE_FLOOR), None)
     if resample_floor_s is not None:
         lines += ["", (f"A resample call 3× faster than the peer loop would take {peer_s / 3:.3f} s; the resample "
-                       f"floor alone (no sort, no reduction) takes {resample_floor_s:.3f} s, so the most any exact "
-                       f"resample implementation can reach here is {peer_s / resample_floor_s:.2f}× the peer.")]
+                       f"floor alone (no sort, no reduction) takes {resample_floor_s:.3f} s, so a resample "
+                       "implementation built on these products (torch's randn, the bf16 W0 copy converted to "
+                       f"float32) cannot pass {peer_s / resample_floor_s:.2f}× the peer here.")]
     lines += [
         "",
         "Per-stage breakdown of the snap_fast calls (median seconds per call, each stage timed on its own):",
