@@ -61,6 +61,7 @@ import snap_fast
 from snap_fast.ops.backends import match_sorted
 from snap_fast.ops.swd.cpp import available as _cpp_available
 from snap_fast.ops.swd.function import swd_from_projections
+from snap_fast.ops.swd.naive import as_matrix
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2_TENSORS = 272
@@ -145,7 +146,7 @@ class GemmFloor:
         g = torch.Generator().manual_seed(seed)
         self.params = params
         self.shapes = [p.shape if p.dim() > 1 else (1, p.numel()) for p in params]  # as passed to the GEMMs
-        mats = [p.detach().reshape(p.shape[0], -1) if p.dim() > 1 else p.detach().reshape(1, -1) for p in params]
+        mats = [as_matrix(p.detach()) for p in params]
         self.thetas_t = [torch.randn(n_projections, m.shape[1], generator=g) for m in mats]
         self.thetas = [t.t().contiguous() for t in self.thetas_t]
         # the forward writes here; the backward reads it back as the incoming (n, L) gradient
@@ -165,8 +166,7 @@ class ResampleFloor(GemmFloor):
     def __init__(self, params: list[torch.nn.Parameter], n_projections: int, seed: int):
         super().__init__(params, n_projections, seed)
         self.generator = torch.Generator().manual_seed(seed)
-        self.initial = [(p.detach().reshape(p.shape[0], -1) if p.dim() > 1 else p.detach().reshape(1, -1))
-                        .to(torch.bfloat16) for p in params]
+        self.initial = [as_matrix(p.detach()).to(torch.bfloat16) for p in params]
         self.outs0 = [torch.empty_like(o) for o in self.outs]
 
     def __call__(self) -> torch.Tensor:

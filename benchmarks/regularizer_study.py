@@ -203,27 +203,22 @@ def paired_differences(results: list[dict]) -> list[str]:
     target and seed, mean ± sd over those pairs (n). Seeds and targets move every metric more than
     most penalties do; a pair shares both, so its difference is the penalty's own effect."""
     by_key = {(r["target"], r["seed"], r["config"]): r for r in results}
-    lines = ["", "## Paired with no penalty", "",
-             ("Each configuration minus `<regime>/none` on the same target and seed, mean ± sd over n pairs; "
-             "a mean within 2 sd/√n of 0 is not distinguishable from seed and target noise."), "",
-             "| configuration | n pairs | " + " | ".join(c[0] for c in PAIRED_COLUMNS) + " |",
-             "|---|---:|" + "---:|" * len(PAIRED_COLUMNS)]
-    found = False
-    for name in CONFIGS:
-        if name.endswith("/none"):
-            continue
+    rows = []
+    for name in (n for n in CONFIGS if not n.endswith("/none")):
         base = name.split("/")[0] + "/none"
         pairs = [(r, by_key[(r["target"], r["seed"], base)]) for r in results
                  if r["config"] == name and (r["target"], r["seed"], base) in by_key]
-        if not pairs:
-            continue
-        found = True
-        cells = []
-        for _, key, scale, digits in PAIRED_COLUMNS:
-            diffs = [a[key] - b[key] for a, b in pairs if a.get(key) is not None and b.get(key) is not None]
-            cells.append(_mean_sd(diffs, scale, digits))
-        lines.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
-    return lines if found else []
+        if pairs:
+            cells = [_mean_sd([a[key] - b[key] for a, b in pairs if a.get(key) is not None and b.get(key) is not None],
+                              scale, digits) for _, key, scale, digits in PAIRED_COLUMNS]
+            rows.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "## Paired with no penalty", "",
+            ("Each configuration minus `<regime>/none` on the same target and seed, mean ± sd over n pairs; "
+             "a mean within 2 sd/√n of 0 is not distinguishable from seed and target noise."), "",
+            "| configuration | n pairs | " + " | ".join(c[0] for c in PAIRED_COLUMNS) + " |",
+            "|---|---:|" + "---:|" * len(PAIRED_COLUMNS), *rows]
 
 
 def pareto_figure(results: list[dict]) -> bytes:
