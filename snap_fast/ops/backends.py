@@ -55,11 +55,14 @@ class Backend:
         reads_bf16_reference: the sort kernels read a bfloat16 sorted reference as stored, so
             callers skip a conversion pass.
         fused: the backend offers :meth:`swd_forward` (value and gradient in one pass).
+        lora_fused: the backend offers :meth:`lora_swd_forward` (the fused pass for LoRA terms,
+            projections formed from the factors inside the kernel).
     """
 
     name = "torch"
     reads_bf16_reference = False
     fused = False
+    lora_fused = False
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device``'s tensors, or None when it can."""
@@ -158,6 +161,7 @@ class CppBackend(Backend):
     name = "cpp"
     reads_bf16_reference = True
     fused = True
+    lora_fused = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type != "cpu":
@@ -183,6 +187,12 @@ class CppBackend(Backend):
         from .swd import cpp
 
         return cpp.swd_forward(proj, sorted_ref, layout, **kwargs)
+
+    def lora_swd_forward(self, base, sorted_ref, layout, u_t, inner, **kwargs):
+        """Fused value and LoRA factor gradients; see :func:`snap_fast.ops.swd.cpp.lora_swd_forward`."""
+        from .swd import cpp
+
+        return cpp.lora_swd_forward(base, sorted_ref, layout, u_t, inner, **kwargs)
 
     def swd_sum(self, proj, sorted_ref, layout, *, p, n_projections, state, offset):
         return _CppFusedSWD.apply(proj, sorted_ref, layout, float(p), 1.0 / n_projections, state, offset)

@@ -16,7 +16,7 @@ from ..ops.swd.layout import SegmentLayout
 from ..ops.swd.naive import as_matrix
 from .terms import RegularizedTerm
 
-__all__ = ["FlatItem", "FlatPlan", "FlatProjection", "fill_projections", "flat_grads"]
+__all__ = ["FlatItem", "FlatPlan", "FlatProjection", "fill_projections", "flat_grads", "lora_fused_swd"]
 
 
 @dataclass(frozen=True)
@@ -122,14 +122,46 @@ class FlatProjection(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
+def lora_fused_swd(
+    plan: FlatPlan, thetas: list[torch.Tensor], sorted_ref: torch.Tensor, state: dict | None, offset: torch.Tensor,
+    tensors: tuple[torch.Tensor, ...], needs: tuple[bool, ...],
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The whole call for a plan of LoRA terms only, with the cached ``W0 Θ`` as ``offset``.
+
+    The backend's ``lora_swd_forward`` forms each segment's projections from ``offset`` and the
+    factors and folds the gradient into them as it goes, so neither the projections nor their
+    gradient exist as (layout.total,) buffers; what is left here are the r×L products ``s·V Θ``
+    and ``dV = s · d_inner Θᵀ``. Returns the float64 value and the gradients of ``tensors``
+    ((U, V) per term; None where ``needs`` is false).
+    """
+    u_t, inners = [], []
+    for j, (item, theta) in enumerate(zip(plan.items, thetas)):
+        u, v = tensors[2 * j], tensors[2 * j + 1]
+        u_t.append(u.detach().float().t().contiguous())
+        inners.append((v.detach().float() @ theta).mul_(item.term.factors.scaling))
+    value, du_t, d_inner = plan.backend.lora_swd_forward(
+        offset, sorted_ref, plan.layout, u_t, inners, p=plan.p, scale=1.0 / plan.n_projections, state=state
+    )
+    grads: list[torch.Tensor | None] = [None] * len(tensors)
+    for j, (item, theta) in enumerate(zip(plan.items, thetas)):
+        u, v = tensors[2 * j], tensors[2 * j + 1]
+        if needs[2 * j]:
+            grads[2 * j] = du_t[j].t().to(u.dtype)  # (n, r)
+        if needs[2 * j + 1]:
+            grads[2 * j + 1] = torch.mm(d_inner[j].mul_(item.term.factors.scaling), theta.t()).to(v.dtype)  # (r, d)
+    return value, grads
+
+
 class _FusedFlatSWD(torch.autograd.Function):
     """The whole call on the C++ backend: projections, fused sort + reduction, gradients.
 
     The projections go into a buffer the plan keeps (nothing else reads it after the
     kernel), the kernel adds the cached W0 Θ offset itself, and the incoming scalar gradient is
     folded into small operands. When every term is a LoRA term, the factor gradients (r×d and
-    n×r: small) are computed right here from a kept gradient buffer and only scaled in backward,
-    so a call allocates no buffer of n×L values at all (a fresh one costs a page fault per 4 KiB).
+    n×r: small) are computed right here and only scaled in backward: by the backend's LoRA kernel
+    (:func:`lora_fused_swd`) when the W0 Θ offset is cached (fixed and refresh modes), which
+    writes no (layout.total,) buffer at all, else from a kept gradient buffer, so a call allocates
+    no buffer of n×L values (a fresh one costs a page fault per 4 KiB).
     Otherwise the gradient buffer is lent from the plan's pool (:meth:`FlatPlan.lend`) to the
     backward, which runs the GEMMs and gives it back: a call in a training loop reuses one buffer,
     while graphs kept alive together each hold their own.
@@ -137,16 +169,19 @@ class _FusedFlatSWD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, thetas, sorted_ref, state, offset, need_grad, *tensors):  # type: ignore[override]
+        eager = all(it.kind == "lora" for it in plan.items)
+        needs = tuple(t.requires_grad for t in tensors) if need_grad else (False,) * len(tensors)
+        ctx.eager = eager
+        if eager and offset is not None and plan.backend.lora_fused:
+            value, ctx.grads = lora_fused_swd(plan, thetas, sorted_ref, state, offset, tensors, needs)
+            return value.to(torch.float32)
         proj = plan.workspace("proj")
         inners = fill_projections(plan.items, thetas, tensors, proj, with_base=offset is None)
-        eager = all(it.kind == "lora" for it in plan.items)
         lent = need_grad and not eager
         value, grad = plan.backend.swd_forward(
             proj, sorted_ref, plan.layout, p=plan.p, scale=1.0 / plan.n_projections, state=state, offset=offset,
             grad_out=plan.lend(ctx) if lent else plan.workspace("grad"),
         )
-        needs = tuple(t.requires_grad for t in tensors) if need_grad else (False,) * len(tensors)
-        ctx.eager = eager
         if eager:
             ctx.grads = flat_grads(plan.items, thetas, inners, tensors, grad, needs, None) if need_grad else None
         else:

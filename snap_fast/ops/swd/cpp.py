@@ -39,6 +39,7 @@ __all__ = [
     "cuda_available",
     "cuda_segmented_argsort",
     "cuda_sort_rows",
+    "lora_swd_forward",
     "match_sorted",
     "sort_segments",
     "swd_forward",
@@ -339,6 +340,74 @@ def swd_forward(
     )
     _record(state, counts)
     return value, grad
+
+
+def _check_factor_lists(u_t: object, inner: object, layout: SegmentLayout) -> None:
+    """The per-term checks of :func:`lora_swd_forward` that cost no pass over the segments (the
+    kernel checks each term's segment lengths against its ``u_t`` itself)."""
+    for name, mats in (("u_t", u_t), ("inner", inner)):
+        if not isinstance(mats, (list, tuple)) or not mats:
+            raise TypeError(f"{name} must be a non-empty list of tensors, got {type(mats).__name__}")
+        for t, m in enumerate(mats):
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.float32 or m.dim() != 2 or m.device.type != "cpu":
+                what = f"{m.dtype} of shape {tuple(m.shape)} on {m.device}" if isinstance(m, torch.Tensor) else type(m)
+                raise ValueError(f"{name}[{t}] must be a 2-D float32 CPU tensor, got {what}")
+    if len(u_t) != len(inner):
+        raise ValueError(f"u_t and inner must hold one tensor per term, got {len(u_t)} and {len(inner)}")
+    n_dirs = inner[0].shape[1]
+    if layout.num_segments != len(u_t) * n_dirs:
+        raise ValueError(
+            f"layout has {layout.num_segments} segments, not {len(u_t)} terms × {n_dirs} directions (inner[0] is "
+            f"{tuple(inner[0].shape)})"
+        )
+    for t, (u, c) in enumerate(zip(u_t, inner)):
+        if c.shape != (u.shape[0], n_dirs):
+            raise ValueError(f"inner[{t}] must be ({u.shape[0]}, {n_dirs}) like u_t[{t}] (r, n), got {tuple(c.shape)}")
+
+
+def lora_swd_forward(
+    base: torch.Tensor,
+    sorted_ref: torch.Tensor,
+    layout: SegmentLayout,
+    u_t: list[torch.Tensor],
+    inner: list[torch.Tensor],
+    *,
+    p: float,
+    scale: float,
+    state: dict | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`swd_forward` for LoRA terms, with the factor gradients and no flat buffers.
+
+    Term t (of T) is a LoRA layer ``W = W0 + s·U V`` with U (n_t, r_t); its projections on the L
+    directions Θ_t (d, L) are ``x = W0 Θ_t + U inner_t`` with ``inner_t = s·V Θ_t`` (r_t, L). The
+    kernel forms x one segment at a time from ``base`` (the cached W0 Θ) and the factors, so no
+    (layout.total,) buffer of projections or gradients is written.
+
+    Args:
+        base: (layout.total,) float32 or bfloat16 ``W0 Θ`` of every term, laid out like the
+            regularizer's flat buffer: term t's (L, n_t) block, one segment per direction.
+        sorted_ref, state: as in :func:`swd_forward`.
+        layout: T·L segments, term t's L segments of n_t values each, in term order.
+        u_t: T contiguous float32 (r_t, n_t) matrices, ``Uᵀ`` of each term.
+        inner: T contiguous float32 (r_t, L) matrices, ``s·V Θ_t``.
+        p, scale: as in :func:`swd_forward`.
+
+    Returns ``(value, du_t, d_inner)``: the float64 0-dim value, and per term the gradients of the
+    value w.r.t. ``u_t[t]`` (r_t, n_t) and ``inner[t]`` (r_t, L), float32.
+    """
+    layout = _check_layout(layout)
+    base = _flat_cpu_ref("base", base, layout)
+    sorted_ref = _flat_cpu_ref("sorted_ref", sorted_ref, layout)
+    if not p > 0:
+        raise ValueError(f"p must be > 0, got {p}")
+    _check_factor_lists(u_t, inner, layout)
+    perm, reuse = _perm_buffer(state, layout)
+    value, du_t, d_inner, counts = _module().lora_swd_forward(
+        base, sorted_ref, layout.offsets("cpu"), [u.contiguous() for u in u_t], [c.contiguous() for c in inner],
+        perm, reuse, float(p), float(scale),
+    )
+    _record(state, counts)
+    return value, du_t, d_inner
 
 
 # ------------------------------------------------------------------------------------ CUDA
