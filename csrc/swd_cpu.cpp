@@ -524,51 +524,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
 }
 
 // ------------------------------------------------------------------------------------------
-// lora_swd_forward: swd_forward for terms that are all LoRA layers, W = W0 + s·U V, without any
-// buffer of projections or gradients. Term t owns segments [t·L, (t+1)·L) of `offsets` (one per
-// direction, each of its n_t rows). Per term the kernel forms X = base + innerᵀ Uᵀ (inner = s·V Θ,
-// r×L) in a thread-local (L, n) buffer, runs swd_forward's sort and reduction on its rows into a
-// thread-local gradient G = ∂value/∂X, and turns G into the factor gradients dUᵀ = inner G and
-// d_inner = Uᵀ Gᵀ while both buffers are still in cache. Compared with the flat path (a GEMM writing
-// every projection to memory, the fused pass writing every gradient, two GEMMs reading it back)
-// only the cached W0 Θ, the sorted reference and the permutation cross memory. Threads take whole
-// terms, so nothing is shared between them and the sums are deterministic.
-// Returns (value float64 0-dim, [dUᵀ_t (r, n_t)], [d_inner_t (r, L)], stats).
+// lora_swd_forward: swd_forward for terms that are all LoRA layers, W = W0 + s·U V, with the
+// factor gradients and without any buffer of projections or gradients. Term t owns segments
+// [t·L, (t+1)·L) of `offsets` (one per direction, each of its n_t rows). Per term the kernel forms
+// inner = s·V Θ (r×L) and X = base + innerᵀ Uᵀ in a thread-local (L, n) buffer, runs
+// swd_forward's sort and reduction on X's rows into a thread-local gradient G = ∂value/∂X, and
+// turns G into dU = (inner G)ᵀ and dV = s·(Uᵀ Gᵀ) Θᵀ while both buffers are still in cache.
+// Compared with the flat path (a GEMM writing every projection to memory, the fused pass writing
+// every gradient, two GEMMs reading it back, a few small GEMMs per layer from Python) only the
+// cached W0 Θ, the sorted reference and the permutation cross memory. Threads take whole terms
+// (the small GEMMs run single-threaded inside the parallel region), so nothing is shared between
+// them and the sums are deterministic.
+// Returns (value float64 0-dim, [dU_t (n_t, r_t)], [dV_t (r_t, d_t)], stats).
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> lora_swd_forward(
-    const at::Tensor& base, const at::Tensor& sorted_ref, const at::Tensor& offsets,
-    const std::vector<at::Tensor>& u_t, const std::vector<at::Tensor>& inner,
+    const at::Tensor& base, const at::Tensor& sorted_ref, const at::Tensor& offsets, const std::vector<at::Tensor>& u,
+    const std::vector<at::Tensor>& v, const std::vector<at::Tensor>& theta, const std::vector<double>& scaling,
     const c10::optional<at::Tensor>& perm, bool reuse, double p, double scale) {
   const int64_t total = base.numel();
   check_ref(base, "base", total);
   check_ref(sorted_ref, "sorted_ref", total);
   check_offsets(offsets, total, "base");
   TORCH_CHECK(p > 0, "p must be > 0, got ", p);
-  const int64_t num_terms = static_cast<int64_t>(u_t.size());
+  const int64_t num_terms = static_cast<int64_t>(u.size());
   const int64_t num_segments = offsets.numel() - 1;
-  TORCH_CHECK(num_terms > 0 && static_cast<int64_t>(inner.size()) == num_terms, "u_t and inner must hold one ",
-              "tensor per term, got ", num_terms, " and ", inner.size());
+  TORCH_CHECK(num_terms > 0 && static_cast<int64_t>(v.size()) == num_terms &&
+                  static_cast<int64_t>(theta.size()) == num_terms && static_cast<int64_t>(scaling.size()) == num_terms,
+              "u, v, theta and scaling must hold one entry per term, got ", u.size(), ", ", v.size(), ", ",
+              theta.size(), " and ", scaling.size());
   TORCH_CHECK(num_segments % num_terms == 0, num_segments, " segments do not split into ", num_terms, " terms");
   const int64_t L = num_segments / num_terms;
   const int64_t* o = offsets.data_ptr<int64_t>();
+  auto is_matrix = [](const at::Tensor& m) {
+    return m.device().is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 2;
+  };
   std::vector<int64_t> term_offsets(static_cast<size_t>(num_terms) + 1, 0);
-  std::vector<at::Tensor> du(static_cast<size_t>(num_terms)), dinner(static_cast<size_t>(num_terms));
+  std::vector<at::Tensor> du(static_cast<size_t>(num_terms)), dv(static_cast<size_t>(num_terms));
   for (int64_t t = 0; t < num_terms; ++t) {
+    const size_t i = static_cast<size_t>(t);
     const int64_t n = o[t * L + 1] - o[t * L];
     for (int64_t l = 1; l < L; ++l) {
       TORCH_CHECK(o[t * L + l + 1] - o[t * L + l] == n, "term ", t, ": its ", L, " segments differ in length");
     }
-    const at::Tensor& u = u_t[static_cast<size_t>(t)];
-    const at::Tensor& c = inner[static_cast<size_t>(t)];
-    TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.dim() == 2 && u.is_contiguous(),
-                "u_t[", t, "] must be a contiguous float32 CPU matrix");
-    TORCH_CHECK(u.size(1) == n, "u_t[", t, "] has ", u.size(1), " columns, its segments have ", n, " rows");
-    TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kFloat && c.dim() == 2 && c.is_contiguous(),
-                "inner[", t, "] must be a contiguous float32 CPU matrix");
-    TORCH_CHECK(c.size(0) == u.size(0) && c.size(1) == L, "inner[", t, "] must be (", u.size(0), ", ", L,
-                "), got (", c.size(0), ", ", c.size(1), ")");
-    term_offsets[static_cast<size_t>(t) + 1] = o[(t + 1) * L];
-    du[static_cast<size_t>(t)] = at::empty_like(u);
-    dinner[static_cast<size_t>(t)] = at::empty_like(c);
+    TORCH_CHECK(is_matrix(u[i]) && is_matrix(v[i]) && is_matrix(theta[i]), "u, v and theta of term ", t,
+                " must be float32 CPU matrices");
+    TORCH_CHECK(u[i].size(0) == n, "u[", t, "] has ", u[i].size(0), " rows, its segments have ", n);
+    TORCH_CHECK(v[i].size(0) == u[i].size(1) && theta[i].size(0) == v[i].size(1) && theta[i].size(1) == L,
+                "term ", t, ": u ", u[i].sizes(), ", v ", v[i].sizes(), " and theta ", theta[i].sizes(),
+                " are not (n, r), (r, d) and (d, ", L, ")");
+    term_offsets[i + 1] = o[(t + 1) * L];
+    du[i] = at::empty(u[i].sizes(), u[i].options().memory_format(at::MemoryFormat::Contiguous));
+    dv[i] = at::empty(v[i].sizes(), v[i].options().memory_format(at::MemoryFormat::Contiguous));
   }
   int32_t* pm = prepare_perm(perm, reuse, offsets, total, /*check_range=*/false);
   std::vector<double> partial(static_cast<size_t>(num_segments), 0.0);
@@ -577,41 +582,47 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
   std::atomic<bool> bad_perm{false};
   const std::vector<int64_t> bounds = balanced_chunks(term_offsets.data(), num_terms);
   const int64_t nchunks = static_cast<int64_t>(bounds.size()) - 1;
+  const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
   with_ref(sorted_ref, [&](const auto* ref) {
     with_ref(base, [&](const auto* b) {
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
         // One term's (L, n) projections and gradients, small enough to stay in cache between the
-        // GEMMs and the sort passes; the GEMMs run single-threaded inside this parallel region.
-        thread_local std::vector<float> x_buf, g_buf;
+        // GEMMs and the sort passes.
+        thread_local std::vector<float> x_buf, g_buf, dut_buf;
         for (int64_t t = bounds[c0]; t < bounds[c1]; ++t) {
-          const at::Tensor& u = u_t[static_cast<size_t>(t)];
-          const at::Tensor& c = inner[static_cast<size_t>(t)];
-          const int64_t n = u.size(1), start = o[t * L];
+          const size_t i = static_cast<size_t>(t);
+          const int64_t n = u[i].size(0), r = u[i].size(1), start = o[t * L];
           float* xp = scratch(x_buf, L * n);
           float* gp = scratch(g_buf, L * n);
           for (int64_t k = 0; k < L * n; ++k) xp[k] = static_cast<float>(b[start + k]);
-          at::Tensor x = at::from_blob(xp, {L, n}, at::TensorOptions().dtype(at::kFloat));
-          at::Tensor g = at::from_blob(gp, {L, n}, at::TensorOptions().dtype(at::kFloat));
-          x.addmm_(c.t(), u);  // x = W0 Θ + (s·V Θ)ᵀ Uᵀ
+          at::Tensor x = at::from_blob(xp, {L, n}, f32);
+          at::Tensor g = at::from_blob(gp, {L, n}, f32);
+          const at::Tensor inner = at::mm(v[i], theta[i]).mul_(scaling[i]);  // (r, L)
+          x.addmm_(inner.t(), u[i].t());                                     // W0 Θ + (U inner)ᵀ
           for (int64_t l = 0; l < L; ++l) {
             const int64_t s = t * L + l, so = o[s];
             const float* xs = xp + l * n;
             partial[static_cast<size_t>(s)] = fused_segment(
-                [xs](int64_t i) { return xs[i]; }, ref + so, gp + l * n, pm != nullptr ? pm + so : nullptr, n,
+                [xs](int64_t k) { return xs[k]; }, ref + so, gp + l * n, pm != nullptr ? pm + so : nullptr, n,
                 reuse, term, stats, bad_perm);
           }
-          at::mm_out(du[static_cast<size_t>(t)], c, g);         // dUᵀ = inner G      (r, n)
-          at::mm_out(dinner[static_cast<size_t>(t)], u, g.t());  // d_inner = Uᵀ Gᵀ   (r, L)
+          // (r, L) @ (L, n) with n innermost, then transposed: MKL runs this skinny product several
+          // times faster than Gᵀ innerᵀ straight into the (n, r) layout
+          at::Tensor dut = at::from_blob(scratch(dut_buf, r * n), {r, n}, f32);
+          at::mm_out(dut, inner, g);
+          du[i].copy_(dut.t());
+          at::Tensor d_inner = at::mm(u[i].t(), g.t()).mul_(scaling[i]);  // (r, L)
+          at::mm_out(dv[i], d_inner, theta[i].t());
         }
       });
     });
   });
   TORCH_CHECK(!bad_perm.load(), "perm holds an index outside its segment: it is not a kept permutation");
   double value_sum = 0.0;
-  for (double v : partial) value_sum += v;
+  for (double val : partial) value_sum += val;
   at::Tensor value = at::scalar_tensor(value_sum * scale, at::kDouble);
   at::Tensor counts = stats.to_tensor();
-  return {value, du, dinner, counts};
+  return {value, du, dv, counts};
 }
 
 }  // namespace
@@ -628,7 +639,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("perm"), pybind11::arg("reuse"), pybind11::arg("p"), pybind11::arg("scale"),
         pybind11::arg("offset") = c10::nullopt, pybind11::arg("grad_out") = c10::nullopt);
   m.def("lora_swd_forward", &lora_swd_forward, "Fused SWD value and LoRA factor gradients, no flat buffers",
-        pybind11::arg("base"), pybind11::arg("sorted_ref"), pybind11::arg("offsets"), pybind11::arg("u_t"),
-        pybind11::arg("inner"), pybind11::arg("perm"), pybind11::arg("reuse"), pybind11::arg("p"),
-        pybind11::arg("scale"));
+        pybind11::arg("base"), pybind11::arg("sorted_ref"), pybind11::arg("offsets"), pybind11::arg("u"),
+        pybind11::arg("v"), pybind11::arg("theta"), pybind11::arg("scaling"), pybind11::arg("perm"),
+        pybind11::arg("reuse"), pybind11::arg("p"), pybind11::arg("scale"));
 }

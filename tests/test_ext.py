@@ -287,15 +287,18 @@ def test_regularizer_cpp_matches_torch_over_optimizer_steps(ext, mode, optim):
     assert reused > 0, "the kept permutations were never reused"
 
 
-def _lora_case(gen: torch.Generator, terms: list[tuple[int, int]], n_dirs: int):
-    """Random inputs of lora_swd_forward: per term (n, r) the factor Uᵀ (r, n), inner (r, L), the
-    base W0 Θ (L, n) and a sorted reference near it, each float32."""
-    u_t = [torch.randn(r, n, generator=gen) for n, r in terms]
-    inner = [0.1 * torch.randn(r, n_dirs, generator=gen) for n, r in terms]
-    base = [torch.randn(n_dirs, n, generator=gen) for n, _ in terms]
+def _lora_case(gen: torch.Generator, terms: list[tuple[int, int, int]], n_dirs: int):
+    """Random inputs of lora_swd_forward: per term (n, r, d) the factors U (n, r) and V (r, d), a
+    scaling, unit directions Θ (d, L) (a transposed view, as the regularizer keeps them), the base
+    W0 Θ (L, n) and a sorted reference near it, each float32."""
+    u = [torch.randn(n, r, generator=gen) for n, r, _ in terms]
+    v = [0.3 * torch.randn(r, d, generator=gen) for _, r, d in terms]
+    theta = [random_projections(d, n_dirs, generator=gen).t().contiguous().t() for _, _, d in terms]
+    scaling = [0.5 + t for t in range(len(terms))]
+    base = [torch.randn(n_dirs, n, generator=gen) for n, _, _ in terms]
     ref = [torch.sort(b + 0.05 * torch.randn(b.shape, generator=gen), dim=1).values for b in base]
-    layout = SegmentLayout.from_blocks([(n_dirs, n) for n, _ in terms])
-    return u_t, inner, base, ref, layout
+    layout = SegmentLayout.from_blocks([(n_dirs, n) for n, _, _ in terms])
+    return u, v, theta, scaling, base, ref, layout
 
 
 def _flat(mats: list[torch.Tensor]) -> torch.Tensor:
@@ -305,71 +308,75 @@ def _flat(mats: list[torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("p", [2.0, 1.5])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_lora_swd_forward_vs_float64_dense(ext, p, cache_dtype):
-    # Odd sizes: a one-row term, rank 1, rows not a multiple of any vector width.
+    # Odd sizes: a one-row term, rank 1, widths not a multiple of any vector width.
     gen = torch.Generator().manual_seed(11)
     n_dirs = 7
-    u_t, inner, base, ref, layout = _lora_case(gen, [(37, 3), (1, 1), (5, 2), (300, 5)], n_dirs)
+    u, v, theta, scaling, base, ref, layout = _lora_case(gen, [(37, 3, 11), (1, 1, 4), (5, 2, 9), (300, 5, 33)], n_dirs)
     base = [b.to(cache_dtype) for b in base]
     ref = [r.to(cache_dtype) for r in ref]
-    value, du_t, d_inner = ext.lora_swd_forward(_flat(base), _flat(ref), layout, u_t, inner, p=p, scale=1 / n_dirs)
+    value, du, dv = ext.lora_swd_forward(_flat(base), _flat(ref), layout, u, v, theta, scaling, p=p, scale=1 / n_dirs)
 
-    # float64 oracle on the same stored values: X = base + innerᵀ Uᵀ per term, autograd through sort
-    u64 = [u.double().requires_grad_(True) for u in u_t]
-    c64 = [c.double().requires_grad_(True) for c in inner]
+    # float64 oracle on the same stored values: X = base + s·(U V Θ)ᵀ per term, autograd through sort
+    u64 = [a.double().requires_grad_(True) for a in u]
+    v64 = [b.double().requires_grad_(True) for b in v]
     expected = sum(
-        (torch.sort(b.double() + c.t() @ u, dim=1).values - r.double()).abs().pow(p).sum()
-        for b, r, u, c in zip(base, ref, u64, c64)
+        (torch.sort(b0.double() + s * (a @ (b @ th.double())).t(), dim=1).values - r.double()).abs().pow(p).sum()
+        for b0, r, a, b, th, s in zip(base, ref, u64, v64, theta, scaling)
     ) / n_dirs
     expected.backward()
     assert value.dtype == torch.float64
-    # float32 projections (a K = r sum) and float32 differences: a few units of float32 roundoff
-    assert relative_error(value, expected) < 1e-6
-    for t in range(len(u_t)):
-        assert du_t[t].shape == u_t[t].shape and d_inner[t].shape == inner[t].shape
-        assert relative_error(du_t[t], u64[t].grad) < 1e-5, t
-        assert relative_error(d_inner[t], c64[t].grad) < 1e-5, t
+    # float32 projections (sums of d and r terms) and float32 differences: float32 roundoff of the
+    # projections amplified by their ratio to the differences (~20 here), far below 1e-5
+    assert relative_error(value, expected) < 1e-5
+    for t in range(len(u)):
+        assert du[t].shape == u[t].shape and dv[t].shape == v[t].shape
+        assert relative_error(du[t], u64[t].grad) < 1e-5, t
+        assert relative_error(dv[t], v64[t].grad) < 1e-5, t
 
 
 def test_lora_swd_forward_reusing_permutations_equals_a_fresh_call(ext):
     gen = torch.Generator().manual_seed(12)
-    u_t, inner, base, ref, layout = _lora_case(gen, [(64, 4), (2000, 8), (3, 2)], 5)
+    u, v, theta, scaling, base, ref, layout = _lora_case(gen, [(64, 4, 16), (2000, 8, 40), (3, 2, 5)], 5)
     base, ref = _flat(base), _flat(ref)
     state: dict = {}
-    ext.lora_swd_forward(base, ref, layout, u_t, inner, p=2.0, scale=0.2, state=state)
+    ext.lora_swd_forward(base, ref, layout, u, v, theta, scaling, p=2.0, scale=0.2, state=state)
     cases = [
-        ("already_sorted", u_t),
-        ("repaired", [u + 1e-4 * torch.randn(u.shape, generator=gen) for u in u_t]),
-        ("resorted", [torch.randn(u.shape, generator=gen) for u in u_t]),
+        ("already_sorted", u),
+        ("repaired", [a + 1e-4 * torch.randn(a.shape, generator=gen) for a in u]),
+        ("resorted", [torch.randn(a.shape, generator=gen) for a in u]),
     ]
     for outcome, us in cases:
-        value, du_t, d_inner = ext.lora_swd_forward(base, ref, layout, us, inner, p=2.0, scale=0.2, state=state)
-        fresh = ext.lora_swd_forward(base, ref, layout, us, inner, p=2.0, scale=0.2)
+        value, du, dv = ext.lora_swd_forward(base, ref, layout, us, v, theta, scaling, p=2.0, scale=0.2, state=state)
+        fresh = ext.lora_swd_forward(base, ref, layout, us, v, theta, scaling, p=2.0, scale=0.2)
         assert state["cpp_stats"][outcome] > 0, (outcome, state["cpp_stats"])
         # a reused permutation adds each segment's terms in another grouping: float64 rounding only
         torch.testing.assert_close(value, fresh[0], rtol=1e-12, atol=0)
-        for a, b in zip(du_t + d_inner, fresh[1] + fresh[2]):
+        for a, b in zip(du + dv, fresh[1] + fresh[2]):
             assert torch.equal(a, b)
 
 
 def test_lora_swd_forward_bad_input_names_the_argument(ext):
     gen = torch.Generator().manual_seed(13)
-    u_t, inner, base, ref, layout = _lora_case(gen, [(6, 2), (4, 3)], 3)
+    u, v, theta, scaling, base, ref, layout = _lora_case(gen, [(6, 2, 5), (4, 3, 7)], 3)
     base, ref = _flat(base), _flat(ref)
-    with pytest.raises(TypeError, match="u_t"):
-        ext.lora_swd_forward(base, ref, layout, u_t[0], inner, p=2.0, scale=1.0)
-    with pytest.raises(ValueError, match=r"inner\[1\]"):
-        ext.lora_swd_forward(base, ref, layout, u_t, [inner[0], inner[1].double()], p=2.0, scale=1.0)
-    with pytest.raises(ValueError, match="one tensor per term"):
-        ext.lora_swd_forward(base, ref, layout, u_t, inner[:1], p=2.0, scale=1.0)
-    with pytest.raises(ValueError, match=r"inner\[1\] must be \(3, 3\)"):
-        ext.lora_swd_forward(base, ref, layout, u_t, [inner[0], inner[1][:2]], p=2.0, scale=1.0)
+    call = ext.lora_swd_forward
+    with pytest.raises(TypeError, match="u must be a non-empty list"):
+        call(base, ref, layout, u[0], v, theta, scaling, p=2.0, scale=1.0)
+    with pytest.raises(ValueError, match=r"v\[1\] must be a 2-D float32"):
+        call(base, ref, layout, u, [v[0], v[1].double()], theta, scaling, p=2.0, scale=1.0)
+    with pytest.raises(ValueError, match="one entry per term"):
+        call(base, ref, layout, u, v, theta, scaling[:1], p=2.0, scale=1.0)
+    with pytest.raises(TypeError, match="scaling"):
+        call(base, ref, layout, u, v, theta, ["2"] * 2, p=2.0, scale=1.0)
+    with pytest.raises(ValueError, match=r"term 1: u \(4, 3\), v \(2, 7\)"):
+        call(base, ref, layout, u, [v[0], v[1][:2]], theta, scaling, p=2.0, scale=1.0)
     with pytest.raises(ValueError, match="6 segments, not 2 terms × 2 directions"):
-        ext.lora_swd_forward(base, ref, layout, u_t, [c[:, :2] for c in inner], p=2.0, scale=1.0)
+        call(base, ref, layout, u, v, [th[:, :2] for th in theta], scaling, p=2.0, scale=1.0)
     with pytest.raises(ValueError, match="base"):
-        ext.lora_swd_forward(base[:-1], ref, layout, u_t, inner, p=2.0, scale=1.0)
-    # a term whose Uᵀ does not match its segments' length is caught by the kernel
-    with pytest.raises(RuntimeError, match=r"u_t\[0\] has 4 columns"):
-        ext.lora_swd_forward(base, ref, layout, [u_t[0][:, :4], u_t[1]], inner, p=2.0, scale=1.0)
+        call(base[:-1], ref, layout, u, v, theta, scaling, p=2.0, scale=1.0)
+    # a term whose U does not match its segments' length is caught by the kernel
+    with pytest.raises(RuntimeError, match=r"u\[0\] has 4 rows"):
+        call(base, ref, layout, [u[0][:4], u[1]], v, theta, scaling, p=2.0, scale=1.0)
 
 
 def test_bad_input_raises_python_exceptions(ext):

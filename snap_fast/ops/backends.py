@@ -188,11 +188,11 @@ class CppBackend(Backend):
 
         return cpp.swd_forward(proj, sorted_ref, layout, **kwargs)
 
-    def lora_swd_forward(self, base, sorted_ref, layout, u_t, inner, **kwargs):
+    def lora_swd_forward(self, base, sorted_ref, layout, u, v, theta, scaling, **kwargs):
         """Fused value and LoRA factor gradients; see :func:`snap_fast.ops.swd.cpp.lora_swd_forward`."""
         from .swd import cpp
 
-        return cpp.lora_swd_forward(base, sorted_ref, layout, u_t, inner, **kwargs)
+        return cpp.lora_swd_forward(base, sorted_ref, layout, u, v, theta, scaling, **kwargs)
 
     def swd_sum(self, proj, sorted_ref, layout, *, p, n_projections, state, offset):
         return _CppFusedSWD.apply(proj, sorted_ref, layout, float(p), 1.0 / n_projections, state, offset)

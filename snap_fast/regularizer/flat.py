@@ -128,27 +128,23 @@ def lora_fused_swd(
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """The whole call for a plan of LoRA terms only, with the cached ``W0 Θ`` as ``offset``.
 
-    The backend's ``lora_swd_forward`` forms each segment's projections from ``offset`` and the
-    factors and folds the gradient into them as it goes, so neither the projections nor their
-    gradient exist as (layout.total,) buffers; what is left here are the r×L products ``s·V Θ``
-    and ``dV = s · d_inner Θᵀ``. Returns the float64 value and the gradients of ``tensors``
-    ((U, V) per term; None where ``needs`` is false).
+    One call of the backend's ``lora_swd_forward``: per layer it forms the projections from
+    ``offset`` and the factors, sorts and reduces them and turns their gradient into the factor
+    gradients, so neither the projections nor their gradient exist as (layout.total,) buffers.
+    Returns the float64 value and the gradients of ``tensors`` ((U, V) per term; None where
+    ``needs`` is false).
     """
-    u_t, inners = [], []
-    for j, (item, theta) in enumerate(zip(plan.items, thetas)):
-        u, v = tensors[2 * j], tensors[2 * j + 1]
-        u_t.append(u.detach().float().t().contiguous())
-        inners.append((v.detach().float() @ theta).mul_(item.term.factors.scaling))
-    value, du_t, d_inner = plan.backend.lora_swd_forward(
-        offset, sorted_ref, plan.layout, u_t, inners, p=plan.p, scale=1.0 / plan.n_projections, state=state
+    value, du, dv = plan.backend.lora_swd_forward(
+        offset, sorted_ref, plan.layout,
+        [t.detach().float() for t in tensors[0::2]], [t.detach().float() for t in tensors[1::2]], thetas,
+        [item.term.factors.scaling for item in plan.items],
+        p=plan.p, scale=1.0 / plan.n_projections, state=state,
     )
     grads: list[torch.Tensor | None] = [None] * len(tensors)
-    for j, (item, theta) in enumerate(zip(plan.items, thetas)):
+    for j in range(len(plan.items)):
         u, v = tensors[2 * j], tensors[2 * j + 1]
-        if needs[2 * j]:
-            grads[2 * j] = du_t[j].t().to(u.dtype)  # (n, r)
-        if needs[2 * j + 1]:
-            grads[2 * j + 1] = torch.mm(d_inner[j].mul_(item.term.factors.scaling), theta.t()).to(v.dtype)  # (r, d)
+        grads[2 * j] = du[j].to(u.dtype) if needs[2 * j] else None
+        grads[2 * j + 1] = dv[j].to(v.dtype) if needs[2 * j + 1] else None
     return value, grads
 
 

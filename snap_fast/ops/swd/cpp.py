@@ -342,35 +342,51 @@ def swd_forward(
     return value, grad
 
 
-def _check_factor_lists(u_t: object, inner: object, layout: SegmentLayout) -> None:
+def _check_factors(
+    u: object, v: object, theta: object, scaling: object, layout: SegmentLayout
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[float]]:
     """The per-term checks of :func:`lora_swd_forward` that cost no pass over the segments (the
-    kernel checks each term's segment lengths against its ``u_t`` itself)."""
-    for name, mats in (("u_t", u_t), ("inner", inner)):
+    kernel checks each term's segment lengths against its ``u`` itself)."""
+    lists = {}
+    for name, mats in (("u", u), ("v", v), ("theta", theta)):
         if not isinstance(mats, (list, tuple)) or not mats:
             raise TypeError(f"{name} must be a non-empty list of tensors, got {type(mats).__name__}")
         for t, m in enumerate(mats):
             if not isinstance(m, torch.Tensor) or m.dtype != torch.float32 or m.dim() != 2 or m.device.type != "cpu":
                 what = f"{m.dtype} of shape {tuple(m.shape)} on {m.device}" if isinstance(m, torch.Tensor) else type(m)
                 raise ValueError(f"{name}[{t}] must be a 2-D float32 CPU tensor, got {what}")
-    if len(u_t) != len(inner):
-        raise ValueError(f"u_t and inner must hold one tensor per term, got {len(u_t)} and {len(inner)}")
-    n_dirs = inner[0].shape[1]
-    if layout.num_segments != len(u_t) * n_dirs:
+        lists[name] = [m.detach() for m in mats]
+    if not isinstance(scaling, (list, tuple)) or not all(isinstance(c, (int, float)) for c in scaling):
+        raise TypeError("scaling must be a list of numbers, one per term")
+    counts = {len(lists["u"]), len(lists["v"]), len(lists["theta"]), len(scaling)}
+    if len(counts) != 1:
         raise ValueError(
-            f"layout has {layout.num_segments} segments, not {len(u_t)} terms × {n_dirs} directions (inner[0] is "
-            f"{tuple(inner[0].shape)})"
+            f"u, v, theta and scaling must hold one entry per term, got {len(lists['u'])}, {len(lists['v'])}, "
+            f"{len(lists['theta'])} and {len(scaling)}"
         )
-    for t, (u, c) in enumerate(zip(u_t, inner)):
-        if c.shape != (u.shape[0], n_dirs):
-            raise ValueError(f"inner[{t}] must be ({u.shape[0]}, {n_dirs}) like u_t[{t}] (r, n), got {tuple(c.shape)}")
+    n_dirs = lists["theta"][0].shape[1]
+    if layout.num_segments != len(lists["u"]) * n_dirs:
+        raise ValueError(
+            f"layout has {layout.num_segments} segments, not {len(lists['u'])} terms × {n_dirs} directions "
+            f"(theta[0] is {tuple(lists['theta'][0].shape)})"
+        )
+    for t, (a, b, th) in enumerate(zip(lists["u"], lists["v"], lists["theta"])):
+        if b.shape[0] != a.shape[1] or th.shape != (b.shape[1], n_dirs):
+            raise ValueError(
+                f"term {t}: u {tuple(a.shape)}, v {tuple(b.shape)} and theta {tuple(th.shape)} are not (n, r), (r, d) "
+                f"and (d, {n_dirs})"
+            )
+    return lists["u"], lists["v"], lists["theta"], [float(c) for c in scaling]
 
 
 def lora_swd_forward(
     base: torch.Tensor,
     sorted_ref: torch.Tensor,
     layout: SegmentLayout,
-    u_t: list[torch.Tensor],
-    inner: list[torch.Tensor],
+    u: list[torch.Tensor],
+    v: list[torch.Tensor],
+    theta: list[torch.Tensor],
+    scaling: list[float],
     *,
     p: float,
     scale: float,
@@ -378,9 +394,9 @@ def lora_swd_forward(
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """:func:`swd_forward` for LoRA terms, with the factor gradients and no flat buffers.
 
-    Term t (of T) is a LoRA layer ``W = W0 + s·U V`` with U (n_t, r_t); its projections on the L
-    directions Θ_t (d, L) are ``x = W0 Θ_t + U inner_t`` with ``inner_t = s·V Θ_t`` (r_t, L). The
-    kernel forms x one segment at a time from ``base`` (the cached W0 Θ) and the factors, so no
+    Term t (of T) is a LoRA layer ``W = W0 + s_t·U_t V_t``; its projections on the L directions
+    Θ_t are ``W0 Θ_t + s_t·U_t (V_t Θ_t)``. The kernel forms them one layer at a time from
+    ``base`` (the cached W0 Θ) and the factors, in a buffer that stays in cache, so no
     (layout.total,) buffer of projections or gradients is written.
 
     Args:
@@ -388,26 +404,27 @@ def lora_swd_forward(
             regularizer's flat buffer: term t's (L, n_t) block, one segment per direction.
         sorted_ref, state: as in :func:`swd_forward`.
         layout: T·L segments, term t's L segments of n_t values each, in term order.
-        u_t: T contiguous float32 (r_t, n_t) matrices, ``Uᵀ`` of each term.
-        inner: T contiguous float32 (r_t, L) matrices, ``s·V Θ_t``.
+        u: T float32 (n_t, r_t) factors U (PEFT's ``lora_B`` weight of a linear layer).
+        v: T float32 (r_t, d_t) factors V (``lora_A``).
+        theta: T float32 (d_t, L) directions (any strides).
+        scaling: T LoRA scalings s_t.
         p, scale: as in :func:`swd_forward`.
 
-    Returns ``(value, du_t, d_inner)``: the float64 0-dim value, and per term the gradients of the
-    value w.r.t. ``u_t[t]`` (r_t, n_t) and ``inner[t]`` (r_t, L), float32.
+    Returns ``(value, du, dv)``: the float64 0-dim value, and per term the float32 gradients of
+    the value w.r.t. ``u[t]`` (n_t, r_t) and ``v[t]`` (r_t, d_t).
     """
     layout = _check_layout(layout)
     base = _flat_cpu_ref("base", base, layout)
     sorted_ref = _flat_cpu_ref("sorted_ref", sorted_ref, layout)
     if not p > 0:
         raise ValueError(f"p must be > 0, got {p}")
-    _check_factor_lists(u_t, inner, layout)
+    u, v, theta, scaling = _check_factors(u, v, theta, scaling, layout)
     perm, reuse = _perm_buffer(state, layout)
-    value, du_t, d_inner, counts = _module().lora_swd_forward(
-        base, sorted_ref, layout.offsets("cpu"), [u.contiguous() for u in u_t], [c.contiguous() for c in inner],
-        perm, reuse, float(p), float(scale),
+    value, du, dv, counts = _module().lora_swd_forward(
+        base, sorted_ref, layout.offsets("cpu"), u, v, theta, scaling, perm, reuse, float(p), float(scale)
     )
     _record(state, counts)
-    return value, du_t, d_inner
+    return value, du, dv
 
 
 # ------------------------------------------------------------------------------------ CUDA
