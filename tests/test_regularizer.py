@@ -481,3 +481,22 @@ def test_sharded_regularizer_refuses_the_normalized_form():
 
     with pytest.raises(ValueError, match="normalize"):
         ShardedSlicedWassersteinRegularizer(Tiny(), normalize=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "d", "block_values"), [(1, 1, 4), (37, 5, 40), (300, 33, 33 * 7), (64, 96, 2**20)])
+def test_blockwise_converted_projections_match_float64(monkeypatch, dtype, n, d, block_values):
+    # resample re-projects the low-precision W0 copy every call, converting it a block of rows at
+    # a time (last block short or a single block): every output must be the float32 dot product
+    # of the stored values, within float32 rounding of a length-d sum.
+    import snap_fast.regularizer.terms as terms
+
+    monkeypatch.setattr(terms, "CONVERT_BLOCK_VALUES", block_values)
+    gen = torch.Generator().manual_seed(n + d)
+    w0 = torch.randn(n, d, generator=gen).to(dtype)
+    theta = torch.randn(d, 6, generator=gen)
+    got = terms.converted_projections_t(theta, w0)
+    expected = theta.double().t() @ w0.double().t()
+    assert got.dtype == torch.float32 and got.shape == (6, n)
+    # each entry: |error| ≤ d·u·Σ|θ_i w_i| (worst case); the Frobenius ratio stays far below it
+    assert relative_error(got, expected) < d * torch.finfo(torch.float32).eps

@@ -26,6 +26,32 @@ __all__ = ["LoraTerm", "ParamFilter", "RegularizedTerm", "build_lora_terms", "se
 ParamFilter = Callable[[str, torch.nn.Parameter], bool]
 
 
+#: float32 values per block of rows that :func:`converted_projections_t` converts at a time
+CONVERT_BLOCK_VALUES = 2**20
+
+
+@torch.no_grad()
+def converted_projections_t(theta: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """``Θᵀ W0ᵀ``, (L, n) float32, for a low-precision CPU copy ``w0`` (n, d), without autograd.
+
+    The same float32 GEMM as :func:`projections_t`, but ``w0`` is converted a block of rows at a
+    time into one small buffer that stays in cache, and each block's product is written into its
+    columns of the output. Converting the whole copy first writes a float32 matrix as large as the
+    weight, whose fresh pages the CPU faults in one by one: for the embedding of SmolLM2 that pass
+    costs more than the GEMM itself, and ``resample`` pays it for every tensor at every call.
+    """
+    n, d = w0.shape
+    theta_t = theta.t().float()
+    out = torch.empty(theta_t.shape[0], n, dtype=torch.float32)
+    rows = max(1, CONVERT_BLOCK_VALUES // d)
+    buf = torch.empty(min(rows, n), d, dtype=torch.float32)
+    for r0 in range(0, n, rows):
+        block = buf[: min(rows, n - r0)]
+        block.copy_(w0[r0 : r0 + block.shape[0]])
+        torch.mm(theta_t, block.t(), out=out[:, r0 : r0 + block.shape[0]])
+    return out
+
+
 class RegularizedTerm:
     """One regularized weight matrix W (n×d) and how to project it.
 
@@ -76,6 +102,8 @@ class RegularizedTerm:
         """
         if self.initial is not None and keep_dtype == torch.bfloat16:
             return copy_projections_t(theta, self.initial).t()
+        if self.initial is not None and self.initial.dtype != torch.float32 and self.initial.device.type == "cpu":
+            return converted_projections_t(theta, self.initial).t()
         w0 = self.initial if self.initial is not None else as_matrix(self.param)
         return projections_t(theta, w0).t()
 
