@@ -489,7 +489,7 @@ def test_blockwise_converted_projections_match_float64(monkeypatch, dtype, n, d,
     # resample re-projects the low-precision W0 copy every call, converting it a block of rows at
     # a time (last block short or a single block): every output must be the float32 dot product
     # of the stored values, within float32 rounding of a length-d sum.
-    import snap_fast.regularizer.terms as terms
+    from snap_fast.regularizer import terms
 
     monkeypatch.setattr(terms, "CONVERT_BLOCK_VALUES", block_values)
     gen = torch.Generator().manual_seed(n + d)
