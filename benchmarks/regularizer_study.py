@@ -58,10 +58,10 @@ CONFIGS: dict[str, dict] = {
     **{f"full/swd-{lam:g}": {**_FULL, "lam": lam} for lam in (1.0, 10.0)},
     "full/l2sp-10": {**_FULL, "reg_kind": "l2sp", "lam": 10.0},
     "full-lr1e-4/none": {**_FULL_FAST, "lam": 0.0},
-    **{f"full-lr1e-4/swd-{lam:g}": {**_FULL_FAST, "lam": lam} for lam in (10.0, 100.0)},
+    **{f"full-lr1e-4/swd-{lam:g}": {**_FULL_FAST, "lam": lam} for lam in (10.0, 100.0, 1000.0)},
     "full-lr1e-4/l2sp-1": {**_FULL_FAST, "reg_kind": "l2sp", "lam": 1.0},
     "over/none": {**_OVER, "lam": 0.0},
-    "over/swd-10": {**_OVER, "lam": 10.0},
+    **{f"over/swd-{lam:g}": {**_OVER, "lam": lam} for lam in (10.0, 100.0)},
     "over/l2sp-10": {**_OVER, "reg_kind": "l2sp", "lam": 10.0},
 }
 EVAL_SETS = ("heldout_forget", "heldout_retain", "heldout_general")
