@@ -178,10 +178,13 @@ class SlicedWassersteinRegularizer:
             block = torch.randn(
                 len(g.indices), g.d, self.n_projections, generator=generator, device=generator.device
             ).to(self.device)
-            block = block / block.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            # in place, and one copy that transposes (and widens a bf16 rounding) in the same pass:
+            # each full pass over the directions writing a fresh buffer costs page faults on the CPU
+            block.div_(block.norm(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))
             if self._bf16_directions:
-                block = block.to(torch.bfloat16).to(torch.float32)
-            block_t = block.transpose(1, 2).contiguous()  # (g, L, d)
+                block = block.to(torch.bfloat16)
+            block_t = torch.empty(len(g.indices), self.n_projections, g.d, device=self.device)  # (g, L, d)
+            block_t.copy_(block.transpose(1, 2))
             for j, i in enumerate(g.indices):
                 theta[i] = block_t[j].t()
         return theta  # type: ignore[return-value]
