@@ -62,6 +62,7 @@ from snap_fast.ops.backends import match_sorted
 from snap_fast.ops.swd.cpp import available as _cpp_available
 from snap_fast.ops.swd.function import swd_from_projections
 from snap_fast.ops.swd.naive import as_matrix
+from snap_fast.regularizer.terms import converted_projections_t
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2_TENSORS = 272
@@ -159,22 +160,24 @@ class GemmFloor:
 class ResampleFloor(GemmFloor):
     """The floor of one exact ``resample`` call: :class:`GemmFloor` plus what fresh directions add
     and no exact implementation can skip: the draw (one ``randn`` and a normalisation per tensor)
-    and the third product, ``W0 Θ``, from the kept bfloat16 copy of W0 converted to float32 (the
-    projections must be float32-exact, and this CPU build has no bf16 GEMM with a float32 output).
+    and the third product, ``W0 Θ``, from the kept bfloat16 copy of W0 in float32 (the
+    projections must be float32-exact, and this CPU build has no bf16 GEMM with a float32 output),
+    converted a block of rows at a time into kept output buffers as snap_fast does
+    (:func:`snap_fast.regularizer.terms.converted_projections_t`), the cheapest way known here.
     No sort, no reduction."""
 
     def __init__(self, params: list[torch.nn.Parameter], n_projections: int, seed: int):
         super().__init__(params, n_projections, seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.initial = [as_matrix(p.detach()).to(torch.bfloat16) for p in params]
-        self.outs0 = [torch.empty_like(o) for o in self.outs]
+        self.outs0 = [torch.empty(o.shape[1], o.shape[0]) for o in self.outs]  # (L, n)
 
     def __call__(self) -> torch.Tensor:
         for i, w0 in enumerate(self.initial):
             theta_t = torch.randn(self.thetas_t[i].shape, generator=self.generator)
-            self.thetas_t[i] = theta_t / theta_t.norm(dim=1, keepdim=True)
+            self.thetas_t[i] = theta_t.div_(theta_t.norm(dim=1, keepdim=True))
             self.thetas[i] = self.thetas_t[i].t().contiguous()
-            torch.mm(w0.float(), self.thetas[i], out=self.outs0[i])
+            converted_projections_t(self.thetas[i], w0, out=self.outs0[i])
         return super().__call__()
 
 

@@ -278,10 +278,19 @@ void check_perm_range(const int32_t* perm, const at::Tensor& offsets) {
 
 // ------------------------------------------------------------------------------------------
 // sort_segments: ascending sort of every segment (keys only, values rebuilt from the keys).
-at::Tensor sort_segments(const at::Tensor& x, const at::Tensor& offsets) {
+// `out` (optional) receives the result and may be `x` itself: each segment is read whole before
+// it is written.
+at::Tensor sort_segments(const at::Tensor& x, const at::Tensor& offsets, const c10::optional<at::Tensor>& out_opt) {
   check_flat(x, "x");
   check_offsets(offsets, x.numel(), "x");
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out;
+  if (out_opt.has_value() && out_opt->defined()) {
+    check_flat(*out_opt, "out");
+    TORCH_CHECK(out_opt->numel() == x.numel(), "out has ", out_opt->numel(), " elements, x has ", x.numel());
+    out = *out_opt;
+  } else {
+    out = at::empty_like(x);
+  }
   const float* in = x.data_ptr<float>();
   float* res = out.data_ptr<float>();
   for_each_segment(offsets, [&](int64_t, int64_t start, int64_t n) {
@@ -630,7 +639,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "snap_fast CPU kernels: segmented float sort, matched targets, fused SWD forward";
   m.def("sort_segments", &sort_segments, "Ascending sort of every segment of a flat float32 buffer",
-        pybind11::arg("x"), pybind11::arg("offsets"));
+        pybind11::arg("x"), pybind11::arg("offsets"), pybind11::arg("out") = c10::nullopt);
   m.def("match_sorted", &match_sorted, "Matched targets T[perm[k]] = ref[k] per segment",
         pybind11::arg("proj"), pybind11::arg("sorted_ref"), pybind11::arg("offsets"),
         pybind11::arg("perm") = c10::nullopt, pybind11::arg("reuse") = false);

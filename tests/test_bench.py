@@ -119,7 +119,7 @@ def test_resample_floor_draws_fresh_unit_directions_and_does_the_three_products(
         mat = w.detach().reshape(w.shape[0] if w.dim() > 1 else 1, -1)
         torch.testing.assert_close(theta.norm(dim=0), torch.ones(3))  # unit directions (columns)
         torch.testing.assert_close(out, mat @ theta)  # W Θ
-        torch.testing.assert_close(out0, w0.float() @ theta)  # W0 Θ from the bf16 copy
+        torch.testing.assert_close(out0, (w0.float() @ theta).t())  # (W0 Θ)ᵀ from the bf16 copy
         torch.testing.assert_close(w.grad.reshape(mat.shape), out @ theta.t())  # dW = G Θᵀ (G := W Θ)
     floor()
     assert all(not torch.equal(a, b) for a, b in zip(first, floor.thetas))  # redrawn every call

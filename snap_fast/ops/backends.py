@@ -68,9 +68,10 @@ class Backend:
         """Why this backend cannot run on ``device``'s tensors, or None when it can."""
         return None
 
-    def sort_segments(self, x: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
-        """Sort every segment of the flat buffer ``x`` ascending; a new float32 buffer."""
-        out = torch.empty(layout.total, dtype=torch.float32, device=x.device)
+    def sort_segments(self, x: torch.Tensor, layout: SegmentLayout, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sort every segment of the flat buffer ``x`` ascending into ``out`` (a float32
+        (layout.total,) buffer, which may be ``x`` itself) or a new float32 buffer."""
+        out = torch.empty(layout.total, dtype=torch.float32, device=x.device) if out is None else out
         for src, dst in zip(layout.views(x), layout.views(out)):
             dst.copy_(torch.sort(src, dim=1).values)
         return out
@@ -139,10 +140,10 @@ class TritonBackend(Backend):
 
         return cpp.cuda_sort_rows if cpp.cuda_available() else None
 
-    def sort_segments(self, x, layout):
+    def sort_segments(self, x, layout, out=None):
         from snap_fast.kernels.segmented_sort import sort_segments_triton
 
-        return sort_segments_triton(x, layout, long_sort=self._long_sort(x.device))
+        return sort_segments_triton(x, layout, out=out, long_sort=self._long_sort(x.device))
 
     def match_sorted(self, proj, sorted_ref, layout, state):
         from snap_fast.kernels.segmented_sort import match_sorted_triton
@@ -172,10 +173,10 @@ class CppBackend(Backend):
             return f"the C++ extension is unavailable: {cpp.unavailable_reason('cpu')}"
         return None
 
-    def sort_segments(self, x, layout):
+    def sort_segments(self, x, layout, out=None):
         from .swd import cpp
 
-        return cpp.sort_segments(x, layout)
+        return cpp.sort_segments(x, layout, out=out)
 
     def match_sorted(self, proj, sorted_ref, layout, state):
         from .swd import cpp

@@ -25,7 +25,7 @@ from ..ops.backends import choose_backend
 from ..ops.swd.function import check_swd_args, swd_from_projections
 from ..ops.swd.layout import SegmentLayout
 from .flat import FlatPlan
-from .terms import ParamFilter, RegularizedTerm, select_terms
+from .terms import ParamFilter, RegularizedTerm, converted_projections_t, select_terms
 
 __all__ = ["MODES", "SlicedWassersteinRegularizer"]
 
@@ -201,7 +201,22 @@ class SlicedWassersteinRegularizer:
 
     @torch.no_grad()
     def _sorted_initial(self, theta: list[torch.Tensor], keep_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Flat sorted W0 projections, float32; ``keep_dtype``: see ``RegularizedTerm.initial_projection``."""
+        """Flat sorted W0 projections, float32; ``keep_dtype``: see ``RegularizedTerm.initial_projection``.
+
+        ``resample`` on a fused backend, which reads them only inside the call, projects and sorts
+        in place in one work buffer kept across calls: every call would otherwise write two fresh
+        buffers of all projections (the concatenation and the sort), whose pages the CPU faults in
+        one by one.
+        """
+        if self.mode == "resample" and self._ops.fused and self._flat is not None:
+            proj0 = self._flat.workspace("initial")
+            for item, t, th in zip(self._flat.items, self.terms, theta):
+                block = proj0[item.start : item.start + th.shape[1] * item.n].view(th.shape[1], item.n)
+                if item.kind == "plain" and t.initial is not None and t.initial.dtype != torch.float32:
+                    converted_projections_t(th, t.initial, out=block)
+                else:
+                    block.copy_(t.initial_projection(th).t())
+            return self._ops.sort_segments(proj0, self.layout, out=proj0)
         proj0 = torch.cat([t.initial_projection(th, keep_dtype).t().reshape(-1) for t, th in zip(self.terms, theta)])
         return self._ops.sort_segments(proj0, self.layout)
 

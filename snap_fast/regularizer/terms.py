@@ -31,8 +31,9 @@ CONVERT_BLOCK_VALUES = 2**20
 
 
 @torch.no_grad()
-def converted_projections_t(theta: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
-    """``Θᵀ W0ᵀ``, (L, n) float32, for a low-precision CPU copy ``w0`` (n, d), without autograd.
+def converted_projections_t(theta: torch.Tensor, w0: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``Θᵀ W0ᵀ``, (L, n) float32, for a low-precision CPU copy ``w0`` (n, d), without autograd
+    (into ``out``, a contiguous (L, n) float32 tensor, when given).
 
     The same float32 GEMM as :func:`projections_t`, but ``w0`` is converted a block of rows at a
     time into one small buffer that stays in cache, and each block's product is written into its
@@ -42,7 +43,8 @@ def converted_projections_t(theta: torch.Tensor, w0: torch.Tensor) -> torch.Tens
     """
     n, d = w0.shape
     theta_t = theta.t().float()
-    out = torch.empty(theta_t.shape[0], n, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(theta_t.shape[0], n, dtype=torch.float32)
     rows = max(1, CONVERT_BLOCK_VALUES // d)
     buf = torch.empty(min(rows, n), d, dtype=torch.float32)
     for r0 in range(0, n, rows):

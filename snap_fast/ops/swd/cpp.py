@@ -227,19 +227,25 @@ def _check_layout(layout: object) -> SegmentLayout:
     return layout
 
 
-def sort_segments(x: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+def sort_segments(x: torch.Tensor, layout: SegmentLayout, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sort every segment of the flat buffer ``x`` ascending.
 
     Args:
         x: (layout.total,) floating CPU tensor (any float dtype, any strides; converted to float32).
         layout: the segments of ``x``.
+        out: optional contiguous float32 (layout.total,) CPU buffer for the result; may be ``x``
+            itself (sorted in place).
 
-    Returns a new contiguous float32 (layout.total,) tensor. NaNs sort after +inf (positive NaN)
-    or before -inf (negative NaN) and are kept.
+    Returns ``out``, or a new contiguous float32 (layout.total,) tensor. NaNs sort after +inf
+    (positive NaN) or before -inf (negative NaN) and are kept.
     """
     layout = _check_layout(layout)
     x = _flat_cpu_float("x", x, layout)
-    return _module().sort_segments(x, layout.offsets("cpu"))
+    if out is not None:
+        _check_flat_buffer("out", out, layout)
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 buffer, got {out.dtype}")
+    return _module().sort_segments(x, layout.offsets("cpu"), out)
 
 
 def _perm_buffer(state: dict | None, layout: SegmentLayout) -> tuple[torch.Tensor | None, bool]:
