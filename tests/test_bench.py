@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from bench_regularizer import (
     SMOLLM2_PARAMS,
     SMOLLM2_TENSORS,
+    RefreshFloor,
     ResampleFloor,
     smollm2_shapes,
 )
@@ -93,7 +94,13 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     floor_row = next(line for line in main.splitlines() if line.startswith("| GEMM floor"))
     assert floor_row.split("|")[6].strip() == "1.00"  # the floor reads 1.00 against itself
     assert "| resample floor (draw Θ, W0 Θ + W Θ + G Θᵀ) | torch |" in main
-    assert "cannot pass" in main and "the resample floor alone" in main
+    assert ("cannot pass" in main or "can reach at most" in main) and "the resample floor alone" in main
+    assert "| refresh floor (K=10: GEMM floor, draw Θ and bf16 W0 Θ every K calls) | torch |" in main
+    for line in (ln for ln in main.splitlines() if ln.startswith("| snap_fast")):
+        cells = [c.strip() for c in line.split("|")]
+        float(cells[7])  # every snap_fast mode reads against its own floor
+        if line.startswith("| snap_fast fixed"):
+            assert cells[7] == cells[6]  # fixed's own floor is the GEMM floor
     assert "POT per tensor" not in main
     for mode in ("resample", "refresh (K=10, amortised)", "fixed"):
         assert f"| snap_fast {mode} | torch |" in main
@@ -123,3 +130,17 @@ def test_resample_floor_draws_fresh_unit_directions_and_does_the_three_products(
         torch.testing.assert_close(w.grad.reshape(mat.shape), out @ theta.t())  # dW = G Θᵀ (G := W Θ)
     floor()
     assert all(not torch.equal(a, b) for a, b in zip(first, floor.thetas))  # redrawn every call
+
+
+def test_refresh_floor_redraws_every_k_calls_in_bf16_values():
+    params = [torch.nn.Parameter(torch.randn(7, 5, dtype=torch.float32))]
+    floor = RefreshFloor(params, n_projections=3, seed=0, refresh_every=3)
+    seen = []
+    for _ in range(6):
+        floor().backward()
+        seen.append(floor.thetas[0].clone())
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])  # kept within a window
+    assert not torch.equal(seen[2], seen[3]) and torch.equal(seen[3], seen[5])  # redrawn at call K
+    theta = seen[3]
+    assert torch.equal(theta, theta.bfloat16().float())  # bf16 values, as refresh's bf16 GEMM needs
+    torch.testing.assert_close(theta.norm(dim=0), torch.ones(3), atol=1e-2, rtol=0)  # unit up to bf16 rounding
