@@ -493,8 +493,8 @@ def _render(rows: list, stages: list, header: list[str]) -> str:
     pot_s = next((r[2] for r in rows if r[0] == "POT per tensor"), None)
     own_floor = {mode: next((r[2] for r in rows if r[0] == name), None)
                  for mode, name in (("resample", RESAMPLE_FLOOR), ("refresh", REFRESH_FLOOR), ("fixed", rows[1][0]))}
-    lines = [*header, "", "| implementation | backend | median s | vs peer | vs POT | × floor | × own floor | first value "
-             "| cache MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    columns = "implementation | backend | median s | vs peer | vs POT | × floor | × own floor | first value | cache MB"
+    lines = [*header, "", f"| {columns} |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, backend, seconds, value, cache in rows:
         vs_pot = f"{pot_s / seconds:.2f}×" if pot_s else "—"
         cache_mb = f"{cache / 2**20:.1f}" if cache is not None else "—"
