@@ -135,6 +135,38 @@ COLUMNS = (("forgotten: obliteration", "forgotten_obliteration", 100, 1),
            ("minutes", "minutes", 1, 1))
 
 
+PAIRED_COLUMNS = (("Δ forgotten: obliteration (points)", "forgotten_obliteration", 100, 1),
+                  ("Δ not yet forgotten: ROUGE-L vs original", "kept_forget_rouge", 1, 3),
+                  ("Δ not yet forgotten: obliterated (points)", "kept_obliteration", 100, 1),
+                  ("Δ hard positives ROUGE-L", "retain_rouge", 1, 3))
+
+
+def paired_stage_differences(rows: list[dict]) -> list[str]:
+    """Markdown lines: each penalised configuration minus its regime's ``/none`` chain at the same
+    seed and stage, mean ± sd over the seeds where both finished. A seed fixes the data and the
+    sampling of both chains, so the difference is the penalty's own effect; a mean within
+    2 sd/√n of 0 is not distinguishable from seed noise."""
+    by_key = {(r["config"], r["seed"], r["stage"]): r for r in rows}
+    out = []
+    for config in (c for c in CONFIGS if not c.endswith("/none")):
+        base = config.split("/")[0] + "/none"
+        for stage in sorted({r["stage"] for r in rows if r["config"] == config}):
+            pairs = [(r, by_key[(base, r["seed"], stage)]) for r in rows
+                     if r["config"] == config and r["stage"] == stage and (base, r["seed"], stage) in by_key]
+            if not pairs:
+                continue
+            cells = [_mean_sd([a[key] - b[key] for a, b in pairs if a.get(key) is not None and b.get(key) is not None],
+                              scale, digits) for _, key, scale, digits in PAIRED_COLUMNS]
+            out.append(f"| {config} | {stage} | {len(pairs)} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return ["", "## Paired with no penalty", "",
+            ("Each configuration minus `<regime>/none` at the same seed and stage, mean ± sd over n seeds; a mean "
+             "within 2 sd/√n of 0 is not distinguishable from seed noise."), "",
+            "| configuration | stage | n seeds | " + " | ".join(c[0] for c in PAIRED_COLUMNS) + " |",
+            "|---|---:|---:|" + "---:|" * len(PAIRED_COLUMNS), *out]
+
+
 def write_outputs(rows: list[dict], table: Path, figure: Path) -> str:
     """The table (mean ± sd over seeds per configuration and stage) and the retention figure."""
     from snap_fast.io import atomic_write_bytes, atomic_write_text
@@ -152,6 +184,7 @@ def write_outputs(rows: list[dict], table: Path, figure: Path) -> str:
             runs = [r for r in rows if r["config"] == config and r["stage"] == stage]
             lines.append(f"| {config} | {stage} | {len(runs)} | "
                          + " | ".join(_mean_sd([r.get(c[1]) for r in runs], c[2], c[3]) for c in COLUMNS) + " |")
+    lines += paired_stage_differences(rows)
     text = "\n".join(lines) + "\n"
     atomic_write_text(table, text)
     if rows:
@@ -161,11 +194,12 @@ def write_outputs(rows: list[dict], table: Path, figure: Path) -> str:
 
 def retention_figure(rows: list[dict]) -> bytes:
     """Two panels against the stage: ROUGE-L of not-yet-forgotten targets, and of hard positives;
-    one line per configuration (mean over seeds)."""
+    one line per configuration (mean over seeds, bars ± sd)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from snap_fast.eval.report import _png
 
@@ -174,10 +208,13 @@ def retention_figure(rows: list[dict]) -> bytes:
                            (axes[1], "retain_rouge", "hard positives: ROUGE-L")):
         for config in (c for c in CONFIGS if any(r["config"] == c for r in rows)):
             stages = sorted({r["stage"] for r in rows if r["config"] == config and r[key] is not None})
-            means = [statistics.mean(r[key] for r in rows if r["config"] == config and r["stage"] == s) for s in stages]
-            ax.plot(stages, means, marker="o", label=config)
+            values = [[r[key] for r in rows if r["config"] == config and r["stage"] == s] for s in stages]
+            sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(stages, [statistics.mean(v) for v in values], yerr=sds, marker="o", capsize=3,
+                        label=f"{config} (n = {max(len(v) for v in values)})")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("stage (targets forgotten)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)

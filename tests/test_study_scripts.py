@@ -151,6 +151,24 @@ def test_sequential_study_chain_resumes_and_tabulates(tmp_path):
     assert text.count("| lora/none |") == 2 and (tmp_path / "f.png").stat().st_size > 1000
 
 
+def test_sequential_paired_differences_by_seed_and_stage():
+    import sequential_study
+
+    def row(config, seed, stage, kept, retain):
+        return {"config": config, "seed": seed, "stage": stage, "forgotten_obliteration": 0.9,
+                "kept_forget_rouge": kept, "kept_obliteration": 0.1, "retain_rouge": retain}
+
+    rows = [row("lora/none", 0, 1, 0.60, 0.80), row("lora/swd-100", 0, 1, 0.70, 0.82),
+            row("lora/none", 1, 1, 0.50, 0.70), row("lora/swd-100", 1, 1, 0.54, 0.70),
+            row("lora/swd-100", 2, 1, 0.99, 0.99),  # no partner at seed 2: left out
+            row("lora/none", 0, 2, None, 0.75), row("lora/swd-100", 0, 2, None, 0.74)]
+    lines = sequential_study.paired_stage_differences(rows)
+    # stage 1: kept Δ = 0.10, 0.04 -> 0.070 ± 0.042; retain Δ = 0.02, 0.00 -> 0.010 ± 0.014
+    assert "| lora/swd-100 | 1 | 2 | 0.0 ± 0.0 | 0.070 ± 0.042 | 0.0 ± 0.0 | 0.010 ± 0.014 |" in lines
+    assert "| lora/swd-100 | 2 | 1 | 0.0 | — | 0.0 | -0.010 |" in lines
+    assert sequential_study.paired_stage_differences([row("lora/none", 0, 1, 0.6, 0.8)]) == []
+
+
 def test_regularizer_study_relearning_fills_only_missing_selected_rows(tmp_path, monkeypatch):
     from snap_fast.io import read_jsonl, write_jsonl
 
