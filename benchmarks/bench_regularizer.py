@@ -301,7 +301,7 @@ def time_stages(
     the reduction is part of "sort/match" and its own entry is NaN.
     """
     per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
-    state = None if reg.mode == "resample" else reg._sort_state
+    state = reg._call_state()
     for r in range(repeats + 1):
         sums = dict.fromkeys(STAGES, 0.0)
         for _ in range(window):

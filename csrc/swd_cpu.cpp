@@ -279,8 +279,12 @@ void check_perm_range(const int32_t* perm, const at::Tensor& offsets) {
 // ------------------------------------------------------------------------------------------
 // sort_segments: ascending sort of every segment (keys only, values rebuilt from the keys).
 // `out` (optional) receives the result and may be `x` itself: each segment is read whole before
-// it is written.
-at::Tensor sort_segments(const at::Tensor& x, const at::Tensor& offsets, const c10::optional<at::Tensor>& out_opt) {
+// it is written. `perm` (optional, int32 like x) receives each segment's sorting permutation,
+// perm[start + k] = the segment-local index of the k-th smallest value: resample seeds the fused
+// forward's permutation reuse with the order of W0 Θ, which W Θ along the same directions nearly
+// keeps.
+at::Tensor sort_segments(const at::Tensor& x, const at::Tensor& offsets, const c10::optional<at::Tensor>& out_opt,
+                         const c10::optional<at::Tensor>& perm_opt) {
   check_flat(x, "x");
   check_offsets(offsets, x.numel(), "x");
   at::Tensor out;
@@ -291,9 +295,28 @@ at::Tensor sort_segments(const at::Tensor& x, const at::Tensor& offsets, const c
   } else {
     out = at::empty_like(x);
   }
+  int32_t* pm = nullptr;
+  if (perm_opt.has_value() && perm_opt->defined()) {
+    check_perm(*perm_opt, x.numel());
+    pm = perm_opt->data_ptr<int32_t>();
+  }
   const float* in = x.data_ptr<float>();
   float* res = out.data_ptr<float>();
   for_each_segment(offsets, [&](int64_t, int64_t start, int64_t n) {
+    if (pm != nullptr) {
+      thread_local std::vector<uint64_t> items_buf, items_tmp;
+      uint64_t* items = scratch(items_buf, n);
+      uint64_t* tmp = scratch(items_tmp, n);
+      for (int64_t k = 0; k < n; ++k) {
+        items[k] = (static_cast<uint64_t>(float_key(in[start + k])) << 32) | static_cast<uint32_t>(k);
+      }
+      sort_items(items, tmp, n);
+      for (int64_t k = 0; k < n; ++k) {
+        res[start + k] = key_float(static_cast<uint32_t>(items[k] >> 32));
+        pm[start + k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
+      }
+      return;
+    }
     thread_local std::vector<uint32_t> keys_buf, tmp_buf;
     uint32_t* keys = scratch(keys_buf, n);
     uint32_t* tmp = scratch(tmp_buf, n);
@@ -639,7 +662,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "snap_fast CPU kernels: segmented float sort, matched targets, fused SWD forward";
   m.def("sort_segments", &sort_segments, "Ascending sort of every segment of a flat float32 buffer",
-        pybind11::arg("x"), pybind11::arg("offsets"), pybind11::arg("out") = c10::nullopt);
+        pybind11::arg("x"), pybind11::arg("offsets"), pybind11::arg("out") = c10::nullopt,
+        pybind11::arg("perm") = c10::nullopt);
   m.def("match_sorted", &match_sorted, "Matched targets T[perm[k]] = ref[k] per segment",
         pybind11::arg("proj"), pybind11::arg("sorted_ref"), pybind11::arg("offsets"),
         pybind11::arg("perm") = c10::nullopt, pybind11::arg("reuse") = false);

@@ -96,6 +96,16 @@ def test_sort_segments_into_out_and_in_place(ext, backend):
     assert sort(y, layout, out=y).data_ptr() == y.data_ptr()
     assert torch.equal(y, expected)
     if backend == "cpp":
+        # with a sort state, the sorting permutation of every segment is kept for swd_forward
+        state: dict = {}
+        z = x.clone()
+        ext.sort_segments(z, layout, out=z, state=state)
+        assert torch.equal(z, expected)
+        perm = state["cpp_perm"].long()
+        starts = torch.repeat_interleave(layout.offsets("cpu")[:-1], torch.tensor(layout.lengths))
+        assert torch.equal(x[starts + perm], expected)
+        _, grad = ext.swd_forward(x, expected, layout, p=2.0, scale=1.0, state=state)
+        assert state["cpp_stats"]["already_sorted"] == layout.num_segments and torch.equal(grad, torch.zeros_like(x))
         with pytest.raises(ValueError, match="out must be a contiguous float32"):
             ext.sort_segments(x, layout, out=torch.empty(layout.total, dtype=torch.float64))
         with pytest.raises(ValueError, match="out has"):
@@ -278,7 +288,7 @@ class _Tiny(torch.nn.Module):
         return self.out(torch.tanh(self.lin(self.emb(idx)))).sum(dim=1)
 
 
-@pytest.mark.parametrize("mode,optim", [("fixed", "sgd"), ("refresh", "adamw")])
+@pytest.mark.parametrize("mode,optim", [("fixed", "sgd"), ("refresh", "adamw"), ("resample", "adamw")])
 def test_regularizer_cpp_matches_torch_over_optimizer_steps(ext, mode, optim):
     torch.manual_seed(7)
     model_cpp = _Tiny()

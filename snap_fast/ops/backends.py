@@ -68,9 +68,13 @@ class Backend:
         """Why this backend cannot run on ``device``'s tensors, or None when it can."""
         return None
 
-    def sort_segments(self, x: torch.Tensor, layout: SegmentLayout, out: torch.Tensor | None = None) -> torch.Tensor:
+    def sort_segments(
+        self, x: torch.Tensor, layout: SegmentLayout, out: torch.Tensor | None = None, state: dict | None = None
+    ) -> torch.Tensor:
         """Sort every segment of the flat buffer ``x`` ascending into ``out`` (a float32
-        (layout.total,) buffer, which may be ``x`` itself) or a new float32 buffer."""
+        (layout.total,) buffer, which may be ``x`` itself) or a new float32 buffer. A backend that
+        reuses permutations between calls stores the sorting permutation in ``state`` (the
+        others ignore it)."""
         out = torch.empty(layout.total, dtype=torch.float32, device=x.device) if out is None else out
         for src, dst in zip(layout.views(x), layout.views(out)):
             dst.copy_(torch.sort(src, dim=1).values)
@@ -140,7 +144,7 @@ class TritonBackend(Backend):
 
         return cpp.cuda_sort_rows if cpp.cuda_available() else None
 
-    def sort_segments(self, x, layout, out=None):
+    def sort_segments(self, x, layout, out=None, state=None):
         from snap_fast.kernels.segmented_sort import sort_segments_triton
 
         return sort_segments_triton(x, layout, out=out, long_sort=self._long_sort(x.device))
@@ -173,10 +177,10 @@ class CppBackend(Backend):
             return f"the C++ extension is unavailable: {cpp.unavailable_reason('cpu')}"
         return None
 
-    def sort_segments(self, x, layout, out=None):
+    def sort_segments(self, x, layout, out=None, state=None):
         from .swd import cpp
 
-        return cpp.sort_segments(x, layout, out=out)
+        return cpp.sort_segments(x, layout, out=out, state=state)
 
     def match_sorted(self, proj, sorted_ref, layout, state):
         from .swd import cpp

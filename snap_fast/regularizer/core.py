@@ -206,7 +206,9 @@ class SlicedWassersteinRegularizer:
         ``resample`` on a fused backend, which reads them only inside the call, projects and sorts
         in place in one work buffer kept across calls: every call would otherwise write two fresh
         buffers of all projections (the concatenation and the sort), whose pages the CPU faults in
-        one by one.
+        one by one. The sort also leaves its permutations in the call's sort state: ``W Θ`` along
+        the same directions is nearly in ``W0 Θ``'s order, so the fused pass checks or repairs
+        that order instead of sorting from scratch.
         """
         if self.mode == "resample" and self._ops.fused and self._flat is not None:
             proj0 = self._flat.workspace("initial")
@@ -216,7 +218,7 @@ class SlicedWassersteinRegularizer:
                     converted_projections_t(th, t.initial, out=block)
                 else:
                     block.copy_(t.initial_projection(th).t())
-            return self._ops.sort_segments(proj0, self.layout, out=proj0)
+            return self._ops.sort_segments(proj0, self.layout, out=proj0, state=self._call_state())
         proj0 = torch.cat([t.initial_projection(th, keep_dtype).t().reshape(-1) for t, th in zip(self.terms, theta)])
         return self._ops.sort_segments(proj0, self.layout)
 
@@ -307,6 +309,14 @@ class SlicedWassersteinRegularizer:
             return torch.cat([t.project(th).t().reshape(-1) for t, th in zip(self.terms, theta)])
         return self._flat.project(theta, self._projection_offset())
 
+    def _call_state(self) -> dict | None:
+        """The sort state a call hands to the backend: kept permutations across calls in
+        ``fixed``/``refresh``; in ``resample`` only on the fused path, seeded each call by the sort
+        of the fresh W0 projections (see :meth:`_sorted_initial`), else none."""
+        if self.mode != "resample" or (self._ops.fused and self._flat is not None):
+            return self._sort_state
+        return None
+
     def _projection_offset(self) -> torch.Tensor | None:
         """The constant flat buffer to add to :meth:`_project`'s output, or None."""
         return None if self.mode == "resample" else self._offset
@@ -315,7 +325,7 @@ class SlicedWassersteinRegularizer:
     def __call__(self) -> torch.Tensor:
         """Σ over regularized tensors of SWD(W0, W) for the current weights (float32, 0-dim)."""
         theta, sorted_ref = self._directions_and_reference()
-        state = None if self.mode == "resample" else self._sort_state
+        state = self._call_state()
         if self._ops.fused and self._flat is not None:
             return self._flat.fused_swd(theta, sorted_ref, state, self._projection_offset())
         proj = self._project(theta)

@@ -227,7 +227,9 @@ def _check_layout(layout: object) -> SegmentLayout:
     return layout
 
 
-def sort_segments(x: torch.Tensor, layout: SegmentLayout, out: torch.Tensor | None = None) -> torch.Tensor:
+def sort_segments(
+    x: torch.Tensor, layout: SegmentLayout, out: torch.Tensor | None = None, state: dict | None = None
+) -> torch.Tensor:
     """Sort every segment of the flat buffer ``x`` ascending.
 
     Args:
@@ -235,6 +237,10 @@ def sort_segments(x: torch.Tensor, layout: SegmentLayout, out: torch.Tensor | No
         layout: the segments of ``x``.
         out: optional contiguous float32 (layout.total,) CPU buffer for the result; may be ``x``
             itself (sorted in place).
+        state: optional dict of :func:`swd_forward`: receives the sorting permutation of every
+            segment, which the next ``swd_forward`` with this state starts from (a buffer whose
+            order is close to ``x``'s, such as ``W Θ`` next to ``W0 Θ``, is then checked or
+            repaired instead of sorted from scratch).
 
     Returns ``out``, or a new contiguous float32 (layout.total,) tensor. NaNs sort after +inf
     (positive NaN) or before -inf (negative NaN) and are kept.
@@ -245,7 +251,8 @@ def sort_segments(x: torch.Tensor, layout: SegmentLayout, out: torch.Tensor | No
         _check_flat_buffer("out", out, layout)
         if out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 buffer, got {out.dtype}")
-    return _module().sort_segments(x, layout.offsets("cpu"), out)
+    perm = _perm_buffer(state, layout)[0] if state is not None else None
+    return _module().sort_segments(x, layout.offsets("cpu"), out, perm)
 
 
 def _perm_buffer(state: dict | None, layout: SegmentLayout) -> tuple[torch.Tensor | None, bool]:
