@@ -39,7 +39,7 @@ from .checks import check_int
 from .data.build import DEFAULT_SIZES
 from .data.target import TargetSpec
 from .generation import DEFAULT_GEN_BATCH_SIZE
-from .train.config import LORA_LAM, LORA_LAYERS, LORA_LR, UnlearnConfig
+from .train.config import DEFAULT_LAM, LORA_LAYERS, LORA_LR, UnlearnConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -76,7 +76,7 @@ class ForgetSettings:
     grad_accum: int = _recipe("grad_accum")
     alpha: float = _recipe("alpha")
     retain_loss: str = "kl"  # UnlearnConfig's rule with LoRA
-    lam: float = LORA_LAM  # UnlearnConfig's rule with LoRA
+    lam: float = DEFAULT_LAM
     reg_mode: str = _recipe("reg_mode")
     reg_refresh_every: int = _recipe("reg_refresh_every")
     n_projections: int = _recipe("n_projections")

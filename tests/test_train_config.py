@@ -131,9 +131,8 @@ def test_defaults_resolve_and_yaml_round_trip(tmp_path):
     assert cfg.lora_layers == 0.5 and cfg.resolved() == cfg  # the upper half; resolving twice changes nothing
     full = UnlearnConfig(data="d", out="o", lora=False).resolved()
     assert full.lr == 1e-5 and full.lora_layers is None  # the layer rule is LoRA's only
-    assert full.lam == 0.1  # the paper's λ in full fine-tuning; off with LoRA, where it changed nothing
-    assert UnlearnConfig(lora=False, method="idk").resolved().lam == 0.0
-    assert UnlearnConfig(lam=0.1).resolved().lam == 0.1  # an explicit λ is kept under LoRA
+    assert full.lam == 0.0  # off in full fine-tuning too: λ = 10 changed nothing at its learning rate
+    assert UnlearnConfig(lam=0.1).resolved().lam == 0.1  # an explicit λ is kept
     full._validate_lora()  # no "lora_layers only applies to LoRA runs" from a default
     assert UnlearnConfig(lora_layers="all").resolved().lora_layers == 1.0
     assert cfg.retain_loss == full.retain_loss == "kl"

@@ -45,10 +45,11 @@ REG_KINDS = ("swd", "l2sp")
 LORA_LR = 1.5e-3
 FULL_LR = 1e-5
 LORA_LAYERS = 0.5
-# λ for every method under LoRA: the regularizer changed no outcome of the LoRA recipe at any λ up
-# to 100 (three targets, two seeds; docs/regularizer.md), so it is off there. Full fine-tuning
-# takes the method's own default (the SNAP paper's 0.1 for snap and snap-npo).
-LORA_LAM = 0.0
+# λ for every method, with LoRA and in full fine-tuning: the regularizer changed no outcome of the
+# LoRA recipe at any λ up to 100 (three targets, two seeds, single and sequential runs), nor of full
+# fine-tuning at its learning rate at λ = 10, 100× the paper's (docs/regularizer.md), so it is off
+# unless asked for.
+DEFAULT_LAM = 0.0
 
 
 #: The regularizer's concrete sort backends.
@@ -100,9 +101,9 @@ class UnlearnConfig:
       they fit in ``reference_cache_gib``; otherwise every batch runs the original model: the
       base with the adapter disabled under LoRA, a frozen copy (twice the memory, not under
       FSDP) for full fine-tuning.
-    * ``lam=None``: 0 with LoRA (:data:`LORA_LAM`, the regularizer measured to change nothing
-      there), the method's default in full fine-tuning (:mod:`snap_fast.train.methods`); any
-      method takes λ > 0. ``lr=None``: 1.5e-3 with LoRA, 1e-5 for full fine-tuning.
+    * ``lam``: 0 (:data:`DEFAULT_LAM`, the regularizer measured to change nothing with the
+      defaults, LoRA or full fine-tuning); any method takes λ > 0. ``lr=None``: 1.5e-3 with LoRA,
+      1e-5 for full fine-tuning.
     * ``parallel`` only matters under several processes (``torchrun``): ``"ddp"`` replicates the
       model, ``"fsdp"`` shards it with FSDP2 and uses the sharded regularizer.
     * ``notes``: free-form, carried into config.yaml, never read by training.
@@ -140,8 +141,8 @@ class UnlearnConfig:
                             choices=RETAIN_LOSSES)
     reference_cache_gib: float = _arg(
         2.0, "--retain-loss kl: cache the original's answer log-probabilities up to this many GiB")
-    lam: float | None = _arg(None, "λ, regularizer weight (default: 0 with LoRA; in full fine-tuning 0.1 for snap and "
-                             "snap-npo, else 0)", type=float)
+    lam: float = _arg(DEFAULT_LAM, "λ, regularizer weight (default 0: off; docs/regularizer.md says where it acts)",
+                      type=float)
     reg_kind: str = _arg("swd", "regularizer: swd (SNAP's) or l2sp (λ‖W − W0‖², the plain baseline)", choices=REG_KINDS)
     reg_mode: str = _arg("fixed", "regularizer directions", choices=REG_MODES)
     reg_refresh_every: int = _arg(10, "K for --reg-mode refresh")
@@ -172,12 +173,10 @@ class UnlearnConfig:
 
     # ------------------------------------------------------------------ derived values
     def resolved(self) -> UnlearnConfig:
-        """A copy with the defaults that depend on other fields filled in (lr, lam, device)."""
+        """A copy with the defaults that depend on other fields filled in (lr, device, ...)."""
         out = dataclasses.replace(self, notes=dict(self.notes))
         if out.lr is None:
             out.lr = LORA_LR if out.lora else FULL_LR
-        if out.lam is None and out.method in METHOD_REGISTRY:  # an unknown method fails in validate()
-            out.lam = LORA_LAM if out.lora else METHOD_REGISTRY[out.method].default_lam
         if out.device == "auto":
             import torch
 
@@ -260,8 +259,7 @@ class UnlearnConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lr is not None:
             check_number("lr", self.lr, positive=True)
-        if self.lam is not None:
-            check_number("lam", self.lam, nonnegative=True)
+        check_number("lam", self.lam, nonnegative=True)
         for name in ("lora", "use_general", "gradient_checkpointing", "merge", "overwrite", "resume",
                      "trust_remote_code", "progress", "reg_normalize"):
             if not isinstance(getattr(self, name), bool):

@@ -13,8 +13,8 @@ method; ``retain`` stands for the retain and the general set, each weighted by �
 ``retain`` is :class:`~snap_fast.train.terms.RetainNLL` of the original model's answers, or
 :class:`~snap_fast.train.terms.RetainKL` with ``retain_loss="kl"``.
 
-With LoRA every method's λ defaults to 0 (``config.LORA_LAM``: the regularizer was measured to
-change nothing there), so under LoRA ``snap`` and ``idk`` train the same loss unless ``lam`` is set.
+Every method's λ defaults to 0 (``config.DEFAULT_LAM``: the regularizer was measured to change
+nothing with the defaults), so ``snap`` and ``idk`` train the same loss unless ``lam`` is set.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ class Method:
             obliterated one) or ``"original_response"`` (the knowledge GA and NPO push away from).
         trains_retain: has a retain (hard-positive and general) term.
         alternates: forget and retain terms on alternate steps (SNAP v3's ``snap-npo``).
-        default_lam: λ in full fine-tuning when the config leaves it unset (LoRA runs take
-            ``config.LORA_LAM``).
     """
 
     name: str
@@ -47,7 +45,6 @@ class Method:
     forget_target: str
     trains_retain: bool
     alternates: bool = False
-    default_lam: float = 0.0
 
     def sets(self, step: int, has_retain: bool) -> tuple[bool, bool]:
         """``(train_forget, train_retain)`` at optimizer step ``step`` (0-based).
@@ -70,8 +67,8 @@ def _gradient_ascent(beta: float) -> LossTerm:
 
 
 _ENTRIES = (
-    Method("snap", _forget_nll, "response", trains_retain=True, default_lam=0.1),
-    Method("snap-npo", NPO, "original_response", trains_retain=True, alternates=True, default_lam=0.1),
+    Method("snap", _forget_nll, "response", trains_retain=True),
+    Method("snap-npo", NPO, "original_response", trains_retain=True, alternates=True),
     Method("ga", _gradient_ascent, "original_response", trains_retain=False),
     Method("grad-diff", _gradient_ascent, "original_response", trains_retain=True),
     Method("npo", NPO, "original_response", trains_retain=False),
