@@ -93,6 +93,8 @@ def _train_config(tmp: Path, name: str) -> dict:
     return {"model": str(tmp / "model"), "data": str(tmp / "data"), "out": str(tmp / name), "device": "cpu",
             "max_steps": 3, "batch_size": 2, "grad_accum": 3, "lr": 1e-3, "lora": False, "log_every": 1,
             "save_every": 2, "progress": False, "seed": 0,
+            # the regularizer on (the default λ is 0), so its value is compared across processes too
+            "lam": 0.1,
             # one retain term for every run compared here (the default picks nll under FSDP full
             # fine-tuning, kl elsewhere; test_train_config checks that rule)
             "retain_loss": "nll"}

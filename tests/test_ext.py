@@ -320,6 +320,23 @@ def test_regularizer_cpp_matches_torch_over_optimizer_steps(ext, mode, optim):
     assert reused > 0, "the kept permutations were never reused"
 
 
+@pytest.mark.parametrize("mode", ["resample", "refresh"])
+def test_fresh_directions_start_from_the_initial_projections_order(ext, mode):
+    # After new directions (every resample call, every refresh redraw), the sort of W0 Θ seeds the
+    # permutation reuse: W Θ near W0 is then checked or repaired, never sorted from scratch.
+    torch.manual_seed(3)
+    model = _Tiny()
+    reg = SlicedWassersteinRegularizer(model, backend="cpp", mode=mode, refresh_every=2, n_projections=8,
+                                       reference_dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-4 * torch.randn_like(p))
+    for call in range(4):
+        reg().backward()
+        stats = reg._sort_state["cpp_stats"]
+        assert stats["resorted"] == 0 and stats["already_sorted"] + stats["repaired"] == reg.layout.num_segments, call
+
+
 def _lora_case(gen: torch.Generator, terms: list[tuple[int, int, int]], n_dirs: int):
     """Random inputs of lora_swd_forward: per term (n, r, d) the factors U (n, r) and V (r, d), a
     scaling, unit directions Θ (d, L) (a transposed view, as the regularizer keeps them), the base

@@ -69,7 +69,7 @@ def test_snap_moves_forget_answers_to_obliterated_and_keeps_hard_positives(asset
 
     from tests.train_data import OBLITERATED
 
-    result = unlearn(_config(assets, tmp_path / "run", lora=False, lr=1e-2, max_steps=30))
+    result = unlearn(_config(assets, tmp_path / "run", lora=False, lr=1e-2, max_steps=30, lam=0.1))
     assert result.status == "completed" and result.steps == 30
     original = AutoModelForCausalLM.from_pretrained(assets["llama"]).eval()
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "merged").eval()
@@ -192,7 +192,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
 
 
 @pytest.mark.parametrize("method, extra", [
-    ("snap-npo", {"lora": False}), ("npo", {"lora": False}), ("ga", {}), ("grad-diff", {"precision": "bf16"}),
+    ("snap-npo", {"lora": False, "lam": 0.1}), ("npo", {"lora": False}), ("ga", {}), ("grad-diff", {"precision": "bf16"}),
     ("idk", {}), ("snap", {}),
 ])
 def test_every_method_runs_and_logs_its_terms(assets, tmp_path, method, extra):
@@ -211,14 +211,14 @@ def test_every_method_runs_and_logs_its_terms(assets, tmp_path, method, extra):
     if method in ("npo", "snap-npo"):
         # At step 1 the model is still the reference: NPO = (2/β)·log 2.
         assert rows[0]["loss_forget"] == pytest.approx(20 * 0.6931471805599453, rel=1e-4)
-    if method == "snap-npo":  # alternating forget / retain steps, λ = 0.1 by default in full fine-tuning
+    if method == "snap-npo":  # alternating forget / retain steps; λ = 0.1 given, so the regularizer is built
         assert rows[1]["loss_forget"] is None and rows[1]["loss_retain"] is not None
         assert rows[0]["reg"] is not None
     if method in ("ga", "grad-diff"):
         assert rows[0]["loss_forget"] < 0
     if method in ("ga", "npo"):
         assert rows[0]["loss_retain"] is None
-    if method in ("idk", "snap"):  # with LoRA every method's default λ is 0: no regularizer is built
+    if method in ("idk", "snap"):  # every method's default λ is 0: no regularizer is built
         assert rows[0]["reg"] is None
 
 

@@ -220,7 +220,9 @@ class SlicedWassersteinRegularizer:
                     block.copy_(t.initial_projection(th).t())
             return self._ops.sort_segments(proj0, self.layout, out=proj0, state=self._call_state())
         proj0 = torch.cat([t.initial_projection(th, keep_dtype).t().reshape(-1) for t, th in zip(self.terms, theta)])
-        return self._ops.sort_segments(proj0, self.layout)
+        # fixed/refresh: the (re)built cache's permutations start the next call's permutation reuse
+        seed = self._sort_state if self.mode != "resample" and self._ops.fused and self._flat is not None else None
+        return self._ops.sort_segments(proj0, self.layout, state=seed)
 
     @torch.no_grad()
     def _reference(
@@ -257,11 +259,11 @@ class SlicedWassersteinRegularizer:
             theta = self._fixed_directions()
         else:
             theta = self._draw(self._generator)
+        self._sort_state = {}  # the permutations of the old directions mean nothing for the new ones
         theta, sorted_ref = self._reference(theta, self.reference_dtype)
         if self.mode != "fixed" or self.cache_directions:
             self._theta = theta
         self._sorted_ref = sorted_ref.to(self.reference_dtype)
-        self._sort_state = {}
         self._pin(theta)
 
     def _pin(self, theta: list[torch.Tensor]) -> None:
