@@ -158,6 +158,14 @@ class GemmFloor:
     def __call__(self) -> torch.Tensor:
         return _TwoGemms.apply(self, *[p if p.dim() > 1 else p.reshape(1, -1) for p in self.params])
 
+    def _redraw(self, i: int, generator: torch.Generator, bf16_values: bool = False) -> None:
+        """Fresh unit directions for tensor ``i`` (the floors that redraw), rounded to bf16 values
+        when a bf16 GEMM will read them."""
+        theta_t = torch.randn(self.thetas_t[i].shape, generator=generator)
+        theta_t.div_(theta_t.norm(dim=1, keepdim=True))
+        self.thetas_t[i] = theta_t.bfloat16().float() if bf16_values else theta_t
+        self.thetas[i] = self.thetas_t[i].t().contiguous()
+
 
 class ResampleFloor(GemmFloor):
     """The floor of one exact ``resample`` call: :class:`GemmFloor` plus what fresh directions add
@@ -176,9 +184,7 @@ class ResampleFloor(GemmFloor):
 
     def __call__(self) -> torch.Tensor:
         for i, w0 in enumerate(self.initial):
-            theta_t = torch.randn(self.thetas_t[i].shape, generator=self.generator)
-            self.thetas_t[i] = theta_t.div_(theta_t.norm(dim=1, keepdim=True))
-            self.thetas[i] = self.thetas_t[i].t().contiguous()
+            self._redraw(i, self.generator)
             converted_projections_t(self.thetas[i], w0, out=self.outs0[i])
         return super().__call__()
 
@@ -199,9 +205,7 @@ class RefreshFloor(GemmFloor):
     def __call__(self) -> torch.Tensor:
         if self.calls % self.refresh_every == 0:
             for i, w0 in enumerate(self.initial):
-                theta_t = torch.randn(self.thetas_t[i].shape, generator=self.generator)
-                self.thetas_t[i] = theta_t.div_(theta_t.norm(dim=1, keepdim=True)).bfloat16().float()
-                self.thetas[i] = self.thetas_t[i].t().contiguous()
+                self._redraw(i, self.generator, bf16_values=True)
                 copy_projections_t(self.thetas[i], w0)
         self.calls += 1
         return super().__call__()

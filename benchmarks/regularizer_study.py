@@ -198,6 +198,13 @@ PAIRED_COLUMNS = (("Δ held-out obliteration (points)", "obliteration", 100, 1),
                     for k in RELEARN_STEPS))
 
 
+def paired_cells(pairs: list[tuple[dict, dict]], columns) -> list[str]:
+    """One cell per ``(title, key, scale, digits)`` column: mean ± sd of ``a[key] − b[key]`` over
+    the (penalised, unpenalised) pairs where both rows have the value."""
+    return [_mean_sd([a[key] - b[key] for a, b in pairs if a.get(key) is not None and b.get(key) is not None],
+                     scale, digits) for _, key, scale, digits in columns]
+
+
 def paired_differences(results: list[dict]) -> list[str]:
     """Markdown lines: each penalised configuration minus its regime's ``/none`` run on the same
     target and seed, mean ± sd over those pairs (n). Seeds and targets move every metric more than
@@ -209,9 +216,7 @@ def paired_differences(results: list[dict]) -> list[str]:
         pairs = [(r, by_key[(r["target"], r["seed"], base)]) for r in results
                  if r["config"] == name and (r["target"], r["seed"], base) in by_key]
         if pairs:
-            cells = [_mean_sd([a[key] - b[key] for a, b in pairs if a.get(key) is not None and b.get(key) is not None],
-                              scale, digits) for _, key, scale, digits in PAIRED_COLUMNS]
-            rows.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
+            rows.append(f"| {name} | {len(pairs)} | " + " | ".join(paired_cells(pairs, PAIRED_COLUMNS)) + " |")
     if not rows:
         return []
     return ["", "## Paired with no penalty", "",

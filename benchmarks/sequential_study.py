@@ -34,7 +34,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 from forget_targets import TARGETS, _mean_sd, read_results
-from regularizer_study import CONFIGS, EVAL_SETS, STUDY_TARGETS, overrides_for, prepare
+from regularizer_study import CONFIGS, EVAL_SETS, STUDY_TARGETS, overrides_for, paired_cells, prepare
 
 DEFAULT_CONFIGS = ("lora/none", "lora/swd-10", "lora/l2sp-10")
 
@@ -155,9 +155,7 @@ def paired_stage_differences(rows: list[dict]) -> list[str]:
                      if r["config"] == config and r["stage"] == stage and (base, r["seed"], stage) in by_key]
             if not pairs:
                 continue
-            cells = [_mean_sd([a[key] - b[key] for a, b in pairs if a.get(key) is not None and b.get(key) is not None],
-                              scale, digits) for _, key, scale, digits in PAIRED_COLUMNS]
-            out.append(f"| {config} | {stage} | {len(pairs)} | " + " | ".join(cells) + " |")
+            out.append(f"| {config} | {stage} | {len(pairs)} | " + " | ".join(paired_cells(pairs, PAIRED_COLUMNS)) + " |")
     if not out:
         return []
     return ["", "## Paired with no penalty", "",

@@ -163,6 +163,16 @@ void check_flat(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// The caller's output buffer (a flat float32 tensor as long as `like`), or a new one like `like`.
+at::Tensor out_or_new(const c10::optional<at::Tensor>& out, const char* name, const at::Tensor& like,
+                      const char* like_name) {
+  if (!out.has_value() || !out->defined()) return at::empty_like(like);
+  check_flat(*out, name);
+  TORCH_CHECK(out->numel() == like.numel(), name, " has ", out->numel(), " elements, ", like_name, " has ",
+              like.numel());
+  return *out;
+}
+
 // Contiguous ranges of whole segments with about equal element counts, so threads stay busy even
 // when one tensor's segments (the embedding's) hold a quarter of all values.
 std::vector<int64_t> balanced_chunks(const int64_t* o, int64_t num_segments) {
@@ -287,14 +297,7 @@ at::Tensor sort_segments(const at::Tensor& x, const at::Tensor& offsets, const c
                          const c10::optional<at::Tensor>& perm_opt) {
   check_flat(x, "x");
   check_offsets(offsets, x.numel(), "x");
-  at::Tensor out;
-  if (out_opt.has_value() && out_opt->defined()) {
-    check_flat(*out_opt, "out");
-    TORCH_CHECK(out_opt->numel() == x.numel(), "out has ", out_opt->numel(), " elements, x has ", x.numel());
-    out = *out_opt;
-  } else {
-    out = at::empty_like(x);
-  }
+  at::Tensor out = out_or_new(out_opt, "out", x, "x");
   int32_t* pm = nullptr;
   if (perm_opt.has_value() && perm_opt->defined()) {
     check_perm(*perm_opt, x.numel());
@@ -509,15 +512,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
   const int64_t num_segments = offsets.numel() - 1;
   // A caller that calls every step may pass its own gradient buffer: a fresh allocation of tens
   // of megabytes costs a page fault per 4 KiB on first touch, more than the scatter itself.
-  at::Tensor grad;
-  if (grad_out.has_value() && grad_out->defined()) {
-    check_flat(*grad_out, "grad_out");
-    TORCH_CHECK(grad_out->numel() == proj.numel(), "grad_out has ", grad_out->numel(), " elements, proj has ",
-                proj.numel());
-    grad = *grad_out;
-  } else {
-    grad = at::empty_like(proj);
-  }
+  at::Tensor grad = out_or_new(grad_out, "grad_out", proj, "proj");
   std::vector<double> partial(static_cast<size_t>(num_segments), 0.0);
   const float* x = proj.data_ptr<float>();
   float* g = grad.data_ptr<float>();

@@ -221,8 +221,7 @@ class SlicedWassersteinRegularizer:
             return self._ops.sort_segments(proj0, self.layout, out=proj0, state=self._call_state())
         proj0 = torch.cat([t.initial_projection(th, keep_dtype).t().reshape(-1) for t, th in zip(self.terms, theta)])
         # fixed/refresh: the (re)built cache's permutations start the next call's permutation reuse
-        seed = self._sort_state if self.mode != "resample" and self._ops.fused and self._flat is not None else None
-        return self._ops.sort_segments(proj0, self.layout, state=seed)
+        return self._ops.sort_segments(proj0, self.layout, state=self._call_state())
 
     @torch.no_grad()
     def _reference(

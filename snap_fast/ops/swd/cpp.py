@@ -202,6 +202,13 @@ def _check_flat_buffer(name: str, t: object, layout: SegmentLayout) -> torch.Ten
     return t.detach()
 
 
+def _check_out_buffer(name: str, t: object, layout: SegmentLayout) -> None:
+    """Validate a buffer the kernel writes: a contiguous float32 CPU tensor of ``layout.total``."""
+    _check_flat_buffer(name, t, layout)
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float32 buffer, got {t.dtype}")
+
+
 def _flat_cpu_float(name: str, t: object, layout: SegmentLayout) -> torch.Tensor:
     """Validate a flat buffer argument; return it as a contiguous float32 CPU tensor."""
     return _check_flat_buffer(name, t, layout).to(torch.float32).contiguous()
@@ -248,9 +255,7 @@ def sort_segments(
     layout = _check_layout(layout)
     x = _flat_cpu_float("x", x, layout)
     if out is not None:
-        _check_flat_buffer("out", out, layout)
-        if out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous float32 buffer, got {out.dtype}")
+        _check_out_buffer("out", out, layout)
     perm = _perm_buffer(state, layout)[0] if state is not None else None
     return _module().sort_segments(x, layout.offsets("cpu"), out, perm)
 
@@ -344,9 +349,7 @@ def swd_forward(
     if offset is not None:
         offset = _flat_cpu_ref("offset", offset, layout)
     if grad_out is not None:
-        _check_flat_buffer("grad_out", grad_out, layout)
-        if grad_out.dtype != torch.float32 or not grad_out.is_contiguous():
-            raise ValueError(f"grad_out must be a contiguous float32 buffer, got {grad_out.dtype}")
+        _check_out_buffer("grad_out", grad_out, layout)
     perm, reuse = _perm_buffer(state, layout)
     value, grad, counts = _module().swd_forward(
         proj, sorted_ref, layout.offsets("cpu"), perm, reuse, float(p), float(scale), offset, grad_out
