@@ -34,7 +34,14 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 from forget_targets import TARGETS, _mean_sd, read_results
-from regularizer_study import CONFIGS, EVAL_SETS, STUDY_TARGETS, overrides_for, paired_cells, prepare
+from regularizer_study import (
+    CONFIGS,
+    EVAL_SETS,
+    STUDY_TARGETS,
+    overrides_for,
+    paired_cells,
+    prepare,
+)
 
 DEFAULT_CONFIGS = ("lora/none", "lora/swd-10", "lora/l2sp-10")
 
