@@ -161,10 +161,12 @@ class GemmFloor:
     def _redraw(self, i: int, generator: torch.Generator, bf16_values: bool = False) -> None:
         """Fresh unit directions for tensor ``i`` (the floors that redraw), rounded to bf16 values
         when a bf16 GEMM will read them."""
-        theta_t = torch.randn(self.thetas_t[i].shape, generator=generator)
+        # in place, as snap_fast's resample draws: fresh buffers cost a page fault per 4 KiB
+        theta_t = self.thetas_t[i].normal_(generator=generator)
         theta_t.div_(theta_t.norm(dim=1, keepdim=True))
-        self.thetas_t[i] = theta_t.bfloat16().float() if bf16_values else theta_t
-        self.thetas[i] = self.thetas_t[i].t().contiguous()
+        if bf16_values:
+            theta_t.copy_(theta_t.bfloat16())
+        self.thetas[i].copy_(theta_t.t())
 
 
 class ResampleFloor(GemmFloor):
@@ -319,7 +321,7 @@ def time_stages(
             if reg.backend in FUSED_BACKENDS:  # one fused pass: sort/match and reduction together
                 value = swd_from_projections(
                     proj, sorted_ref, reg.layout, n_projections=reg.n_projections, p=reg.p,
-                    backend=reg.backend, state=state, offset=offset,
+                    backend=reg.backend, state=state, offset=offset, ref_sorted=not reg._kernel_sorts_reference,
                 )
                 t3 = t4 = time.perf_counter()
             else:

@@ -494,15 +494,22 @@ double fused_segment(const Load& x, const RefT* r, float* gs, int32_t* ps, int64
 // sort, where x = proj, or x = proj + offset (float32 sum) when `offset` is given: a constant part
 // of the projections (the LoRA path's cached W0 Θ) that is never materialised as float32.
 // Per-segment partial sums are float64 and added in segment order (deterministic).
+// With `sort_ref` the reference is given unsorted (resample's fresh W0 Θ): each segment's is
+// sorted here, in thread-local buffers, and its sorting permutation seeds the sort of x (W Θ along
+// the same directions nearly keeps W0 Θ's order). Compared with a separate sort, neither the
+// sorted reference nor its permutations go through memory. No kept permutation is read or written.
 // Returns (value float64 0-dim, grad float32 like proj (grad_out when given), stats).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& proj, const at::Tensor& sorted_ref,
                                                            const at::Tensor& offsets,
                                                            const c10::optional<at::Tensor>& perm, bool reuse,
                                                            double p, double scale,
                                                            const c10::optional<at::Tensor>& offset,
-                                                           const c10::optional<at::Tensor>& grad_out) {
+                                                           const c10::optional<at::Tensor>& grad_out,
+                                                           bool sort_ref) {
   check_flat(proj, "proj");
   check_ref(sorted_ref, "sorted_ref", proj.numel());
+  TORCH_CHECK(!sort_ref || !(perm.has_value() && perm->defined()),
+              "sort_ref=True takes no perm buffer: the reference's own sort seeds each segment");
   const bool shifted = offset.has_value() && offset->defined();
   if (shifted) check_ref(*offset, "offset", proj.numel());
   check_offsets(offsets, proj.numel(), "proj");
@@ -522,6 +529,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
   with_ref(sorted_ref, [&](const auto* ref) {
     auto run = [&](const auto& make_loader) {
       for_each_segment(offsets, [&](int64_t s, int64_t start, int64_t n) {
+        if (sort_ref) {
+          thread_local std::vector<uint64_t> ref_items_buf, ref_tmp_buf;
+          thread_local std::vector<float> ref_sorted_buf;
+          thread_local std::vector<int32_t> ref_perm_buf;
+          uint64_t* items = scratch(ref_items_buf, n);
+          float* sorted = scratch(ref_sorted_buf, n);
+          int32_t* order = scratch(ref_perm_buf, n);
+          const auto* r = ref + start;
+          for (int64_t k = 0; k < n; ++k) {
+            items[k] = (static_cast<uint64_t>(float_key(static_cast<float>(r[k]))) << 32) | static_cast<uint32_t>(k);
+          }
+          sort_items(items, scratch(ref_tmp_buf, n), n);
+          for (int64_t k = 0; k < n; ++k) {
+            sorted[k] = key_float(static_cast<uint32_t>(items[k] >> 32));
+            order[k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
+          }
+          partial[static_cast<size_t>(s)] = fused_segment(make_loader(start), sorted, g + start, order, n,
+                                                          /*reuse=*/true, term, stats, bad_perm);
+          return;
+        }
         partial[static_cast<size_t>(s)] = fused_segment(make_loader(start), ref + start, g + start,
                                                         pm != nullptr ? pm + start : nullptr, n, reuse, term,
                                                         stats, bad_perm);
@@ -665,7 +692,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swd_forward", &swd_forward, "Fused SWD value and gradient w.r.t. the projections",
         pybind11::arg("proj"), pybind11::arg("sorted_ref"), pybind11::arg("offsets"),
         pybind11::arg("perm"), pybind11::arg("reuse"), pybind11::arg("p"), pybind11::arg("scale"),
-        pybind11::arg("offset") = c10::nullopt, pybind11::arg("grad_out") = c10::nullopt);
+        pybind11::arg("offset") = c10::nullopt, pybind11::arg("grad_out") = c10::nullopt,
+        pybind11::arg("sort_ref") = false);
   m.def("lora_swd_forward", &lora_swd_forward, "Fused SWD value and LoRA factor gradients, no flat buffers",
         pybind11::arg("base"), pybind11::arg("sorted_ref"), pybind11::arg("offsets"), pybind11::arg("u"),
         pybind11::arg("v"), pybind11::arg("theta"), pybind11::arg("scaling"), pybind11::arg("perm"),

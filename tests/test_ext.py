@@ -209,6 +209,41 @@ def test_fused_forward_reusing_permutations_equals_a_fresh_call(ext, p):
         ext.swd_forward(x, ref, layout, p=p, scale=0.25, state=state)
 
 
+@pytest.mark.parametrize("p", [2.0, 1.5])
+@pytest.mark.parametrize("ref_dtype", [torch.float32, torch.bfloat16])
+def test_fused_forward_sorting_an_unsorted_reference_equals_a_presorted_one(ext, p, ref_dtype):
+    # ref_sorted=False: the kernel sorts each reference segment and seeds the sort of x with that
+    # order. Every outcome of the seed (it sorts x, it needs a repair, x's order is unrelated) must
+    # give the results of the presorted reference, and the float64 oracle's.
+    gen = torch.Generator().manual_seed(8)
+    layout = SegmentLayout.from_blocks(MIXED)
+    ref = torch.randn(layout.total, generator=gen).to(ref_dtype)
+    cases = [
+        ("already_sorted", ref.float()),
+        ("repaired", ref.float() + 1e-3 * torch.randn(layout.total, generator=gen)),
+        ("resorted", torch.randn(layout.total, generator=gen)),
+    ]
+    for outcome, x in cases:
+        state: dict = {}
+        value, grad = ext.swd_forward(x, ref, layout, p=p, scale=0.25, state=state, ref_sorted=False)
+        assert state["cpp_stats"][outcome] > 0, (outcome, state["cpp_stats"])
+        assert "cpp_perm" not in state  # nothing is kept between calls
+        want_value, want_grad = ext.swd_forward(x, _per_segment_sort(ref.float(), layout), layout, p=p, scale=0.25)
+        torch.testing.assert_close(value, want_value, rtol=1e-12, atol=0)
+        assert torch.equal(_per_segment_sort(grad, layout), _per_segment_sort(want_grad, layout))
+        xd = x.double().requires_grad_(True)
+        oracle = sum(
+            (torch.sort(xs, dim=1).values - torch.sort(rs, dim=1).values).abs().pow(p).sum()
+            for xs, rs in zip(layout.views(xd), layout.views(ref.double()))
+        ) * 0.25
+        oracle.backward()
+        torch.testing.assert_close(value, oracle.detach(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="takes no perm"):
+        _ext._module().swd_forward(x, ref, layout.offsets("cpu"), torch.empty(layout.total, dtype=torch.int32),
+                                   False, p, 0.25, None, None, True)
+
+
 @pytest.mark.parametrize("p", [2.0, 1.0, 1.5])
 @pytest.mark.parametrize("shape", [(300, 40), (40,), (5000, 3)])
 def test_functional_value_and_gradient_vs_float64_reference(ext, p, shape):

@@ -201,6 +201,35 @@ def test_fused_calls_alive_together_keep_their_own_gradients():
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="no C++ extension")
+def test_resample_redraws_into_kept_buffers_and_refuses_a_stale_backward():
+    # resample on the fused path draws each call's directions into the same buffers: values and
+    # gradients stay those of fresh buffers (the torch backend's draw), and the backward of a value
+    # whose directions a later call redrew raises instead of using the new directions.
+    model = _Plain()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    regs = {b: SlicedWassersteinRegularizer(model, n_projections=L, mode="resample", backend=b, seed=3)
+            for b in ("cpp", "torch")}
+    for _ in range(3):  # a training loop: call, backward, call, ...
+        grads = {}
+        for b, reg in regs.items():
+            model.zero_grad(set_to_none=True)
+            value = reg()
+            value.backward()
+            grads[b] = (value.detach(), [p.grad.clone() for p in model.parameters()])
+        assert _rel(grads["cpp"][0], grads["torch"][0]) < TOL
+        for got, want in zip(grads["cpp"][1], grads["torch"][1]):
+            assert _rel(got, want) < TOL
+    reg = regs["cpp"]
+    first = reg()
+    second = reg()
+    second.backward()
+    with pytest.raises(RuntimeError, match="redrawn by a later call"):
+        first.backward()
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="no C++ extension")
 def test_lora_kernel_writes_no_flat_buffer_and_matches_the_flat_path():
     # fixed/refresh on LoRA terms go through the backend's LoRA kernel (projections formed from
     # the factors inside it): the plan's flat work buffers stay unallocated, and value and factor

@@ -91,13 +91,16 @@ class Backend:
 
     def swd_sum(
         self, proj: torch.Tensor, sorted_ref: torch.Tensor, layout: SegmentLayout, *, p: float,
-        n_projections: int, state: dict | None, offset: torch.Tensor | None,
+        n_projections: int, state: dict | None, offset: torch.Tensor | None, ref_sorted: bool = True,
     ) -> torch.Tensor:
         """``Σ |sort(x) − sorted_ref|^p / L``, x = proj (+ offset), differentiable in ``proj``.
 
         Matched targets held fixed make autograd of the sum the exact SWD (sub)gradient: the
-        sorting permutation is locally constant.
+        sorting permutation is locally constant. ``ref_sorted=False``: ``sorted_ref`` holds the
+        reference unsorted (sorted here first; the C++ backend sorts it inside its fused pass).
         """
+        if not ref_sorted:
+            sorted_ref = self.sort_segments(sorted_ref.float(), layout)
         if offset is not None:
             proj = proj.float() + offset  # one promoting pass, no separate conversion of offset
         with torch.no_grad():
@@ -199,8 +202,8 @@ class CppBackend(Backend):
 
         return cpp.lora_swd_forward(base, sorted_ref, layout, u, v, theta, scaling, **kwargs)
 
-    def swd_sum(self, proj, sorted_ref, layout, *, p, n_projections, state, offset):
-        return _CppFusedSWD.apply(proj, sorted_ref, layout, float(p), 1.0 / n_projections, state, offset)
+    def swd_sum(self, proj, sorted_ref, layout, *, p, n_projections, state, offset, ref_sorted=True):
+        return _CppFusedSWD.apply(proj, sorted_ref, layout, float(p), 1.0 / n_projections, state, offset, ref_sorted)
 
 
 class _CppFusedSWD(torch.autograd.Function):
@@ -209,10 +212,11 @@ class _CppFusedSWD(torch.autograd.Function):
     full-buffer passes (difference, power, sum and their backward)."""
 
     @staticmethod
-    def forward(ctx, proj, sorted_ref, layout, p, scale, state, offset):  # type: ignore[override]
+    def forward(ctx, proj, sorted_ref, layout, p, scale, state, offset, ref_sorted):  # type: ignore[override]
         from .swd import cpp
 
-        value, grad = cpp.swd_forward(proj.detach(), sorted_ref, layout, p=p, scale=scale, state=state, offset=offset)
+        value, grad = cpp.swd_forward(proj.detach(), sorted_ref, layout, p=p, scale=scale, state=state, offset=offset,
+                                      ref_sorted=ref_sorted)
         ctx.save_for_backward(grad)
         ctx.proj_dtype = proj.dtype
         return value.to(torch.float32)
@@ -220,7 +224,7 @@ class _CppFusedSWD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output).to(ctx.proj_dtype), None, None, None, None, None, None
+        return (grad * grad_output).to(ctx.proj_dtype), None, None, None, None, None, None, None
 
 
 _REGISTRY: dict[str, Backend] = {b.name: b for b in (TorchBackend(), TritonBackend(), CppBackend())}

@@ -139,6 +139,11 @@ class SlicedWassersteinRegularizer:
         # The flat path needs every term to be one it knows; otherwise (subclassed terms, bf16
         # parameters) each term's project() is called and the results concatenated.
         self._flat = FlatPlan.build(self.terms, self.layout, self.p, n_projections, self._ops)
+        self._fused_flat = self._ops.fused and self._flat is not None
+        # resample hands the fused kernel its fresh W0 projections unsorted (see _sorted_initial)
+        self._kernel_sorts_reference = mode == "resample" and self._fused_flat
+        # resample's direction buffers (raw (g, d, L) draw, (g, L, d) directions) per width group
+        self._draw_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Flat (layout.total,) reference_dtype buffer of the pinned constant parts of the
         # projections (LoRA W0 Θ; zeros for plain terms), added inside the sort kernel.
         self._offset: torch.Tensor | None = None
@@ -165,26 +170,39 @@ class SlicedWassersteinRegularizer:
         return select_terms(model, param_filter, plain=lambda name, param: RegularizedTerm(name, param, initial_dtype))
 
     # ------------------------------------------------------------------ directions
-    def _draw(self, generator: torch.Generator) -> list[torch.Tensor]:
-        """(d, L) directions for every term, one RNG call per distinct width, drawn on the
+    def _draw(self, generator: torch.Generator, keep: bool = False) -> list[torch.Tensor]:
+        """(d, L) unit directions for every term, one RNG call per distinct width, drawn on the
         generator's device and moved to the regularizer's.
 
         Each Θ is a transposed view of a contiguous (L, d) Θᵀ: the projection GEMMs read Θᵀ, and
         with a contiguous Θᵀ MKL runs them up to 1.6x faster (a 1536×576 weight) than through a
         transposed (d, L) operand. The numbers drawn, and their order, are those of a (d, L) draw.
+
+        ``keep``: draw into buffers kept across calls (``resample`` on the fused path, which draws
+        every call): fresh buffers of all directions cost a page fault per 4 KiB each call, about
+        a third of the draw. The directions returned by the previous call are then overwritten;
+        the fused backward refuses to run on redrawn directions (see ``_FusedFlatSWD``).
         """
         theta: list[torch.Tensor | None] = [None] * len(self.terms)
-        for g in self._groups:
-            block = torch.randn(
-                len(g.indices), g.d, self.n_projections, generator=generator, device=generator.device
-            ).to(self.device)
-            # in place, and one copy that transposes (and widens a bf16 rounding) in the same pass:
-            # each full pass over the directions writing a fresh buffer costs page faults on the CPU
-            block.div_(block.norm(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))
+        tiny = torch.finfo(torch.float32).tiny
+        for gi, g in enumerate(self._groups):
+            shape = (len(g.indices), g.d, self.n_projections)
+            if keep:
+                if gi not in self._draw_buffers:
+                    self._draw_buffers[gi] = (
+                        torch.empty(shape, device=generator.device),
+                        torch.empty(shape[0], shape[2], shape[1], device=self.device),
+                    )
+                raw, block_t = self._draw_buffers[gi]
+                raw.normal_(generator=generator)  # the same numbers as torch.randn(shape, generator)
+            else:
+                raw = torch.randn(shape, generator=generator, device=generator.device)
+                block_t = torch.empty(shape[0], shape[2], shape[1], device=self.device)  # (g, L, d)
+            # one transposing copy, then the normalisation along the contiguous d, both in place
+            block_t.copy_(raw.transpose(1, 2))
+            block_t.div_(block_t.norm(dim=2, keepdim=True).clamp_min_(tiny))
             if self._bf16_directions:
-                block = block.to(torch.bfloat16)
-            block_t = torch.empty(len(g.indices), self.n_projections, g.d, device=self.device)  # (g, L, d)
-            block_t.copy_(block.transpose(1, 2))
+                block_t.copy_(block_t.to(torch.bfloat16))
             for j, i in enumerate(g.indices):
                 theta[i] = block_t[j].t()
         return theta  # type: ignore[return-value]
@@ -203,14 +221,14 @@ class SlicedWassersteinRegularizer:
     def _sorted_initial(self, theta: list[torch.Tensor], keep_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Flat sorted W0 projections, float32; ``keep_dtype``: see ``RegularizedTerm.initial_projection``.
 
-        ``resample`` on a fused backend, which reads them only inside the call, projects and sorts
-        in place in one work buffer kept across calls: every call would otherwise write two fresh
-        buffers of all projections (the concatenation and the sort), whose pages the CPU faults in
-        one by one. The sort also leaves its permutations in the call's sort state: ``W Θ`` along
-        the same directions is nearly in ``W0 Θ``'s order, so the fused pass checks or repairs
-        that order instead of sorting from scratch.
+        ``resample`` on a fused backend (:attr:`_kernel_sorts_reference`) returns them unsorted,
+        projected in place into one work buffer kept across calls: the fused kernel sorts each
+        segment itself and seeds the sort of ``W Θ`` with that order (``W Θ`` along the same
+        directions nearly keeps ``W0 Θ``'s), so neither the sorted values nor their permutations
+        go through memory, and no call writes fresh buffers of all projections (whose pages the
+        CPU faults in one by one).
         """
-        if self.mode == "resample" and self._ops.fused and self._flat is not None:
+        if self._kernel_sorts_reference:
             proj0 = self._flat.workspace("initial")
             for item, t, th in zip(self._flat.items, self.terms, theta):
                 block = proj0[item.start : item.start + th.shape[1] * item.n].view(th.shape[1], item.n)
@@ -218,7 +236,7 @@ class SlicedWassersteinRegularizer:
                     converted_projections_t(th, t.initial, out=block)
                 else:
                     block.copy_(t.initial_projection(th).t())
-            return self._ops.sort_segments(proj0, self.layout, out=proj0, state=self._call_state())
+            return proj0
         proj0 = torch.cat([t.initial_projection(th, keep_dtype).t().reshape(-1) for t, th in zip(self.terms, theta)])
         # fixed/refresh: the (re)built cache's permutations start the next call's permutation reuse
         return self._ops.sort_segments(proj0, self.layout, state=self._call_state())
@@ -285,7 +303,8 @@ class SlicedWassersteinRegularizer:
 
     def _directions_and_reference(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Directions of this call and the flat sorted initial projections (float32, or the
-        cache's ``reference_dtype`` for the C++ backend, which reads bf16 directly).
+        cache's ``reference_dtype`` for the C++ backend, which reads bf16 directly; unsorted when
+        :attr:`_kernel_sorts_reference`).
 
         Advances the call counter: the stages of one call are this, :meth:`_project`, then
         :func:`snap_fast.ops.swd.function.swd_from_projections` (the benchmark times them apart).
@@ -293,7 +312,7 @@ class SlicedWassersteinRegularizer:
         if self.mode == "resample":
             self._last_draw_state = self._generator.get_state()
             self.calls += 1
-            return self._reference(self._draw(self._generator))
+            return self._reference(self._draw(self._generator, keep=self._fused_flat))
         if self.mode == "refresh" and self.calls % self.refresh_every == 0:
             self._rebuild_cache()
         self.calls += 1
@@ -312,9 +331,10 @@ class SlicedWassersteinRegularizer:
 
     def _call_state(self) -> dict | None:
         """The sort state a call hands to the backend: kept permutations across calls in
-        ``fixed``/``refresh``; in ``resample`` only on the fused path, seeded each call by the sort
-        of the fresh W0 projections (see :meth:`_sorted_initial`), else none."""
-        if self.mode != "resample" or (self._ops.fused and self._flat is not None):
+        ``fixed``/``refresh``; in ``resample`` only on the fused path, where it receives the
+        counts of the kernel's sorts (seeded by the order of the fresh W0 projections, see
+        :meth:`_sorted_initial`), else none."""
+        if self.mode != "resample" or self._fused_flat:
             return self._sort_state
         return None
 
@@ -327,8 +347,9 @@ class SlicedWassersteinRegularizer:
         """Σ over regularized tensors of SWD(W0, W) for the current weights (float32, 0-dim)."""
         theta, sorted_ref = self._directions_and_reference()
         state = self._call_state()
-        if self._ops.fused and self._flat is not None:
-            return self._flat.fused_swd(theta, sorted_ref, state, self._projection_offset())
+        if self._fused_flat:
+            return self._flat.fused_swd(theta, sorted_ref, state, self._projection_offset(),
+                                        ref_sorted=not self._kernel_sorts_reference)
         proj = self._project(theta)
         return swd_from_projections(
             proj, sorted_ref, self.layout, n_projections=self.n_projections, p=self.p,

@@ -164,11 +164,11 @@ class _FusedFlatSWD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan, thetas, sorted_ref, state, offset, need_grad, *tensors):  # type: ignore[override]
+    def forward(ctx, plan, thetas, sorted_ref, state, offset, need_grad, ref_sorted, *tensors):  # type: ignore[override]
         eager = all(it.kind == "lora" for it in plan.items)
         needs = tuple(t.requires_grad for t in tensors) if need_grad else (False,) * len(tensors)
         ctx.eager = eager
-        if eager and offset is not None and plan.backend.lora_fused:
+        if eager and offset is not None and plan.backend.lora_fused and ref_sorted:
             value, ctx.grads = lora_fused_swd(plan, thetas, sorted_ref, state, offset, tensors, needs)
             return value.to(torch.float32)
         proj = plan.workspace("proj")
@@ -176,12 +176,14 @@ class _FusedFlatSWD(torch.autograd.Function):
         lent = need_grad and not eager
         value, grad = plan.backend.swd_forward(
             proj, sorted_ref, plan.layout, p=plan.p, scale=1.0 / plan.n_projections, state=state, offset=offset,
-            grad_out=plan.lend(ctx) if lent else plan.workspace("grad"),
+            grad_out=plan.lend(ctx) if lent else plan.workspace("grad"), ref_sorted=ref_sorted,
         )
         if eager:
             ctx.grads = flat_grads(plan.items, thetas, inners, tensors, grad, needs, None) if need_grad else None
         else:
             ctx.plan, ctx.thetas, ctx.inners = plan, thetas, inners
+            # resample redraws into kept buffers: their version counters tell a redraw apart
+            ctx.theta_versions = [th._version for th in thetas]
             ctx.save_for_backward(grad, *tensors)
         return value.to(torch.float32)
 
@@ -192,11 +194,16 @@ class _FusedFlatSWD(torch.autograd.Function):
         else:
             grad, *tensors = ctx.saved_tensors
             ctx.plan.check_lent(ctx, grad)
+            if any(th._version != v for th, v in zip(ctx.thetas, ctx.theta_versions)):
+                raise RuntimeError(
+                    "the directions of this regularizer value were redrawn by a later call: run its "
+                    "backward before calling the regularizer again"
+                )
             # the C++ path is CPU-only: reading the incoming scalar costs no device sync
             grads = flat_grads(ctx.plan.items, ctx.thetas, ctx.inners, tuple(tensors), grad,
-                               ctx.needs_input_grad[6:], float(grad_output))
+                               ctx.needs_input_grad[7:], float(grad_output))
             ctx.plan.give_back(grad)
-        return (None, None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, None, *grads)
 
 
 class FlatPlan:
@@ -286,9 +293,13 @@ class FlatPlan:
         return FlatProjection.apply(self.items, thetas, offset is None, self.layout.total, *self.tensors())
 
     def fused_swd(
-        self, thetas: list[torch.Tensor], sorted_ref: torch.Tensor, state: dict | None, offset: torch.Tensor | None
+        self, thetas: list[torch.Tensor], sorted_ref: torch.Tensor, state: dict | None, offset: torch.Tensor | None,
+        ref_sorted: bool = True,
     ) -> torch.Tensor:
-        """The whole SWD in one fused backend call (``backend.fused``), with autograd."""
+        """The whole SWD in one fused backend call (``backend.fused``), with autograd.
+
+        ``ref_sorted=False``: ``sorted_ref`` holds the initial projections unsorted (the kernel
+        sorts them; see the backend's ``swd_forward``)."""
         tensors = self.tensors()
         need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        return _FusedFlatSWD.apply(self, thetas, sorted_ref, state, offset, need_grad, *tensors)
+        return _FusedFlatSWD.apply(self, thetas, sorted_ref, state, offset, need_grad, ref_sorted, *tensors)

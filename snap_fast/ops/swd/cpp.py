@@ -322,6 +322,7 @@ def swd_forward(
     state: dict | None = None,
     offset: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
+    ref_sorted: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``scale · Σ_k |sort(x)_k − sorted_ref_k|^p`` and its gradient w.r.t. ``proj``.
 
@@ -336,6 +337,9 @@ def swd_forward(
             read as stored; no gradient), e.g. the regularizer's cached LoRA base projections.
         grad_out: optional contiguous float32 (layout.total,) CPU buffer the gradient is written
             into (and returned): lets a caller reuse one buffer across calls.
+        ref_sorted: False when ``sorted_ref`` holds the reference values unsorted: the kernel
+            sorts each segment itself and seeds the sort of ``x`` with that order (resample's
+            fresh ``W0 Θ``); ``state`` then only receives the counts, no permutations.
 
     Returns ``(value, grad)``: a float64 0-dim tensor (per-segment float64 partial sums, added in
     a fixed order) and a float32 (layout.total,) gradient. At a zero difference the subgradient 0
@@ -350,9 +354,15 @@ def swd_forward(
         offset = _flat_cpu_ref("offset", offset, layout)
     if grad_out is not None:
         _check_out_buffer("grad_out", grad_out, layout)
-    perm, reuse = _perm_buffer(state, layout)
+    if ref_sorted:
+        perm, reuse = _perm_buffer(state, layout)
+    elif state is not None and not isinstance(state, dict):
+        raise TypeError(f"state must be a dict or None, got {type(state).__name__}")
+    else:
+        perm, reuse = None, False
     value, grad, counts = _module().swd_forward(
-        proj, sorted_ref, layout.offsets("cpu"), perm, reuse, float(p), float(scale), offset, grad_out
+        proj, sorted_ref, layout.offsets("cpu"), perm, reuse, float(p), float(scale), offset, grad_out,
+        not ref_sorted,
     )
     _record(state, counts)
     return value, grad

@@ -40,6 +40,7 @@ def swd_from_projections(
     backend: str | Backend,
     state: dict | None = None,
     offset: torch.Tensor | None = None,
+    ref_sorted: bool = True,
 ) -> torch.Tensor:
     """Σ over segments of Σ_k |sort(x)_k − sorted_ref_k|^p, divided by L, x = proj (+ offset).
 
@@ -55,12 +56,16 @@ def swd_from_projections(
         offset: optional flat (layout.total,) constant added to ``proj`` (no gradient; float32
             or bfloat16): the regularizer's cached constant part of the projections (LoRA
             ``W0 Θ``). The C++ backend adds it inside its kernel; the others add it first.
+        ref_sorted: False when ``sorted_ref`` holds the initial projections unsorted: the C++
+            backend sorts each segment inside its fused pass and seeds the sort of ``x`` with
+            that order; the others sort the buffer first.
 
     Returns a float32 0-dim tensor. Non-finite projections give a non-finite value (NaN
     propagates; it is never silently dropped).
     """
     return get_backend(backend).swd_sum(
-        proj, sorted_ref, layout, p=float(p), n_projections=n_projections, state=state, offset=offset
+        proj, sorted_ref, layout, p=float(p), n_projections=n_projections, state=state, offset=offset,
+        ref_sorted=ref_sorted,
     )
 
 
