@@ -17,8 +17,8 @@ current = initial + a small perturbation) and times, in one run, from the same w
 * the refresh floor (:class:`RefreshFloor`): the GEMM floor plus, every K calls, the draw and a
   bf16 ``W0 Θ``; each snap_fast mode also reads against its own floor (``× own floor``),
 
-timed in interleaved rounds (every implementation once per round, in turn, each on its own weight
-trajectory), so slow drifts of a shared machine hit all of them alike; plus a per-stage breakdown
+timed in interleaved rounds (every implementation once per round, in a shuffled order, each on its
+own weight trajectory), so slow drifts of a shared machine hit all of them alike; plus a per-stage breakdown
 of the snap_fast modes (directions and sorted W0 projections,
 projection GEMM, sort/match, reduction, backward; each stage timed on its own). Between timed
 calls every implementation takes the same small SGD step on its own gradient (outside the timer),
@@ -43,6 +43,7 @@ import datetime
 import math
 import os
 import platform
+import random
 import re
 import socket
 import statistics
@@ -194,13 +195,15 @@ class ResampleFloor(GemmFloor):
 class RefreshFloor(GemmFloor):
     """The floor of exact ``refresh`` calls, K at a time: :class:`GemmFloor` every call, plus at
     every K-th call what a redraw needs and no exact implementation can skip: the draw and
-    ``W0 Θ`` from the kept bfloat16 copy, with the directions rounded to bf16 and one bf16 GEMM,
-    as snap_fast's refresh does (``copy_projections_t``: its cache is bf16). No sort."""
+    ``W0 Θ`` from the kept bfloat16 copy, with the directions rounded to bf16 and one bf16 GEMM
+    into kept bf16 buffers, as snap_fast's refresh does (``copy_projections_t``: its cache is
+    bf16). No sort."""
 
     def __init__(self, params: list[torch.nn.Parameter], n_projections: int, seed: int, refresh_every: int):
         super().__init__(params, n_projections, seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.initial = [as_matrix(p.detach()).to(torch.bfloat16) for p in params]
+        self.outs0 = [torch.empty(o.shape[1], o.shape[0], dtype=torch.bfloat16) for o in self.outs]  # (L, n)
         self.refresh_every = refresh_every
         self.calls = 0
 
@@ -208,7 +211,7 @@ class RefreshFloor(GemmFloor):
         if self.calls % self.refresh_every == 0:
             for i, w0 in enumerate(self.initial):
                 self._redraw(i, self.generator, bf16_values=True)
-                copy_projections_t(self.thetas[i], w0)
+                copy_projections_t(self.thetas[i], w0, out=self.outs0[i])
         self.calls += 1
         return super().__call__()
 
@@ -262,14 +265,20 @@ def time_interleaved(
 ) -> dict[str, tuple[float, float]]:
     """Median seconds per call and first value of every job, timed in interleaved rounds.
 
-    Round 0 is every job's warm-up; then each round times one window of every job in turn, so
-    drifts of the machine (other tenants, thermal state, allocator) hit all jobs alike. Every job
-    keeps its own weight trajectory in ``weights[label]``, copied into ``params`` for its turn.
+    Round 0 is every job's warm-up, in the given order; then each round times one window of every
+    job, in an order shuffled per round (seeded), so drifts of the machine (other tenants,
+    thermal state) hit all jobs alike, and no job always runs after the same neighbour (whose
+    frees shape the allocator state, hence the page faults, the next job meets). Every job keeps
+    its own weight trajectory in ``weights[label]``, copied into ``params`` for its turn.
     """
     times: dict[str, list[float]] = {label: [] for label, _, _ in jobs}
     first: dict[str, float] = {}
+    order = random.Random(0)
     for r in range(repeats + 1):
-        for label, reg, window in jobs:
+        round_jobs = list(jobs)
+        if r > 0:
+            order.shuffle(round_jobs)
+        for label, reg, window in round_jobs:
             _load(params, weights[label])
             seconds, value = timed_window(reg, params, window)
             _store(params, weights[label])
@@ -528,6 +537,9 @@ def _render(rows: list, stages: list, header: list[str]) -> str:
         cells = " | ".join("fused" if math.isnan(times[s]) else f"{times[s]:.3f}" for s in STAGES)
         total = sum(t for t in times.values() if not math.isnan(t))
         lines.append(f"| {label} | {backend} | {cells} | {total:.3f} | {seconds:.3f} |")
+    if any(label.startswith("snap_fast resample") and backend in FUSED_BACKENDS for label, backend, *_ in stages):
+        lines += ["", ("On a fused backend, resample sorts W0 Θ inside the fused sort/match pass: its first column "
+                       "holds the draw and the W0 Θ product only.")]
     lines += [
         "",
         ("The peer loop rounds W0 and the projections to bfloat16, so its value differs from the float32 "
@@ -558,7 +570,7 @@ def run(args: argparse.Namespace) -> int:
         "",
         (f"{len(shapes)} tensors, {n_params / 1e6:.1f} M parameters, float32 weights, L = {args.n_projections}, "
         f"p = {args.p:g}, {torch.get_num_threads()} torch thread(s); median of {repeats} interleaved round(s) "
-        "after a warm-up round (each round times every implementation once, in turn); ratios are speedups "
+        "after a warm-up round (each round times every implementation once, in an order shuffled per round); ratios are speedups "
         "(baseline time / time); × floor is time / GEMM floor."),
         f"Machine: {machine_description()}.",
         f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}.",

@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -287,59 +288,17 @@ void check_perm_range(const int32_t* perm, const at::Tensor& offsets) {
 }
 
 // ------------------------------------------------------------------------------------------
-// sort_segments: ascending sort of every segment (keys only, values rebuilt from the keys).
-// `out` (optional) receives the result and may be `x` itself: each segment is read whole before
-// it is written. `perm` (optional, int32 like x) receives each segment's sorting permutation,
-// perm[start + k] = the segment-local index of the k-th smallest value: resample seeds the fused
-// forward's permutation reuse with the order of W0 Θ, which W Θ along the same directions nearly
-// keeps.
-at::Tensor sort_segments(const at::Tensor& x, const at::Tensor& offsets, const c10::optional<at::Tensor>& out_opt,
-                         const c10::optional<at::Tensor>& perm_opt) {
-  check_flat(x, "x");
-  check_offsets(offsets, x.numel(), "x");
-  at::Tensor out = out_or_new(out_opt, "out", x, "x");
-  int32_t* pm = nullptr;
-  if (perm_opt.has_value() && perm_opt->defined()) {
-    check_perm(*perm_opt, x.numel());
-    pm = perm_opt->data_ptr<int32_t>();
-  }
-  const float* in = x.data_ptr<float>();
-  float* res = out.data_ptr<float>();
-  for_each_segment(offsets, [&](int64_t, int64_t start, int64_t n) {
-    if (pm != nullptr) {
-      thread_local std::vector<uint64_t> items_buf, items_tmp;
-      uint64_t* items = scratch(items_buf, n);
-      uint64_t* tmp = scratch(items_tmp, n);
-      for (int64_t k = 0; k < n; ++k) {
-        items[k] = (static_cast<uint64_t>(float_key(in[start + k])) << 32) | static_cast<uint32_t>(k);
-      }
-      sort_items(items, tmp, n);
-      for (int64_t k = 0; k < n; ++k) {
-        res[start + k] = key_float(static_cast<uint32_t>(items[k] >> 32));
-        pm[start + k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
-      }
-      return;
-    }
-    thread_local std::vector<uint32_t> keys_buf, tmp_buf;
-    uint32_t* keys = scratch(keys_buf, n);
-    uint32_t* tmp = scratch(tmp_buf, n);
-    for (int64_t k = 0; k < n; ++k) keys[k] = float_key(in[start + k]);
-    sort_items(keys, tmp, n);
-    for (int64_t k = 0; k < n; ++k) res[start + k] = key_float(keys[k]);
-  });
-  return out;
-}
-
-// The sorted reference (and the fused path's offset) may be float32 or bfloat16: the regularizer
-// keeps its cache in bfloat16 by default, and converting it on the fly here is free next to the
-// sort, whereas a full-buffer conversion in Python costs a pass over tens of millions of values.
+// The sorted reference (and the fused path's offset, and the sort's input and output) may be
+// float32 or bfloat16: the regularizer keeps its cache in bfloat16 by default, and converting it on
+// the fly here is free next to the sort, whereas a full-buffer conversion in Python costs a pass
+// over tens of millions of values.
 void check_ref(const at::Tensor& t, const char* name, int64_t numel) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
               " must be float32 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), " dimensions");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.numel() == numel, name, " has ", t.numel(), " elements, proj has ", numel);
+  TORCH_CHECK(t.numel() == numel, name, " has ", t.numel(), " elements, expected ", numel);
 }
 
 // Calls f(pointer) with the typed data pointer of a float32 or bfloat16 tensor.
@@ -350,6 +309,60 @@ void with_ref(const at::Tensor& t, F&& f) {
   } else {
     f(t.data_ptr<float>());
   }
+}
+
+// sort_segments: ascending sort of every segment (keys only, values rebuilt from the keys).
+// `x` and `out` may each be float32 or bfloat16 (refresh sorts its bf16 cache of W0 Θ as stored);
+// `out` (optional, else a new float32 buffer) receives the result and may be `x` itself: each
+// segment is read whole before it is written. `perm` (optional, int32 like x) receives each
+// segment's sorting permutation, perm[start + k] = the segment-local index of the k-th smallest
+// value: the next fused forward starts from it (W Θ nearly keeps the order of W0 Θ along the same
+// directions).
+at::Tensor sort_segments(const at::Tensor& x, const at::Tensor& offsets, const c10::optional<at::Tensor>& out_opt,
+                         const c10::optional<at::Tensor>& perm_opt) {
+  check_ref(x, "x", x.numel());
+  check_offsets(offsets, x.numel(), "x");
+  at::Tensor out;
+  if (out_opt.has_value() && out_opt->defined()) {
+    check_ref(*out_opt, "out", x.numel());
+    out = *out_opt;
+  } else {
+    out = at::empty({x.numel()}, x.options().dtype(at::kFloat));
+  }
+  int32_t* pm = nullptr;
+  if (perm_opt.has_value() && perm_opt->defined()) {
+    check_perm(*perm_opt, x.numel());
+    pm = perm_opt->data_ptr<int32_t>();
+  }
+  with_ref(x, [&](const auto* in) {
+    with_ref(out, [&](auto* res) {
+      using OutT = std::remove_pointer_t<std::remove_const_t<decltype(res)>>;
+      for_each_segment(offsets, [&](int64_t, int64_t start, int64_t n) {
+        if (pm != nullptr) {
+          thread_local std::vector<uint64_t> items_buf, items_tmp;
+          uint64_t* items = scratch(items_buf, n);
+          uint64_t* tmp = scratch(items_tmp, n);
+          for (int64_t k = 0; k < n; ++k) {
+            items[k] = (static_cast<uint64_t>(float_key(static_cast<float>(in[start + k]))) << 32) |
+                       static_cast<uint32_t>(k);
+          }
+          sort_items(items, tmp, n);
+          for (int64_t k = 0; k < n; ++k) {
+            res[start + k] = static_cast<OutT>(key_float(static_cast<uint32_t>(items[k] >> 32)));
+            pm[start + k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
+          }
+          return;
+        }
+        thread_local std::vector<uint32_t> keys_buf, tmp_buf;
+        uint32_t* keys = scratch(keys_buf, n);
+        uint32_t* tmp = scratch(tmp_buf, n);
+        for (int64_t k = 0; k < n; ++k) keys[k] = float_key(static_cast<float>(in[start + k]));
+        sort_items(keys, tmp, n);
+        for (int64_t k = 0; k < n; ++k) res[start + k] = static_cast<OutT>(key_float(keys[k]));
+      });
+    });
+  });
+  return out;
 }
 
 // `check_range`: validate a reused permutation's indices up front (a caller that validates them
@@ -477,12 +490,15 @@ double fused_segment(const Load& x, const RefT* r, float* gs, int32_t* ps, int64
   uint64_t* items = scratch(items_buf, n);
   uint64_t* tmp = scratch(tmp_buf, n);
   const bool unchanged = sort_segment_pairs(x, n, ps, reuse, items, tmp, stats);
-  acc = 0.0;
+  // the grouping of sorted_pass (position k into partial sum k mod 4): the value does not depend
+  // on which path ran, so a resumed run (no kept permutation) repeats an uninterrupted one bit for bit
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
   for (int64_t k = 0; k < n; ++k) {
     const uint32_t idx = static_cast<uint32_t>(items[k]);
     const float v = key_float(static_cast<uint32_t>(items[k] >> 32));
-    gs[idx] = term(v - static_cast<float>(r[k]), acc);
+    gs[idx] = term(v - static_cast<float>(r[k]), part[k & 3]);
   }
+  acc = (part[0] + part[1]) + (part[2] + part[3]);
   if (ps != nullptr && !unchanged) {
     for (int64_t k = 0; k < n; ++k) ps[k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
   }

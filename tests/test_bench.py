@@ -144,3 +144,6 @@ def test_refresh_floor_redraws_every_k_calls_in_bf16_values():
     theta = seen[3]
     assert torch.equal(theta, theta.bfloat16().float())  # bf16 values, as refresh's bf16 GEMM needs
     torch.testing.assert_close(theta.norm(dim=0), torch.ones(3), atol=1e-2, rtol=0)  # unit up to bf16 rounding
+    # its W0 Θ product, into the kept bf16 buffer: exact products, one bf16 rounding of the result
+    want = (theta.t().double() @ floor.initial[0].double().t()).float()
+    torch.testing.assert_close(floor.outs0[0].float(), want, rtol=2**-8, atol=1e-6)

@@ -106,10 +106,31 @@ def test_sort_segments_into_out_and_in_place(ext, backend):
         assert torch.equal(x[starts + perm], expected)
         _, grad = ext.swd_forward(x, expected, layout, p=2.0, scale=1.0, state=state)
         assert state["cpp_stats"]["already_sorted"] == layout.num_segments and torch.equal(grad, torch.zeros_like(x))
-        with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        with pytest.raises(ValueError, match="out must be a contiguous float32 or bfloat16"):
             ext.sort_segments(x, layout, out=torch.empty(layout.total, dtype=torch.float64))
         with pytest.raises(ValueError, match="out has"):
             ext.sort_segments(x, layout, out=torch.empty(layout.total + 1))
+
+
+@pytest.mark.parametrize("values", ["distinct", "ties"])
+def test_sort_segments_reads_and_writes_bfloat16_as_stored(ext, values):
+    # refresh sorts its bf16 cache of W0 Θ in place: bf16 in, bf16 out, with the permutations
+    gen = torch.Generator().manual_seed(4)
+    layout = SegmentLayout.from_blocks(MIXED)
+    x = (torch.randn(layout.total, generator=gen) if values == "distinct" else _ties(layout.total, gen)).bfloat16()
+    expected = _per_segment_sort(x.float(), layout)
+    assert torch.equal(ext.sort_segments(x, layout), expected)  # bf16 in, float32 out (exact)
+    state: dict = {}
+    y = x.clone()
+    assert ext.sort_segments(y, layout, out=y, state=state).data_ptr() == y.data_ptr()
+    assert y.dtype == torch.bfloat16 and torch.equal(y.float(), expected)
+    starts = torch.repeat_interleave(layout.offsets("cpu")[:-1], torch.tensor(layout.lengths))
+    assert torch.equal(x.float()[starts + state["cpp_perm"].long()], expected)
+    # float32 in, bf16 out: sorted, then rounded (rounding keeps the order)
+    z = torch.randn(layout.total, generator=gen)
+    out = torch.empty(layout.total, dtype=torch.bfloat16)
+    ext.sort_segments(z, layout, out=out)
+    assert torch.equal(out, _per_segment_sort(z, layout).bfloat16())
 
 
 def test_match_sorted_equals_reference_map(ext):

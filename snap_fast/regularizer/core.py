@@ -15,6 +15,7 @@ scalar. Which tensors are regularized, and how each is projected, is :mod:`.term
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from ..checks import check_choice, check_int
 from ..ops.backends import choose_backend
 from ..ops.swd.function import check_swd_args, swd_from_projections
 from ..ops.swd.layout import SegmentLayout
+from ..ops.swd.naive import copy_projections_t
 from .flat import FlatPlan
 from .terms import ParamFilter, RegularizedTerm, converted_projections_t, select_terms
 
@@ -178,10 +180,11 @@ class SlicedWassersteinRegularizer:
         with a contiguous Θᵀ MKL runs them up to 1.6x faster (a 1536×576 weight) than through a
         transposed (d, L) operand. The numbers drawn, and their order, are those of a (d, L) draw.
 
-        ``keep``: draw into buffers kept across calls (``resample`` on the fused path, which draws
-        every call): fresh buffers of all directions cost a page fault per 4 KiB each call, about
-        a third of the draw. The directions returned by the previous call are then overwritten;
-        the fused backward refuses to run on redrawn directions (see ``_FusedFlatSWD``).
+        ``keep``: draw into buffers kept across draws (``resample`` and ``refresh`` on the fused
+        path): fresh buffers of all directions cost a page fault per 4 KiB, about a third of the
+        draw. The directions of the previous draw are then overwritten: the fused backward
+        refuses to run on redrawn directions (see ``_FusedFlatSWD``), and what leaves the object
+        (:meth:`last_directions`, :meth:`state_dict`) is copied.
         """
         theta: list[torch.Tensor | None] = [None] * len(self.terms)
         tiny = torch.finfo(torch.float32).tiny
@@ -221,25 +224,44 @@ class SlicedWassersteinRegularizer:
     def _sorted_initial(self, theta: list[torch.Tensor], keep_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Flat sorted W0 projections, float32; ``keep_dtype``: see ``RegularizedTerm.initial_projection``.
 
-        ``resample`` on a fused backend (:attr:`_kernel_sorts_reference`) returns them unsorted,
-        projected in place into one work buffer kept across calls: the fused kernel sorts each
-        segment itself and seeds the sort of ``W Θ`` with that order (``W Θ`` along the same
-        directions nearly keeps ``W0 Θ``'s), so neither the sorted values nor their permutations
-        go through memory, and no call writes fresh buffers of all projections (whose pages the
-        CPU faults in one by one).
+        On the fused path they are projected straight into a work buffer kept across calls (a
+        fresh buffer of all projections costs a page fault per 4 KiB):
+
+        * ``resample`` (:attr:`_kernel_sorts_reference`) returns them unsorted, float32: the
+          fused kernel sorts each segment itself and seeds the sort of ``W Θ`` with that order
+          (``W Θ`` along the same directions nearly keeps ``W0 Θ``'s), so neither the sorted
+          values nor their permutations go through memory;
+        * ``refresh`` sorts them in place, in ``keep_dtype`` when that is bfloat16 (the cache's
+          dtype: the buffer becomes the cache, no conversion pass), and the sort's permutations
+          start the next call's permutation reuse.
         """
         if self._kernel_sorts_reference:
             proj0 = self._flat.workspace("initial")
-            for item, t, th in zip(self._flat.items, self.terms, theta):
-                block = proj0[item.start : item.start + th.shape[1] * item.n].view(th.shape[1], item.n)
-                if item.kind == "plain" and t.initial is not None and t.initial.dtype != torch.float32:
-                    converted_projections_t(th, t.initial, out=block)
-                else:
-                    block.copy_(t.initial_projection(th).t())
+            self._project_initial(proj0, theta, keep_dtype)
             return proj0
+        if self.mode == "refresh" and self._fused_flat:
+            proj0 = self._flat.workspace("initial", torch.bfloat16 if keep_dtype == torch.bfloat16 else torch.float32)
+            self._project_initial(proj0, theta, keep_dtype)
+            return self._ops.sort_segments(proj0, self.layout, out=proj0, state=self._call_state())
         proj0 = torch.cat([t.initial_projection(th, keep_dtype).t().reshape(-1) for t, th in zip(self.terms, theta)])
-        # fixed/refresh: the (re)built cache's permutations start the next call's permutation reuse
+        # fixed: the built cache's permutations start the next call's permutation reuse
         return self._ops.sort_segments(proj0, self.layout, state=self._call_state())
+
+    def _project_initial(self, out: torch.Tensor, theta: list[torch.Tensor], keep_dtype: torch.dtype) -> None:
+        """Every term's (L, n) ``W0 Θ`` into its block of the flat ``out`` (float32 or bfloat16).
+
+        A plain term's low-precision copy of W0 goes through one bf16 GEMM into a bf16 ``out``
+        (refresh: its directions are bf16 values) or a block-wise conversion into a float32 one.
+        """
+        for item, t, th in zip(self._flat.items, self.terms, theta):
+            block = out[item.start : item.start + th.shape[1] * item.n].view(th.shape[1], item.n)
+            if item.kind == "plain" and t.initial is not None and t.initial.dtype != torch.float32:
+                if out.dtype == torch.bfloat16:
+                    copy_projections_t(th, t.initial, out=block)
+                else:
+                    converted_projections_t(th, t.initial, out=block)
+            else:
+                block.copy_(t.initial_projection(th, keep_dtype).t())
 
     @torch.no_grad()
     def _reference(
@@ -275,7 +297,7 @@ class SlicedWassersteinRegularizer:
             self._theta = None
             theta = self._fixed_directions()
         else:
-            theta = self._draw(self._generator)
+            theta = self._draw(self._generator, keep=self._fused_flat)
         self._sort_state = {}  # the permutations of the old directions mean nothing for the new ones
         theta, sorted_ref = self._reference(theta, self.reference_dtype)
         if self.mode != "fixed" or self.cache_directions:
@@ -387,8 +409,8 @@ class SlicedWassersteinRegularizer:
             raise RuntimeError("last_directions() needs at least one call of the regularizer")
         if self.mode == "fixed":
             return self._fixed_directions()
-        if self.mode == "refresh":
-            return self._theta
+        if self.mode == "refresh":  # copies: the next redraw overwrites the kept buffers
+            return [th.clone() for th in self._theta]
         generator = torch.Generator(device=self.device)
         generator.set_state(self._last_draw_state)
         return self._reference(self._draw(generator))[0]
@@ -415,8 +437,11 @@ class SlicedWassersteinRegularizer:
             **self._state_owner(),
         }
         if self.mode == "refresh":
-            state["theta"] = self._theta
-            state["sorted_ref"] = self._sorted_ref
+            # Copies, as the next redraw overwrites the kept buffers in place. deepcopy keeps the
+            # directions views of one buffer per width at their offsets: the projection GEMMs read
+            # them at the same alignment after a resume, hence round exactly alike.
+            state["theta"] = copy.deepcopy(self._theta)
+            state["sorted_ref"] = self._sorted_ref.clone()
         if include_initial:
             if self.mode == "fixed":
                 state["sorted_ref"] = self._sorted_ref

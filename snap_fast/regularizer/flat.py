@@ -255,12 +255,12 @@ class FlatPlan:
             tensors.extend([item.term.param] if item.kind == "plain" else item.term.factors.uv())
         return tensors
 
-    def workspace(self, name: str) -> torch.Tensor:
-        """A (layout.total,) float32 buffer kept across calls."""
+    def workspace(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A (layout.total,) buffer of ``dtype`` kept across calls (one per name)."""
         buf = self._buffers.get(name)
-        if buf is None:
+        if buf is None or buf.dtype != dtype:
             device = self.items[0].term.device
-            buf = self._buffers[name] = torch.empty(self.layout.total, dtype=torch.float32, device=device)
+            buf = self._buffers[name] = torch.empty(self.layout.total, dtype=dtype, device=device)
         return buf
 
     def lend(self, borrower: object) -> torch.Tensor:

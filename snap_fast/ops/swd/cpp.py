@@ -202,11 +202,16 @@ def _check_flat_buffer(name: str, t: object, layout: SegmentLayout) -> torch.Ten
     return t.detach()
 
 
-def _check_out_buffer(name: str, t: object, layout: SegmentLayout) -> None:
-    """Validate a buffer the kernel writes: a contiguous float32 CPU tensor of ``layout.total``."""
+def _check_out_buffer(
+    name: str, t: object, layout: SegmentLayout, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> None:
+    """Validate a buffer the kernel writes: a contiguous CPU tensor of ``layout.total`` values, of
+    one of ``dtypes``."""
     _check_flat_buffer(name, t, layout)
-    if t.dtype != torch.float32 or not t.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous float32 buffer, got {t.dtype}")
+    if t.dtype not in dtypes or not t.is_contiguous():
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must be a contiguous {names} buffer, got {t.dtype}"
+                         + ("" if t.is_contiguous() else " (not contiguous)"))
 
 
 def _flat_cpu_float(name: str, t: object, layout: SegmentLayout) -> torch.Tensor:
@@ -240,10 +245,12 @@ def sort_segments(
     """Sort every segment of the flat buffer ``x`` ascending.
 
     Args:
-        x: (layout.total,) floating CPU tensor (any float dtype, any strides; converted to float32).
+        x: (layout.total,) floating CPU tensor (float32 and bfloat16 are read as stored; other
+            dtypes and strides are converted to contiguous float32 first).
         layout: the segments of ``x``.
-        out: optional contiguous float32 (layout.total,) CPU buffer for the result; may be ``x``
-            itself (sorted in place).
+        out: optional contiguous float32 or bfloat16 (layout.total,) CPU buffer for the result
+            (bf16 values of a bf16 ``x`` are exact; a float32 ``x`` is rounded after sorting,
+            which keeps the order); may be ``x`` itself (sorted in place).
         state: optional dict of :func:`swd_forward`: receives the sorting permutation of every
             segment, which the next ``swd_forward`` with this state starts from (a buffer whose
             order is close to ``x``'s, such as ``W Θ`` next to ``W0 Θ``, is then checked or
@@ -253,9 +260,9 @@ def sort_segments(
     (positive NaN) or before -inf (negative NaN) and are kept.
     """
     layout = _check_layout(layout)
-    x = _flat_cpu_float("x", x, layout)
+    x = _flat_cpu_ref("x", x, layout)
     if out is not None:
-        _check_out_buffer("out", out, layout)
+        _check_out_buffer("out", out, layout, dtypes=(torch.float32, torch.bfloat16))
     perm = _perm_buffer(state, layout)[0] if state is not None else None
     return _module().sort_segments(x, layout.offsets("cpu"), out, perm)
 

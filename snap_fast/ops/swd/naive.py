@@ -131,8 +131,9 @@ def fast_bf16_matmul(device: torch.device) -> bool:
     return device.type == "cpu" and _cpu_has_bf16_dot()
 
 
-def copy_projections_t(theta: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
-    """``Θᵀ W0ᵀ``, (L, n), for a kept copy ``w0`` of the initial weights.
+def copy_projections_t(theta: torch.Tensor, w0: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``Θᵀ W0ᵀ``, (L, n), for a kept copy ``w0`` of the initial weights (into ``out`` when given:
+    a contiguous (L, n) tensor of any float dtype, rounded to it).
 
     For a bfloat16 copy on a machine with :func:`fast_bf16_matmul`, one bf16 GEMM with float32
     accumulation, returned in bfloat16: exact when ``theta`` is bf16-representable, up to the
@@ -141,5 +142,9 @@ def copy_projections_t(theta: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     :func:`projections_t` (float32).
     """
     if w0.dtype == torch.bfloat16 and fast_bf16_matmul(w0.device):
-        return theta.t().to(torch.bfloat16) @ w0.t()
-    return projections_t(theta, w0)
+        theta_t = theta.t().to(torch.bfloat16)
+        if out is None or out.dtype == torch.bfloat16:
+            return torch.mm(theta_t, w0.t(), out=out)
+        return out.copy_(theta_t @ w0.t())
+    result = projections_t(theta, w0)
+    return result if out is None else out.copy_(result)
