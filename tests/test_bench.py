@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import sys
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
         if line.startswith("| snap_fast fixed"):
             assert cells[7] == cells[6]  # fixed's own floor is the GEMM floor
     assert "POT per tensor" not in main
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert "Allocator: glibc malloc pinned" in main  # one allocator state for every implementation
     for mode in ("resample", "refresh (K=10, amortised)", "fixed"):
         assert f"| snap_fast {mode} | torch |" in main
         assert f"| snap_fast {mode} | torch |" in breakdown
