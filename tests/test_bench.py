@@ -150,3 +150,29 @@ def test_refresh_floor_redraws_every_k_calls_in_bf16_values():
     # its W0 Θ product, into the kept bf16 buffer: exact products, one bf16 rounding of the result
     want = (theta.t().double() @ floor.initial[0].double().t()).float()
     torch.testing.assert_close(floor.outs0[0].float(), want, rtol=2**-8, atol=1e-6)
+
+
+def test_timing_crosscheck_peer_is_snap_md_and_runs_end_to_end(capsys):
+    # the cross-check's own peer loop computes SNAP.md §2 (bf16 rounding aside), and the script runs
+    import timing_crosscheck as xc
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in [(9, 7), (7,)]]
+    peer = xc.PeerLoop(params, seed=3)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    value = peer()
+    redraw = torch.Generator().manual_seed(3)
+    want = 0.0
+    for p, w0 in zip(params, peer.initial):
+        theta = torch.randn(w0.shape[1], xc.L, generator=redraw)
+        theta = (theta / theta.norm(dim=0, keepdim=True)).to(torch.bfloat16).double()
+        want += float(sliced_wasserstein_reference(w0.double(), xc._matrix(p.detach()).double(), theta, p=2))
+    assert abs(float(value) - want) / want < 2**-6  # the peer rounds W Θ and W0 Θ to bf16
+    assert xc.main(["--threads", "1", "--rounds", "1", "--layers", "1", "--vocab", "64"]) == 0
+    out = capsys.readouterr().out
+    for name in ("peer loop", "GEMM floor", "fixed", "refresh", "resample"):
+        assert f"| {name} |" in out
+    assert len(xc.tensor_shapes()) == SMOLLM2_TENSORS
+    assert sum(torch.Size(s).numel() for s in xc.tensor_shapes()) == SMOLLM2_PARAMS
