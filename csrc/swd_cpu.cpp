@@ -311,6 +311,22 @@ void with_ref(const at::Tensor& t, F&& f) {
   }
 }
 
+// Sorts the n values of `in` into `values` (ascending) and writes their segment-local indices to
+// `order` (order[k] = index of the k-th smallest), through thread-local (key, index) items.
+template <typename InT, typename OutT>
+void sort_with_order(const InT* in, int64_t n, OutT* values, int32_t* order) {
+  thread_local std::vector<uint64_t> items_buf, tmp_buf;
+  uint64_t* items = scratch(items_buf, n);
+  for (int64_t k = 0; k < n; ++k) {
+    items[k] = (static_cast<uint64_t>(float_key(static_cast<float>(in[k]))) << 32) | static_cast<uint32_t>(k);
+  }
+  sort_items(items, scratch(tmp_buf, n), n);
+  for (int64_t k = 0; k < n; ++k) {
+    values[k] = static_cast<OutT>(key_float(static_cast<uint32_t>(items[k] >> 32)));
+    order[k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
+  }
+}
+
 // sort_segments: ascending sort of every segment (keys only, values rebuilt from the keys).
 // `x` and `out` may each be float32 or bfloat16 (refresh sorts its bf16 cache of W0 Θ as stored);
 // `out` (optional, else a new float32 buffer) receives the result and may be `x` itself: each
@@ -339,18 +355,7 @@ at::Tensor sort_segments(const at::Tensor& x, const at::Tensor& offsets, const c
       using OutT = std::remove_pointer_t<std::remove_const_t<decltype(res)>>;
       for_each_segment(offsets, [&](int64_t, int64_t start, int64_t n) {
         if (pm != nullptr) {
-          thread_local std::vector<uint64_t> items_buf, items_tmp;
-          uint64_t* items = scratch(items_buf, n);
-          uint64_t* tmp = scratch(items_tmp, n);
-          for (int64_t k = 0; k < n; ++k) {
-            items[k] = (static_cast<uint64_t>(float_key(static_cast<float>(in[start + k]))) << 32) |
-                       static_cast<uint32_t>(k);
-          }
-          sort_items(items, tmp, n);
-          for (int64_t k = 0; k < n; ++k) {
-            res[start + k] = static_cast<OutT>(key_float(static_cast<uint32_t>(items[k] >> 32)));
-            pm[start + k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
-          }
+          sort_with_order(in + start, n, res + start, pm + start);
           return;
         }
         thread_local std::vector<uint32_t> keys_buf, tmp_buf;
@@ -546,21 +551,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
     auto run = [&](const auto& make_loader) {
       for_each_segment(offsets, [&](int64_t s, int64_t start, int64_t n) {
         if (sort_ref) {
-          thread_local std::vector<uint64_t> ref_items_buf, ref_tmp_buf;
           thread_local std::vector<float> ref_sorted_buf;
-          thread_local std::vector<int32_t> ref_perm_buf;
-          uint64_t* items = scratch(ref_items_buf, n);
+          thread_local std::vector<int32_t> ref_order_buf;
           float* sorted = scratch(ref_sorted_buf, n);
-          int32_t* order = scratch(ref_perm_buf, n);
-          const auto* r = ref + start;
-          for (int64_t k = 0; k < n; ++k) {
-            items[k] = (static_cast<uint64_t>(float_key(static_cast<float>(r[k]))) << 32) | static_cast<uint32_t>(k);
-          }
-          sort_items(items, scratch(ref_tmp_buf, n), n);
-          for (int64_t k = 0; k < n; ++k) {
-            sorted[k] = key_float(static_cast<uint32_t>(items[k] >> 32));
-            order[k] = static_cast<int32_t>(static_cast<uint32_t>(items[k]));
-          }
+          int32_t* order = scratch(ref_order_buf, n);
+          sort_with_order(ref + start, n, sorted, order);
           partial[static_cast<size_t>(s)] = fused_segment(make_loader(start), sorted, g + start, order, n,
                                                           /*reuse=*/true, term, stats, bad_perm);
           return;

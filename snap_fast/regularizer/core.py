@@ -144,7 +144,8 @@ class SlicedWassersteinRegularizer:
         self._fused_flat = self._ops.fused and self._flat is not None
         # resample hands the fused kernel its fresh W0 projections unsorted (see _sorted_initial)
         self._kernel_sorts_reference = mode == "resample" and self._fused_flat
-        # resample's direction buffers (raw (g, d, L) draw, (g, L, d) directions) per width group
+        # resample's and refresh's kept direction buffers (raw (g, d, L) draw, (g, L, d) directions)
+        # per width group; see _draw
         self._draw_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Flat (layout.total,) reference_dtype buffer of the pinned constant parts of the
         # projections (LoRA W0 Θ; zeros for plain terms), added inside the sort kernel.
@@ -235,13 +236,11 @@ class SlicedWassersteinRegularizer:
           dtype: the buffer becomes the cache, no conversion pass), and the sort's permutations
           start the next call's permutation reuse.
         """
-        if self._kernel_sorts_reference:
-            proj0 = self._flat.workspace("initial")
-            self._project_initial(proj0, theta, keep_dtype)
-            return proj0
-        if self.mode == "refresh" and self._fused_flat:
+        if self._fused_flat and self.mode != "fixed":
             proj0 = self._flat.workspace("initial", torch.bfloat16 if keep_dtype == torch.bfloat16 else torch.float32)
             self._project_initial(proj0, theta, keep_dtype)
+            if self._kernel_sorts_reference:
+                return proj0
             return self._ops.sort_segments(proj0, self.layout, out=proj0, state=self._call_state())
         proj0 = torch.cat([t.initial_projection(th, keep_dtype).t().reshape(-1) for t, th in zip(self.terms, theta)])
         # fixed: the built cache's permutations start the next call's permutation reuse

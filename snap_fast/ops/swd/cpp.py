@@ -267,12 +267,16 @@ def sort_segments(
     return _module().sort_segments(x, layout.offsets("cpu"), out, perm)
 
 
+def _check_state(state: object) -> None:
+    if state is not None and not isinstance(state, dict):
+        raise TypeError(f"state must be a dict or None, got {type(state).__name__}")
+
+
 def _perm_buffer(state: dict | None, layout: SegmentLayout) -> tuple[torch.Tensor | None, bool]:
     """The permutation buffer kept in ``state`` and whether it holds a previous permutation."""
+    _check_state(state)
     if state is None:
         return None, False
-    if not isinstance(state, dict):
-        raise TypeError(f"state must be a dict or None, got {type(state).__name__}")
     kept_layout = state.get("cpp_layout")
     perm = state.get("cpp_perm")
     if perm is not None and (kept_layout is layout or kept_layout == layout):
@@ -361,12 +365,8 @@ def swd_forward(
         offset = _flat_cpu_ref("offset", offset, layout)
     if grad_out is not None:
         _check_out_buffer("grad_out", grad_out, layout)
-    if ref_sorted:
-        perm, reuse = _perm_buffer(state, layout)
-    elif state is not None and not isinstance(state, dict):
-        raise TypeError(f"state must be a dict or None, got {type(state).__name__}")
-    else:
-        perm, reuse = None, False
+    _check_state(state)
+    perm, reuse = _perm_buffer(state, layout) if ref_sorted else (None, False)
     value, grad, counts = _module().swd_forward(
         proj, sorted_ref, layout.offsets("cpu"), perm, reuse, float(p), float(scale), offset, grad_out,
         not ref_sorted,

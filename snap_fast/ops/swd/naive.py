@@ -143,8 +143,9 @@ def copy_projections_t(theta: torch.Tensor, w0: torch.Tensor, out: torch.Tensor 
     """
     if w0.dtype == torch.bfloat16 and fast_bf16_matmul(w0.device):
         theta_t = theta.t().to(torch.bfloat16)
-        if out is None or out.dtype == torch.bfloat16:
+        if out is not None and out.dtype == torch.bfloat16:
             return torch.mm(theta_t, w0.t(), out=out)
-        return out.copy_(theta_t @ w0.t())
-    result = projections_t(theta, w0)
+        result = theta_t @ w0.t()
+    else:
+        result = projections_t(theta, w0)
     return result if out is None else out.copy_(result)
