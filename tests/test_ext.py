@@ -128,7 +128,7 @@ def test_sort_segments_reads_and_writes_bfloat16_as_stored(ext, values):
     assert torch.equal(x.float()[starts + state["cpp_perm"].long()], expected)
     # float32 in, bf16 out: sorted, then rounded (rounding keeps the order)
     z = torch.randn(layout.total, generator=gen)
-    out = torch.empty(layout.total, dtype=torch.bfloat16)
+    out = torch.full((layout.total,), float("nan"), dtype=torch.bfloat16)  # every entry must be written
     ext.sort_segments(z, layout, out=out)
     assert torch.equal(out, _per_segment_sort(z, layout).bfloat16())
 
@@ -246,7 +246,10 @@ def test_fused_forward_sorting_an_unsorted_reference_equals_a_presorted_one(ext,
     ]
     for outcome, x in cases:
         state: dict = {}
-        value, grad = ext.swd_forward(x, ref, layout, p=p, scale=0.25, state=state, ref_sorted=False)
+        poisoned = torch.full((layout.total,), float("nan"))  # every entry must be written
+        value, grad = ext.swd_forward(x, ref, layout, p=p, scale=0.25, state=state, ref_sorted=False,
+                                      grad_out=poisoned)
+        assert grad.data_ptr() == poisoned.data_ptr() and not grad.isnan().any()
         assert state["cpp_stats"][outcome] > 0, (outcome, state["cpp_stats"])
         assert "cpp_perm" not in state  # nothing is kept between calls
         want_value, want_grad = ext.swd_forward(x, _per_segment_sort(ref.float(), layout), layout, p=p, scale=0.25)
@@ -260,6 +263,8 @@ def test_fused_forward_sorting_an_unsorted_reference_equals_a_presorted_one(ext,
         oracle.backward()
         torch.testing.assert_close(value, oracle.detach(), rtol=1e-6, atol=0)
         torch.testing.assert_close(grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="state must be a dict"):
+        ext.swd_forward(x, ref, layout, p=p, scale=0.25, state=[], ref_sorted=False)
     with pytest.raises(RuntimeError, match="takes no perm"):
         _ext._module().swd_forward(x, ref, layout.offsets("cpu"), torch.empty(layout.total, dtype=torch.int32),
                                    False, p, 0.25, None, None, True)
