@@ -134,6 +134,24 @@ void sort_items(T* a, T* tmp, int64_t n) {
   }
 }
 
+// Prefetches the cache lines of a[begin, end) (64-byte lines) into all cache levels.
+// A hint only: compilers without __builtin_prefetch skip it.
+template <typename T>
+inline void prefetch_range(const T* a, int64_t begin, int64_t end, bool write) {
+#if defined(__GNUC__) || defined(__clang__)
+  constexpr int64_t step = 64 / static_cast<int64_t>(sizeof(T));
+  for (int64_t i = begin; i < end; i += step) {
+    if (write) {
+      __builtin_prefetch(a + i, 1, 3);
+    } else {
+      __builtin_prefetch(a + i, 0, 3);
+    }
+  }
+#else
+  (void)a, (void)begin, (void)end, (void)write;
+#endif
+}
+
 // Per-thread scratch, grown to the longest segment a thread meets.
 template <typename T>
 T* scratch(std::vector<T>& buf, int64_t n) {
@@ -475,12 +493,16 @@ int sorted_pass(const Load& x, const RefT* r, float* gs, const int32_t* ps, int6
 
 // One segment of the fused forward: sorts x (through the loader), writes the gradient and the
 // permutation, returns the segment's float64 partial sum. Sets `bad_perm` (and returns 0) when a
-// reused permutation holds an out-of-range index.
+// reused permutation holds an out-of-range index. `check_first`: with `reuse`, first try the
+// one-pass sorted_pass (right when the permutation usually still sorts the segment, as a kept
+// permutation after a small step does); without it a reused permutation goes straight to the
+// repair path, which finds an unchanged order too, in a pass that also builds the sort's items.
 template <typename Load, typename RefT>
 double fused_segment(const Load& x, const RefT* r, float* gs, int32_t* ps, int64_t n, bool reuse,
-                     const PowerTerm& term, ReuseStats& stats, std::atomic<bool>& bad_perm) {
+                     const PowerTerm& term, ReuseStats& stats, std::atomic<bool>& bad_perm,
+                     bool check_first = true) {
   double acc = 0.0;
-  if (reuse) {
+  if (reuse && check_first) {
     const int outcome = sorted_pass(x, r, gs, ps, n, term, acc);
     if (outcome < 0) {
       bad_perm.store(true, std::memory_order_relaxed);
@@ -547,17 +569,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
   const PowerTerm term(p, static_cast<float>(scale * p));
   ReuseStats stats;
   std::atomic<bool> bad_perm{false};
+  const int64_t numel = proj.numel();
+  const float* base_f32 = shifted && offset->scalar_type() == at::kFloat ? offset->data_ptr<float>() : nullptr;
+  const at::BFloat16* base_bf16 =
+      shifted && offset->scalar_type() == at::kBFloat16 ? offset->data_ptr<at::BFloat16>() : nullptr;
   with_ref(sorted_ref, [&](const auto* ref) {
     auto run = [&](const auto& make_loader) {
       for_each_segment(offsets, [&](int64_t s, int64_t start, int64_t n) {
+        // The gathers and scatters through a permutation touch this segment's cache lines in
+        // random order, which the hardware prefetcher cannot follow: ask for the lines of the
+        // next stretch of the buffer (the next segment, taken to be about as long) now.
+        const int64_t ahead = std::min(start + 2 * n, numel);
+        prefetch_range(x, start + n, ahead, /*write=*/false);
+        prefetch_range(g, start + n, ahead, /*write=*/true);
+        if (base_f32 != nullptr) prefetch_range(base_f32, start + n, ahead, false);
+        if (base_bf16 != nullptr) prefetch_range(base_bf16, start + n, ahead, false);
         if (sort_ref) {
           thread_local std::vector<float> ref_sorted_buf;
           thread_local std::vector<int32_t> ref_order_buf;
           float* sorted = scratch(ref_sorted_buf, n);
           int32_t* order = scratch(ref_order_buf, n);
           sort_with_order(ref + start, n, sorted, order);
+          // A fresh reference is rounded (bf16 W0) or stale, so its order rarely sorts x exactly:
+          // no separate sorted-order check
           partial[static_cast<size_t>(s)] = fused_segment(make_loader(start), sorted, g + start, order, n,
-                                                          /*reuse=*/true, term, stats, bad_perm);
+                                                          /*reuse=*/true, term, stats, bad_perm,
+                                                          /*check_first=*/false);
           return;
         }
         partial[static_cast<size_t>(s)] = fused_segment(make_loader(start), ref + start, g + start,
