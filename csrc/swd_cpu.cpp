@@ -240,6 +240,10 @@ struct ReuseStats {
   }
 };
 
+// Each descent needs at least one move; this many mean the order changed a lot, and a full sort
+// is cheaper than a repair.
+inline bool too_disordered(int64_t descents, int64_t n) { return descents * 8 >= n; }
+
 // Moves the bounded insertion sort may spend per element before a full radix sort is cheaper.
 constexpr int64_t kRepairMovesPerElement = 4;
 
@@ -265,8 +269,7 @@ bool sort_segment_pairs(const Load& x, int64_t n, const int32_t* perm, bool reus
       stats.already_sorted.fetch_add(1, std::memory_order_relaxed);
       return true;
     }
-    // Each descent needs at least one move; many descents mean the order changed a lot.
-    if (descents * 8 < n &&
+    if (!too_disordered(descents, n) &&
         insertion_sort_bounded(items, n, kRepairMovesPerElement * n + kInsertionMax)) {
       stats.repaired.fetch_add(1, std::memory_order_relaxed);
       return false;
@@ -457,14 +460,23 @@ struct PowerTerm {
   }
 };
 
+// What sorted_pass found.
+enum class PassOutcome {
+  kBadIndex,    // the permutation holds an index outside the segment (checked before it is read through)
+  kSorted,      // the permutation still sorts the segment: value and gradient are final
+  kUnsorted,    // a few descents: worth repairing from this permutation
+  kDisordered,  // too many descents for a repair (stopped early): sort in full
+};
+
 // The fused forward's common case with a kept permutation: after a small step it usually still
 // sorts the segment, so value and gradient are computed in the same pass that checks the order
-// (one read of the projections, no item buffer). Returns 1 when the segment was sorted (acc and
-// gs are final), 0 when it was not (gs holds partial values the caller overwrites), -1 when the
-// permutation holds an index outside the segment (checked before it is read through).
+// (one read of the projections, no item buffer). Unless the outcome is kSorted, `gs` holds partial
+// values the caller overwrites. Every kBlock elements the pass stops once the descents seen make
+// a repair pointless (after a redraw the kept order is unrelated), saving the rest of the pass.
 template <typename Load, typename RefT>
-int sorted_pass(const Load& x, const RefT* r, float* gs, const int32_t* ps, int64_t n, const PowerTerm& term,
-                double& acc) {
+PassOutcome sorted_pass(const Load& x, const RefT* r, float* gs, const int32_t* ps, int64_t n, const PowerTerm& term,
+                        double& acc) {
+  constexpr int64_t kBlock = 256;
   int64_t descents = 0;
   uint32_t prev = 0;
   // Four partial sums: one float64 chain would make every element wait for the previous add
@@ -481,14 +493,20 @@ int sorted_pass(const Load& x, const RefT* r, float* gs, const int32_t* ps, int6
     return true;
   };
   int64_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-    if (!(step(k, part[0]) && step(k + 1, part[1]) && step(k + 2, part[2]) && step(k + 3, part[3]))) return -1;
+  while (k + 4 <= n) {
+    const int64_t block_end = std::min(n, k + kBlock);
+    for (; k + 4 <= block_end; k += 4) {
+      if (!(step(k, part[0]) && step(k + 1, part[1]) && step(k + 2, part[2]) && step(k + 3, part[3]))) {
+        return PassOutcome::kBadIndex;
+      }
+    }
+    if (too_disordered(descents, n)) return PassOutcome::kDisordered;
   }
   for (; k < n; ++k) {
-    if (!step(k, part[k & 3])) return -1;
+    if (!step(k, part[k & 3])) return PassOutcome::kBadIndex;
   }
   acc = (part[0] + part[1]) + (part[2] + part[3]);
-  return descents == 0 ? 1 : 0;
+  return descents == 0 ? PassOutcome::kSorted : PassOutcome::kUnsorted;
 }
 
 // One segment of the fused forward: sorts x (through the loader), writes the gradient and the
@@ -503,14 +521,18 @@ double fused_segment(const Load& x, const RefT* r, float* gs, int32_t* ps, int64
                      bool check_first = true) {
   double acc = 0.0;
   if (reuse && check_first) {
-    const int outcome = sorted_pass(x, r, gs, ps, n, term, acc);
-    if (outcome < 0) {
-      bad_perm.store(true, std::memory_order_relaxed);
-      return 0.0;
-    }
-    if (outcome > 0) {
-      stats.already_sorted.fetch_add(1, std::memory_order_relaxed);
-      return acc;
+    switch (sorted_pass(x, r, gs, ps, n, term, acc)) {
+      case PassOutcome::kBadIndex:
+        bad_perm.store(true, std::memory_order_relaxed);
+        return 0.0;
+      case PassOutcome::kSorted:
+        stats.already_sorted.fetch_add(1, std::memory_order_relaxed);
+        return acc;
+      case PassOutcome::kDisordered:
+        reuse = false;  // sort from the natural order: gathering through the old one buys nothing
+        break;
+      case PassOutcome::kUnsorted:
+        break;
     }
   }
   thread_local std::vector<uint64_t> items_buf, tmp_buf;
