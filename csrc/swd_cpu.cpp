@@ -243,6 +243,8 @@ struct ReuseStats {
 // Each descent needs at least one move; this many mean the order changed a lot, and a full sort
 // is cheaper than a repair.
 inline bool too_disordered(int64_t descents, int64_t n) { return descents * 8 >= n; }
+// Passes through a kept order check too_disordered every this many elements and stop early.
+constexpr int64_t kDisorderCheckBlock = 256;
 
 // Moves the bounded insertion sort may spend per element before a full radix sort is cheaper.
 constexpr int64_t kRepairMovesPerElement = 4;
@@ -251,6 +253,8 @@ constexpr int64_t kRepairMovesPerElement = 4;
 // this segment) when `reuse` is set. On return items[k] holds the k-th smallest key and the
 // segment-local index it came from.
 // `x(i)` returns the segment's i-th projected value (the fused path adds a constant offset there).
+// A kept order that shows too many descents (too_disordered) is dropped at the end of the block
+// that shows it, and the segment is sorted from its natural order.
 // Returns true when the previous permutation still sorts the segment (then `perm` needs no update).
 template <typename Load>
 bool sort_segment_pairs(const Load& x, int64_t n, const int32_t* perm, bool reuse, uint64_t* items,
@@ -258,29 +262,37 @@ bool sort_segment_pairs(const Load& x, int64_t n, const int32_t* perm, bool reus
   if (reuse) {
     int64_t descents = 0;
     uint32_t prev = 0;
+    bool gathered = true;
     for (int64_t k = 0; k < n; ++k) {
       const uint32_t idx = static_cast<uint32_t>(perm[k]);
       const uint32_t key = float_key(x(idx));
       descents += key < prev;
       prev = key;
       items[k] = (static_cast<uint64_t>(key) << 32) | idx;
+      if ((k + 1) % kDisorderCheckBlock == 0 && too_disordered(descents, n)) {
+        gathered = false;  // no repair will follow: stop gathering through the old order
+        break;
+      }
     }
-    if (descents == 0) {
-      stats.already_sorted.fetch_add(1, std::memory_order_relaxed);
-      return true;
-    }
-    if (!too_disordered(descents, n) &&
-        insertion_sort_bounded(items, n, kRepairMovesPerElement * n + kInsertionMax)) {
-      stats.repaired.fetch_add(1, std::memory_order_relaxed);
+    if (gathered) {
+      if (descents == 0) {
+        stats.already_sorted.fetch_add(1, std::memory_order_relaxed);
+        return true;
+      }
+      if (!too_disordered(descents, n) &&
+          insertion_sort_bounded(items, n, kRepairMovesPerElement * n + kInsertionMax)) {
+        stats.repaired.fetch_add(1, std::memory_order_relaxed);
+        return false;
+      }
+      sort_items(items, tmp, n);  // items is still a permutation of the segment: sort it fully
+      stats.resorted.fetch_add(1, std::memory_order_relaxed);
       return false;
     }
-    sort_items(items, tmp, n);  // items is still a permutation of the segment: sort it fully
-  } else {
-    for (int64_t k = 0; k < n; ++k) {
-      items[k] = (static_cast<uint64_t>(float_key(x(k))) << 32) | static_cast<uint32_t>(k);
-    }
-    sort_items(items, tmp, n);
   }
+  for (int64_t k = 0; k < n; ++k) {
+    items[k] = (static_cast<uint64_t>(float_key(x(k))) << 32) | static_cast<uint32_t>(k);
+  }
+  sort_items(items, tmp, n);
   stats.resorted.fetch_add(1, std::memory_order_relaxed);
   return false;
 }
@@ -470,13 +482,12 @@ enum class PassOutcome {
 
 // The fused forward's common case with a kept permutation: after a small step it usually still
 // sorts the segment, so value and gradient are computed in the same pass that checks the order
-// (one read of the projections, no item buffer). Unless the outcome is kSorted, `gs` holds partial
-// values the caller overwrites. Every kBlock elements the pass stops once the descents seen make
-// a repair pointless (after a redraw the kept order is unrelated), saving the rest of the pass.
+// (one read of the projections, no item buffer). Unless the outcome is kSorted, `gs` holds
+// partial values the caller overwrites. Every kDisorderCheckBlock elements the pass stops once
+// the descents seen make a repair pointless (after a redraw the kept order is unrelated).
 template <typename Load, typename RefT>
 PassOutcome sorted_pass(const Load& x, const RefT* r, float* gs, const int32_t* ps, int64_t n, const PowerTerm& term,
                         double& acc) {
-  constexpr int64_t kBlock = 256;
   int64_t descents = 0;
   uint32_t prev = 0;
   // Four partial sums: one float64 chain would make every element wait for the previous add
@@ -494,7 +505,7 @@ PassOutcome sorted_pass(const Load& x, const RefT* r, float* gs, const int32_t* 
   };
   int64_t k = 0;
   while (k + 4 <= n) {
-    const int64_t block_end = std::min(n, k + kBlock);
+    const int64_t block_end = std::min(n, k + kDisorderCheckBlock);
     for (; k + 4 <= block_end; k += 4) {
       if (!(step(k, part[0]) && step(k + 1, part[1]) && step(k + 2, part[2]) && step(k + 3, part[3]))) {
         return PassOutcome::kBadIndex;

@@ -176,3 +176,41 @@ def test_timing_crosscheck_peer_is_snap_md_and_runs_end_to_end(capsys):
         assert f"| {name} |" in out
     assert len(xc.tensor_shapes()) == SMOLLM2_TENSORS
     assert sum(torch.Size(s).numel() for s in xc.tensor_shapes()) == SMOLLM2_PARAMS
+
+
+def test_fused_pass_benchmark_builds_the_three_situations_and_compares_versions(tmp_path):
+    # The three inputs are what their names say: the kept permutation of "kept order sorts"
+    # sorts every segment, the stale one (the bf16 W0 Θ order) sorts almost none of the longer
+    # ones; and a version built from a source file gives the installed extension's values.
+    import bench_fused_pass as bfp
+
+    from snap_fast.ops.swd import cpp
+
+    if not cpp.available():
+        pytest.skip(f"the C++ extension is unavailable: {cpp.unavailable_reason()}")
+    buffers = bfp.flat_buffers(layers=1, vocab=300, n_projections=6, seed=0)
+    segments = buffers["offsets"].numel() - 1
+    module = cpp._module()
+    inputs = bfp.case_inputs(module, buffers)
+    scale = 1 / 6
+    results = {}
+    for case, (proj, ref, template, reuse, sort_ref) in inputs.items():
+        perm = None if template is None else template.clone()
+        value, _, stats = module.swd_forward(proj, ref, buffers["offsets"], perm, reuse, 2.0, scale, None, None,
+                                                sort_ref)
+        results[case] = (float(value), stats.tolist())
+    assert results["kept order sorts"][1] == [segments, 0, 0]
+    assert results["kept order stale"][1][2] > segments // 2
+    # the same reference (sorted bf16 W0 Θ) and projections: the same value whatever the start order
+    assert results["kept order sorts"][0] == results["kept order stale"][0]
+
+    source = Path(bfp.__file__).resolve().parent.parent / "csrc" / "swd_cpu.cpp"
+    out = tmp_path / "fused.md"
+    argv = ["--threads", "1", "--rounds", "1", "--layers", "1", "--vocab", "300", "--n-projections", "6",
+            "--sources", str(source), "--output", str(out)]
+    assert bfp.main(argv) == 0
+    table = out.read_text()
+    for case in bfp.CASES:
+        assert f"| {case} |" in table
+    with pytest.raises(SystemExit):
+        bfp.main(["--rounds", "0"])
