@@ -243,7 +243,7 @@ struct ReuseStats {
 // Each descent needs at least one move; this many mean the order changed a lot, and a full sort
 // is cheaper than a repair.
 inline bool too_disordered(int64_t descents, int64_t n) { return descents * 8 >= n; }
-// Passes through a kept order check too_disordered every this many elements and stop early.
+// Passes through a kept order check too_disordered every this many elements and stop once it holds.
 constexpr int64_t kDisorderCheckBlock = 256;
 
 // Moves the bounded insertion sort may spend per element before a full radix sort is cheaper.
@@ -623,8 +623,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
           float* sorted = scratch(ref_sorted_buf, n);
           int32_t* order = scratch(ref_order_buf, n);
           sort_with_order(ref + start, n, sorted, order);
-          // A fresh reference is rounded (bf16 W0) or stale, so its order rarely sorts x exactly:
-          // no separate sorted-order check
+          // W has moved away from W0 (whose copy is usually bf16), so the reference's order
+          // rarely sorts x exactly: no separate sorted-order check
           partial[static_cast<size_t>(s)] = fused_segment(make_loader(start), sorted, g + start, order, n,
                                                           /*reuse=*/true, term, stats, bad_perm,
                                                           /*check_first=*/false);
