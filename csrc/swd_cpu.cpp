@@ -565,6 +565,34 @@ double fused_segment(const Load& x, const RefT* r, float* gs, int32_t* ps, int64
   return acc;
 }
 
+// fused_segment for a reference given sorted (`ref` is the segment's sorted reference) or
+// unsorted (`sort_ref`: resample's fresh W0 Θ, sorted here in thread-local buffers, and its order
+// seeds the sort of x, since W Θ along the same directions nearly keeps W0 Θ's order).
+template <typename Load, typename RefT>
+double fused_segment_with_ref(const Load& x, const RefT* ref, bool sort_ref, float* gs, int32_t* ps, int64_t n,
+                              bool reuse, const PowerTerm& term, ReuseStats& stats, std::atomic<bool>& bad_perm) {
+  if (!sort_ref) return fused_segment(x, ref, gs, ps, n, reuse, term, stats, bad_perm);
+  thread_local std::vector<float> ref_sorted_buf;
+  thread_local std::vector<int32_t> ref_order_buf;
+  float* sorted = scratch(ref_sorted_buf, n);
+  int32_t* order = scratch(ref_order_buf, n);
+  sort_with_order(ref, n, sorted, order);
+  // W has moved away from W0 (whose copy is usually bf16), so the reference's order rarely
+  // sorts x exactly: no separate sorted-order check
+  return fused_segment(x, sorted, gs, order, n, /*reuse=*/true, term, stats, bad_perm, /*check_first=*/false);
+}
+
+// The end of a fused call: refuse a bad kept permutation, add the per-segment float64 sums in
+// segment order (deterministic), and return (value float64 0-dim, grad, stats).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_fused(const std::vector<double>& partial, double scale,
+                                                            const std::atomic<bool>& bad_perm,
+                                                            const ReuseStats& stats, const at::Tensor& grad) {
+  TORCH_CHECK(!bad_perm.load(), "perm holds an index outside its segment: it is not a kept permutation");
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return {at::scalar_tensor(total * scale, at::kDouble), grad, stats.to_tensor()};
+}
+
 // Fused forward of the regularizer's reduction: value = Σ_k |sort(x)_k − ref_k|^p · scale and its
 // gradient w.r.t. proj, grad[perm[k]] = scale · p · sign(d_k) |d_k|^(p−1), in the same pass as the
 // sort, where x = proj, or x = proj + offset (float32 sum) when `offset` is given: a constant part
@@ -617,22 +645,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
         prefetch_range(g, start + n, ahead, /*write=*/true);
         if (base_f32 != nullptr) prefetch_range(base_f32, start + n, ahead, false);
         if (base_bf16 != nullptr) prefetch_range(base_bf16, start + n, ahead, false);
-        if (sort_ref) {
-          thread_local std::vector<float> ref_sorted_buf;
-          thread_local std::vector<int32_t> ref_order_buf;
-          float* sorted = scratch(ref_sorted_buf, n);
-          int32_t* order = scratch(ref_order_buf, n);
-          sort_with_order(ref + start, n, sorted, order);
-          // W has moved away from W0 (whose copy is usually bf16), so the reference's order
-          // rarely sorts x exactly: no separate sorted-order check
-          partial[static_cast<size_t>(s)] = fused_segment(make_loader(start), sorted, g + start, order, n,
-                                                          /*reuse=*/true, term, stats, bad_perm,
-                                                          /*check_first=*/false);
-          return;
-        }
-        partial[static_cast<size_t>(s)] = fused_segment(make_loader(start), ref + start, g + start,
-                                                        pm != nullptr ? pm + start : nullptr, n, reuse, term,
-                                                        stats, bad_perm);
+        partial[static_cast<size_t>(s)] =
+            fused_segment_with_ref(make_loader(start), ref + start, sort_ref, g + start,
+                                   pm != nullptr ? pm + start : nullptr, n, reuse, term, stats, bad_perm);
       });
     };
     if (!shifted) {
@@ -650,12 +665,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
       });
     }
   });
-  TORCH_CHECK(!bad_perm.load(), "perm holds an index outside its segment: it is not a kept permutation");
-  double total = 0.0;
-  for (double v : partial) total += v;
-  at::Tensor value = at::scalar_tensor(total * scale, at::kDouble);
-  at::Tensor counts = stats.to_tensor();
-  return {value, grad, counts};
+  return finish_fused(partial, scale, bad_perm, stats, grad);
+}
+
+// ------------------------------------------------------------------------------------------
+// plain_swd_forward: swd_forward for terms that are all plain weights, with the projections
+// formed here. Term t (of T) owns segments [t·L, (t+1)·L) of `offsets` (one per direction, each of
+// its n_t rows). Per term the kernel writes X = Θ_tᵀ W_tᵀ (L, n_t) into a thread-local buffer and
+// runs swd_forward's per-segment pass on X's rows, writing the gradient into the flat `grad`
+// (which the backward's dW = Gᵀ Θᵀ reads). Compared with one GEMM per term into a flat buffer and
+// then one pass over it, X is sorted while it is still in cache instead of crossing memory twice,
+// and each thread runs its terms' GEMMs single-threaded, with no fork and join per product.
+// Threads take whole terms from a shared counter, largest first (SmolLM2's embedding holds a
+// quarter of all values), and each segment's float64 sum has its own slot added in segment
+// order: the value does not depend on which thread ran which term.
+// `w[t]`: (n_t, d_t) float32; `theta_t[t]`: (L, d_t) float32, Θ_tᵀ. `sort_ref`, `perm`, `reuse`,
+// `p`, `scale`, `grad_out`: as in swd_forward. Returns (value float64 0-dim, grad, stats).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plain_swd_forward(
+    const at::Tensor& sorted_ref, const at::Tensor& offsets, const std::vector<at::Tensor>& w,
+    const std::vector<at::Tensor>& theta_t, const c10::optional<at::Tensor>& perm, bool reuse, double p,
+    double scale, const c10::optional<at::Tensor>& grad_out, bool sort_ref) {
+  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong && offsets.dim() == 1 &&
+                  offsets.numel() >= 1 && offsets.is_contiguous(),
+              "offsets must be a contiguous 1-D int64 CPU tensor");
+  const int64_t total = offsets.data_ptr<int64_t>()[offsets.numel() - 1];
+  check_ref(sorted_ref, "sorted_ref", total);
+  check_offsets(offsets, total, "sorted_ref");
+  TORCH_CHECK(p > 0, "p must be > 0, got ", p);
+  TORCH_CHECK(!sort_ref || !(perm.has_value() && perm->defined()),
+              "sort_ref=True takes no perm buffer: the reference's own sort seeds each segment");
+  const int64_t num_terms = static_cast<int64_t>(w.size());
+  const int64_t num_segments = offsets.numel() - 1;
+  TORCH_CHECK(num_terms > 0 && static_cast<int64_t>(theta_t.size()) == num_terms,
+              "w and theta_t must hold one matrix per term, got ", w.size(), " and ", theta_t.size());
+  TORCH_CHECK(num_segments % num_terms == 0, num_segments, " segments do not split into ", num_terms, " terms");
+  const int64_t L = num_segments / num_terms;
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  auto is_matrix = [](const at::Tensor& m) {
+    return m.device().is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 2;
+  };
+  for (int64_t t = 0; t < num_terms; ++t) {
+    const size_t i = static_cast<size_t>(t);
+    TORCH_CHECK(is_matrix(w[i]) && is_matrix(theta_t[i]), "w and theta_t of term ", t,
+                " must be float32 CPU matrices");
+    const int64_t n = w[i].size(0);
+    for (int64_t l = 0; l < L; ++l) {
+      TORCH_CHECK(o[t * L + l + 1] - o[t * L + l] == n, "term ", t, ": w has ", n, " rows, its segment ", l,
+                  " has ", o[t * L + l + 1] - o[t * L + l], " values");
+    }
+    TORCH_CHECK(theta_t[i].size(0) == L && theta_t[i].size(1) == w[i].size(1), "term ", t, ": theta_t ",
+                theta_t[i].sizes(), " is not (", L, ", ", w[i].size(1), ") for w ", w[i].sizes());
+  }
+  at::Tensor grad;
+  if (grad_out.has_value() && grad_out->defined()) {
+    check_flat(*grad_out, "grad_out");
+    TORCH_CHECK(grad_out->numel() == total, "grad_out has ", grad_out->numel(), " elements, expected ", total);
+    grad = *grad_out;
+  } else {
+    grad = at::empty({total}, sorted_ref.options().dtype(at::kFloat));
+  }
+  int32_t* pm = prepare_perm(perm, reuse, offsets, total, /*check_range=*/false);
+  float* g = grad.data_ptr<float>();
+  std::vector<double> partial(static_cast<size_t>(num_segments), 0.0);
+  const PowerTerm term(p, static_cast<float>(scale * p));
+  ReuseStats stats;
+  std::atomic<bool> bad_perm{false};
+  std::vector<int64_t> order(static_cast<size_t>(num_terms));
+  for (int64_t t = 0; t < num_terms; ++t) order[static_cast<size_t>(t)] = t;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return w[static_cast<size_t>(a)].numel() > w[static_cast<size_t>(b)].numel();
+  });
+  std::atomic<int64_t> next{0};
+  const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+  with_ref(sorted_ref, [&](const auto* ref) {
+    // one worker per thread; each takes the next largest term until none is left
+    at::parallel_for(0, std::max<int64_t>(1, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      thread_local std::vector<float> x_buf;
+      for (int64_t k = next.fetch_add(1); k < num_terms; k = next.fetch_add(1)) {
+        const int64_t t = order[static_cast<size_t>(k)];
+        const size_t i = static_cast<size_t>(t);
+        const int64_t n = w[i].size(0);
+        float* xp = scratch(x_buf, L * n);
+        at::Tensor x = at::from_blob(xp, {L, n}, f32);
+        at::mm_out(x, theta_t[i], w[i].t());
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t s = t * L + l, so = o[s];
+          // the gradient is scattered through the permutation: see swd_forward
+          prefetch_range(g, so + n, std::min(so + 2 * n, total), /*write=*/true);
+          const float* xs = xp + l * n;
+          partial[static_cast<size_t>(s)] = fused_segment_with_ref(
+              [xs](int64_t j) { return xs[j]; }, ref + so, sort_ref, g + so, pm != nullptr ? pm + so : nullptr, n,
+              reuse, term, stats, bad_perm);
+        }
+      }
+    });
+  });
+  return finish_fused(partial, scale, bad_perm, stats, grad);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -775,6 +880,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("perm"), pybind11::arg("reuse"), pybind11::arg("p"), pybind11::arg("scale"),
         pybind11::arg("offset") = c10::nullopt, pybind11::arg("grad_out") = c10::nullopt,
         pybind11::arg("sort_ref") = false);
+  m.def("plain_swd_forward", &plain_swd_forward, "Fused SWD value and gradient, projections formed per term",
+        pybind11::arg("sorted_ref"), pybind11::arg("offsets"), pybind11::arg("w"), pybind11::arg("theta_t"),
+        pybind11::arg("perm"), pybind11::arg("reuse"), pybind11::arg("p"), pybind11::arg("scale"),
+        pybind11::arg("grad_out") = c10::nullopt, pybind11::arg("sort_ref") = false);
   m.def("lora_swd_forward", &lora_swd_forward, "Fused SWD value and LoRA factor gradients, no flat buffers",
         pybind11::arg("base"), pybind11::arg("sorted_ref"), pybind11::arg("offsets"), pybind11::arg("u"),
         pybind11::arg("v"), pybind11::arg("theta"), pybind11::arg("scaling"), pybind11::arg("perm"),

@@ -490,6 +490,101 @@ def test_lora_swd_forward_bad_input_names_the_argument(ext):
         call(base, ref, layout, [u[0][:4], u[1]], v, theta, scaling, p=2.0, scale=1.0)
 
 
+def _plain_case(gen: torch.Generator, shapes: list[tuple[int, int]], n_dirs: int):
+    """Weights, Θᵀ blocks (one transposed view, to exercise strides), an unsorted W0 Θ reference
+    and the layout of a plain-weight plan. Entries are multiples of 2^-10 (weights) and 2^-6
+    (directions) below 2 and 1 in size: every projection (d ≤ 64 products) is exact in float32 in
+    any summation order, so float32 kernels and the float64 oracle sort the very same values."""
+
+    def dyadic(shape, bits, limit):
+        return torch.randint(-limit * 2**bits, limit * 2**bits + 1, shape, generator=gen).float() / 2**bits
+
+    weights = [dyadic((n, d), 10, 2) for n, d in shapes]
+    theta_t = [dyadic((d, n_dirs), 6, 1).t() for _, d in shapes]
+    initial = [w + dyadic(w.shape, 10, 1) for w in weights]
+    ref = _flat([(th @ w0.t()) for th, w0 in zip(theta_t, initial)])
+    layout = SegmentLayout.from_blocks([(n_dirs, n) for n, _ in shapes])
+    return weights, theta_t, ref, layout
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("ref_sorted", [True, False])
+def test_plain_swd_forward_vs_float64_dense(ext, threads, ref_sorted):
+    # The kernel forms Θᵀ Wᵀ per term itself; odd sizes, a one-row term, a segment long enough
+    # for the 11-bit radix sort, more threads than the machine's cores (whole terms per thread).
+    gen = torch.Generator().manual_seed(21)
+    n_dirs = 5
+    weights, theta_t, ref, layout = _plain_case(gen, [(37, 11), (1, 4), (4099, 9), (300, 33)], n_dirs)
+    sorted_ref = ref if not ref_sorted else torch.cat(
+        [torch.sort(b, dim=1).values.reshape(-1) for b in layout.views(ref)])
+    poisoned = torch.full((layout.total,), float("nan"))  # every entry must be written
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        value, grad = ext.plain_swd_forward(sorted_ref, layout, weights, theta_t, p=2.0, scale=1 / n_dirs,
+                                            grad_out=poisoned, ref_sorted=ref_sorted)
+    finally:
+        torch.set_num_threads(previous)
+    assert grad.data_ptr() == poisoned.data_ptr() and not grad.isnan().any()
+    proj64 = [(th.double() @ w.double().t()).requires_grad_(True) for th, w in zip(theta_t, weights)]
+    expected = sum(
+        (torch.sort(x, dim=1).values - torch.sort(r.double(), dim=1).values).pow(2).sum()
+        for x, r in zip(proj64, layout.views(ref))
+    ) / n_dirs
+    expected.backward()
+    # exact projections: the value differs from float64 only by float32 differences and their
+    # float64 sum; gradients are compared per segment as sorted sets (tied rows may swap entries)
+    assert relative_error(value, expected) < 1e-6
+    want = torch.cat([x.grad.reshape(-1) for x in proj64]).float()
+    torch.testing.assert_close(_per_segment_sort(grad, layout), _per_segment_sort(want, layout), rtol=1e-6, atol=0)
+    # and the same as the flat-buffer kernel on the same projections
+    proj = _flat([th @ w.t() for th, w in zip(theta_t, weights)])
+    flat_value, flat_grad = ext.swd_forward(proj, sorted_ref, layout, p=2.0, scale=1 / n_dirs,
+                                            ref_sorted=ref_sorted)
+    torch.testing.assert_close(value, flat_value, rtol=1e-12, atol=0)
+    assert torch.equal(_per_segment_sort(grad, layout), _per_segment_sort(flat_grad, layout))
+
+
+def test_plain_swd_forward_reusing_permutations_equals_a_fresh_call(ext):
+    gen = torch.Generator().manual_seed(22)
+    weights, theta_t, ref, layout = _plain_case(gen, [(64, 16), (2000, 40), (3, 5)], 4)
+    sorted_ref = torch.cat([torch.sort(b, dim=1).values.reshape(-1) for b in layout.views(ref)])
+    state: dict = {}
+    ext.plain_swd_forward(sorted_ref, layout, weights, theta_t, p=2.0, scale=0.25, state=state)
+    cases = [
+        ("already_sorted", weights),
+        ("repaired", [w + 2e-3 * torch.randn(w.shape, generator=gen) for w in weights]),
+        ("resorted", [torch.randn(w.shape, generator=gen) for w in weights]),
+    ]
+    for outcome, ws in cases:
+        value, grad = ext.plain_swd_forward(sorted_ref, layout, ws, theta_t, p=2.0, scale=0.25, state=state)
+        fresh_value, fresh_grad = ext.plain_swd_forward(sorted_ref, layout, ws, theta_t, p=2.0, scale=0.25)
+        assert state["cpp_stats"][outcome] > 0, (outcome, state["cpp_stats"])
+        torch.testing.assert_close(value, fresh_value, rtol=1e-12, atol=0)
+        assert torch.equal(_per_segment_sort(grad, layout), _per_segment_sort(fresh_grad, layout))
+
+
+def test_plain_swd_forward_bad_input_names_the_argument(ext):
+    gen = torch.Generator().manual_seed(23)
+    weights, theta_t, ref, layout = _plain_case(gen, [(6, 5), (4, 7)], 3)
+    call = ext.plain_swd_forward
+    with pytest.raises(TypeError, match="weights must be a non-empty list"):
+        call(ref, layout, weights[0], theta_t, p=2.0, scale=1.0)
+    with pytest.raises(ValueError, match=r"theta_t\[1\] must be a 2-D float32"):
+        call(ref, layout, weights, [theta_t[0], theta_t[1].double()], p=2.0, scale=1.0)
+    with pytest.raises(ValueError, match="one matrix per term"):
+        call(ref, layout, weights, theta_t[:1], p=2.0, scale=1.0)
+    with pytest.raises(ValueError, match="sorted_ref"):
+        call(ref[:-1], layout, weights, theta_t, p=2.0, scale=1.0)
+    with pytest.raises(ValueError, match="p must be > 0"):
+        call(ref, layout, weights, theta_t, p=0.0, scale=1.0)
+    # shapes that do not match the layout are caught by the kernel, before any GEMM
+    with pytest.raises(RuntimeError, match="term 1: w has 3 rows"):
+        call(ref, layout, [weights[0], weights[1][:3]], theta_t, p=2.0, scale=1.0)
+    with pytest.raises(RuntimeError, match=r"term 0: theta_t \[3, 4\] is not \(3, 5\)"):
+        call(ref, layout, weights, [torch.randn(3, 4), theta_t[1]], p=2.0, scale=1.0)
+
+
 def test_bad_input_raises_python_exceptions(ext):
     layout = SegmentLayout.from_blocks([(2, 5)])
     good = torch.randn(10)

@@ -57,12 +57,15 @@ class Backend:
         fused: the backend offers :meth:`swd_forward` (value and gradient in one pass).
         lora_fused: the backend offers :meth:`lora_swd_forward` (the fused pass for LoRA terms,
             projections formed from the factors inside the kernel).
+        plain_fused: the backend offers :meth:`plain_swd_forward` (the fused pass for plain
+            weights, projections formed inside the kernel).
     """
 
     name = "torch"
     reads_bf16_reference = False
     fused = False
     lora_fused = False
+    plain_fused = False
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device``'s tensors, or None when it can."""
@@ -170,6 +173,7 @@ class CppBackend(Backend):
     reads_bf16_reference = True
     fused = True
     lora_fused = True
+    plain_fused = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type != "cpu":
@@ -195,6 +199,13 @@ class CppBackend(Backend):
         from .swd import cpp
 
         return cpp.swd_forward(proj, sorted_ref, layout, **kwargs)
+
+    def plain_swd_forward(self, sorted_ref, layout, weights, theta_t, **kwargs):
+        """Fused value and gradient, projections formed per term; see
+        :func:`snap_fast.ops.swd.cpp.plain_swd_forward`."""
+        from .swd import cpp
+
+        return cpp.plain_swd_forward(sorted_ref, layout, weights, theta_t, **kwargs)
 
     def lora_swd_forward(self, base, sorted_ref, layout, u, v, theta, scaling, **kwargs):
         """Fused value and LoRA factor gradients; see :func:`snap_fast.ops.swd.cpp.lora_swd_forward`."""

@@ -171,13 +171,22 @@ class _FusedFlatSWD(torch.autograd.Function):
         if eager and offset is not None and plan.backend.lora_fused and ref_sorted:
             value, ctx.grads = lora_fused_swd(plan, thetas, sorted_ref, state, offset, tensors, needs)
             return value.to(torch.float32)
-        proj = plan.workspace("proj")
-        inners = fill_projections(plan.items, thetas, tensors, proj, with_base=offset is None)
         lent = need_grad and not eager
-        value, grad = plan.backend.swd_forward(
-            proj, sorted_ref, plan.layout, p=plan.p, scale=1.0 / plan.n_projections, state=state, offset=offset,
-            grad_out=plan.lend(ctx) if lent else plan.workspace("grad"), ref_sorted=ref_sorted,
-        )
+        grad_out = plan.lend(ctx) if lent else plan.workspace("grad")
+        if plan.backend.plain_fused and not plan.has_lora and offset is None:
+            # the kernel forms each weight's projections itself and sorts them while in cache
+            inners = [None] * len(plan.items)
+            value, grad = plan.backend.plain_swd_forward(
+                sorted_ref, plan.layout, [as_matrix(t) for t in tensors], [th.t() for th in thetas], p=plan.p,
+                scale=1.0 / plan.n_projections, state=state, grad_out=grad_out, ref_sorted=ref_sorted,
+            )
+        else:
+            proj = plan.workspace("proj")
+            inners = fill_projections(plan.items, thetas, tensors, proj, with_base=offset is None)
+            value, grad = plan.backend.swd_forward(
+                proj, sorted_ref, plan.layout, p=plan.p, scale=1.0 / plan.n_projections, state=state,
+                offset=offset, grad_out=grad_out, ref_sorted=ref_sorted,
+            )
         if eager:
             ctx.grads = flat_grads(plan.items, thetas, inners, tensors, grad, needs, None) if need_grad else None
         else:

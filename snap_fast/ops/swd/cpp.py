@@ -41,6 +41,7 @@ __all__ = [
     "cuda_sort_rows",
     "lora_swd_forward",
     "match_sorted",
+    "plain_swd_forward",
     "sort_segments",
     "swd_forward",
     "unavailable_reason",
@@ -375,20 +376,70 @@ def swd_forward(
     return value, grad
 
 
+def _float32_matrices(name: str, mats: object) -> list[torch.Tensor]:
+    """``mats`` checked to be a non-empty list of 2-D float32 CPU tensors, detached."""
+    if not isinstance(mats, (list, tuple)) or not mats:
+        raise TypeError(f"{name} must be a non-empty list of tensors, got {type(mats).__name__}")
+    for t, m in enumerate(mats):
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.float32 or m.dim() != 2 or m.device.type != "cpu":
+            what = f"{m.dtype} of shape {tuple(m.shape)} on {m.device}" if isinstance(m, torch.Tensor) else type(m)
+            raise ValueError(f"{name}[{t}] must be a 2-D float32 CPU tensor, got {what}")
+    return [m.detach() for m in mats]
+
+
+def plain_swd_forward(
+    sorted_ref: torch.Tensor,
+    layout: SegmentLayout,
+    weights: list[torch.Tensor],
+    theta_t: list[torch.Tensor],
+    *,
+    p: float,
+    scale: float,
+    state: dict | None = None,
+    grad_out: torch.Tensor | None = None,
+    ref_sorted: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`swd_forward` for plain weights, with the projections formed inside the kernel.
+
+    Term t (of T) is a weight W_t (n_t, d_t); its projections on the L directions are the (L, n_t)
+    block ``Θ_tᵀ W_tᵀ`` of the flat layout. The kernel forms each block in a per-thread buffer and
+    sorts it while it is in cache (threads take whole terms, each running its GEMMs
+    single-threaded), so no (layout.total,) buffer of projections is written; the gradient with
+    respect to the projections is (the backward's ``dW = Gᵀ Θᵀ`` reads it).
+
+    Args:
+        sorted_ref, state, grad_out, ref_sorted, p, scale: as in :func:`swd_forward`.
+        layout: T·L segments, term t's L segments of n_t values each, in term order.
+        weights: T float32 CPU matrices W_t (n_t, d_t), any strides (no gradient is taken).
+        theta_t: T float32 CPU matrices Θ_tᵀ (L, d_t), any strides.
+
+    Returns ``(value, grad)`` as :func:`swd_forward`, for the projections ``Θ_tᵀ W_tᵀ``.
+    """
+    layout = _check_layout(layout)
+    sorted_ref = _flat_cpu_ref("sorted_ref", sorted_ref, layout)
+    if not p > 0:
+        raise ValueError(f"p must be > 0, got {p}")
+    weights, theta_t = _float32_matrices("weights", weights), _float32_matrices("theta_t", theta_t)
+    if len(weights) != len(theta_t):
+        raise ValueError(f"weights and theta_t must hold one matrix per term, got {len(weights)} and {len(theta_t)}")
+    if grad_out is not None:
+        _check_out_buffer("grad_out", grad_out, layout)
+    _check_state(state)
+    perm, reuse = _perm_buffer(state, layout) if ref_sorted else (None, False)
+    value, grad, counts = _module().plain_swd_forward(
+        sorted_ref, layout.offsets("cpu"), weights, theta_t, perm, reuse, float(p), float(scale), grad_out,
+        not ref_sorted,
+    )
+    _record(state, counts)
+    return value, grad
+
+
 def _check_factors(
     u: object, v: object, theta: object, scaling: object, layout: SegmentLayout
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[float]]:
     """The per-term checks of :func:`lora_swd_forward` that cost no pass over the segments (the
     kernel checks each term's segment lengths against its ``u`` itself)."""
-    lists = {}
-    for name, mats in (("u", u), ("v", v), ("theta", theta)):
-        if not isinstance(mats, (list, tuple)) or not mats:
-            raise TypeError(f"{name} must be a non-empty list of tensors, got {type(mats).__name__}")
-        for t, m in enumerate(mats):
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.float32 or m.dim() != 2 or m.device.type != "cpu":
-                what = f"{m.dtype} of shape {tuple(m.shape)} on {m.device}" if isinstance(m, torch.Tensor) else type(m)
-                raise ValueError(f"{name}[{t}] must be a 2-D float32 CPU tensor, got {what}")
-        lists[name] = [m.detach() for m in mats]
+    lists = {name: _float32_matrices(name, mats) for name, mats in (("u", u), ("v", v), ("theta", theta))}
     if not isinstance(scaling, (list, tuple)) or not all(isinstance(c, (int, float)) for c in scaling):
         raise TypeError("scaling must be a list of numbers, one per term")
     counts = {len(lists["u"]), len(lists["v"]), len(lists["theta"]), len(scaling)}
