@@ -573,6 +573,11 @@ def _render(rows: list, stages: list, header: list[str]) -> str:
     if any(label.startswith("snap_fast resample") and backend in FUSED_BACKENDS for label, backend, *_ in stages):
         lines += ["", ("On a fused backend, resample sorts W0 Θ inside the fused sort/match pass: its first column "
                        "holds the draw and the W0 Θ product only.")]
+    if any(backend == "cpp" for _, backend, *_ in stages):
+        lines += ["", ("The C++ call of a model of plain weights forms each weight's projections inside its fused "
+                       "kernel and sorts them while they are in cache; its stages above are the same work done "
+                       "step by step (projections into a flat buffer, then the fused pass), so their sum can "
+                       "exceed the call.")]
     lines += [
         "",
         ("The peer loop rounds W0 and the projections to bfloat16, so its value differs from the float32 "
