@@ -230,22 +230,28 @@ def test_resample_redraws_into_kept_buffers_and_refuses_a_stale_backward():
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="no C++ extension")
+def _value_and_backward(reg: SlicedWassersteinRegularizer, flag: str, on: bool) -> torch.Tensor:
+    """``reg()`` and its backward with the C++ backend's capability ``flag`` set to ``on``."""
+    from snap_fast.ops.backends import CppBackend
+
+    try:
+        setattr(CppBackend, flag, on)
+        value = reg()
+        value.backward()
+    finally:
+        setattr(CppBackend, flag, True)
+    return value
+
+
 def test_lora_kernel_writes_no_flat_buffer_and_matches_the_flat_path():
     # fixed/refresh on LoRA terms go through the backend's LoRA kernel (projections formed from
     # the factors inside it): the plan's flat work buffers stay unallocated, and value and factor
     # gradients agree with the flat path (GEMMs + swd_forward) that runs when the kernel is off.
-    from snap_fast.ops.backends import CppBackend
-
     model = peft_model("llama", 4, True)  # B randomised: ΔW ≠ 0
     results = {}
     for fused in (True, False):
         reg = SlicedWassersteinRegularizer(model, n_projections=L, mode="fixed", backend="cpp")
-        try:
-            CppBackend.lora_fused = fused
-            value = reg()
-            value.backward()
-        finally:
-            CppBackend.lora_fused = True
+        value = _value_and_backward(reg, "lora_fused", fused)
         assert (reg._flat._buffers == {}) == fused
         params = [p for p in model.parameters() if p.requires_grad]
         results[fused] = (value.detach(), [p.grad.clone() for p in params])
@@ -253,6 +259,44 @@ def test_lora_kernel_writes_no_flat_buffer_and_matches_the_flat_path():
     assert _rel(results[True][0], results[False][0]) < TOL
     for got, want in zip(results[True][1], results[False][1]):
         assert _rel(got, want) < TOL
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="no C++ extension")
+@pytest.mark.parametrize("mode", ["fixed", "resample"])
+def test_plain_kernel_runs_when_whole_weights_fill_the_threads_and_matches_the_flat_path(mode):
+    # A model of plain weights goes through the backend's per-term kernel (projections formed
+    # inside it: no flat projection buffer) when its largest weight holds at most 1/threads of
+    # all values, else through the flat path; both give the same value and gradients.
+    torch.manual_seed(0)
+    balanced = torch.nn.Sequential(torch.nn.Linear(24, 20), torch.nn.Linear(20, 24), torch.nn.LayerNorm(24))
+    dominated = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 3))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for model, spread in ((balanced, True), (dominated, False)):
+            initial = [param.detach().clone() for param in model.parameters()]
+            moved = [w + 0.05 * torch.randn(w.shape) for w in initial]  # W ≠ W0: non-zero gradients
+            results = {}
+            for kernel in (True, False):
+                with torch.no_grad():
+                    for param, w in zip(model.parameters(), initial):
+                        param.copy_(w)
+                reg = SlicedWassersteinRegularizer(model, n_projections=L, mode=mode, backend="cpp", seed=3)
+                with torch.no_grad():
+                    for param, w in zip(model.parameters(), moved):
+                        param.copy_(w)
+                value = _value_and_backward(reg, "plain_fused", kernel)
+                assert reg._flat.terms_spread_over_threads() == spread
+                assert ("proj" not in reg._flat._buffers) == (kernel and spread)
+                results[kernel] = (value.detach(), [p.grad.clone() for p in model.parameters()])
+                model.zero_grad(set_to_none=True)
+            assert _rel(results[True][0], results[False][0]) < TOL
+            for got, want in zip(results[True][1], results[False][1]):
+                assert _rel(got, want) < TOL
+        torch.set_num_threads(1)
+        assert SlicedWassersteinRegularizer(dominated, n_projections=L, backend="cpp")._flat.terms_spread_over_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_non_float32_parameters_use_the_per_term_path():

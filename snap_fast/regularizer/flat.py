@@ -173,7 +173,7 @@ class _FusedFlatSWD(torch.autograd.Function):
             return value.to(torch.float32)
         lent = need_grad and not eager
         grad_out = plan.lend(ctx) if lent else plan.workspace("grad")
-        if plan.backend.plain_fused and not plan.has_lora and offset is None:
+        if plan.backend.plain_fused and not plan.has_lora and offset is None and plan.terms_spread_over_threads():
             # the kernel forms each weight's projections itself and sorts them while in cache
             inners = [None] * len(plan.items)
             value, grad = plan.backend.plain_swd_forward(
@@ -252,6 +252,14 @@ class FlatPlan:
             starts.append(starts[-1] + t.n * n_projections)
         items = [FlatItem(k, s, t.n, t) for k, s, t in zip(kinds, starts, terms)]
         return cls(items, layout, p, n_projections, backend)
+
+    def terms_spread_over_threads(self) -> bool:
+        """Whether whole terms keep every torch thread busy: the largest weight holds at most
+        1/threads of all values. The per-term kernel runs each weight's GEMM on one thread, so a
+        plan dominated by one weight (a single regularized layer) would leave the others idle;
+        such a plan runs its GEMMs multi-threaded into the flat buffer instead."""
+        sizes = [item.n * item.term.d for item in self.items]
+        return max(sizes) * torch.get_num_threads() <= sum(sizes)
 
     @property
     def has_lora(self) -> bool:
