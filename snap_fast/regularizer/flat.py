@@ -151,9 +151,11 @@ def lora_fused_swd(
 class _FusedFlatSWD(torch.autograd.Function):
     """The whole call on the C++ backend: projections, fused sort + reduction, gradients.
 
-    The projections go into a buffer the plan keeps (nothing else reads it after the
-    kernel), the kernel adds the cached W0 Θ offset itself, and the incoming scalar gradient is
-    folded into small operands. When every term is a LoRA term, the factor gradients (r×d and
+    When every term is a plain weight and whole weights keep the threads busy
+    (:meth:`FlatPlan.terms_spread_over_threads`), the backend's per-term kernel forms the
+    projections itself and sorts them while they are in cache; otherwise they go into a buffer
+    the plan keeps (nothing else reads it after the kernel), and the kernel adds the cached W0 Θ
+    offset itself. The incoming scalar gradient is folded into small operands. When every term is a LoRA term, the factor gradients (r×d and
     n×r: small) are computed right here and only scaled in backward: by the backend's LoRA kernel
     (:func:`lora_fused_swd`) when the W0 Θ offset is cached (fixed and refresh modes), which
     writes no (layout.total,) buffer at all, else from a kept gradient buffer, so a call allocates
