@@ -45,9 +45,11 @@ DRIFT = 1e-3  # W - W0 per entry, against weights of scale 0.02: a few training 
 
 
 def load_sources(paths: list[Path]) -> dict[str, object]:
-    """One extension module per source file, named by its content hash (built once, cached)."""
+    """One extension module per source file, named by its content hash (built once, cached), with
+    the compiler flags of the installed extension."""
     from torch.utils.cpp_extension import load
 
+    cflags, ldflags = cpp._cpu_flags()
     modules: dict[str, object] = {}
     for path in paths:
         if not path.is_file():
@@ -56,8 +58,8 @@ def load_sources(paths: list[Path]) -> dict[str, object]:
         build = Path(tempfile.gettempdir()) / f"snap_fast_fused_pass_{digest}"
         build.mkdir(exist_ok=True)
         modules[f"{path.name} ({digest})"] = load(
-            f"snap_fast_fused_pass_{digest}", [str(path)], extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False,
+            f"snap_fast_fused_pass_{digest}", [str(path)], extra_cflags=cflags, extra_ldflags=ldflags,
+            build_directory=str(build), verbose=False,
         )
     return modules
 

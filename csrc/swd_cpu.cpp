@@ -669,6 +669,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swd_forward(const at::Tensor& pro
 }
 
 // ------------------------------------------------------------------------------------------
+// Checks shared by the per-term kernels (plain_swd_forward, lora_swd_forward): the segments split
+// into num_terms terms of L segments each (L returned), and term t's L segments share one length.
+int64_t directions_per_term(const at::Tensor& offsets, int64_t num_terms) {
+  const int64_t num_segments = offsets.numel() - 1;
+  TORCH_CHECK(num_terms > 0 && num_segments % num_terms == 0, num_segments, " segments do not split into ",
+              num_terms, " terms");
+  return num_segments / num_terms;
+}
+
+int64_t term_segment_length(const int64_t* o, int64_t t, int64_t L) {
+  const int64_t n = o[t * L + 1] - o[t * L];
+  for (int64_t l = 1; l < L; ++l) {
+    TORCH_CHECK(o[t * L + l + 1] - o[t * L + l] == n, "term ", t, ": its ", L, " segments differ in length");
+  }
+  return n;
+}
+
+bool is_float_matrix(const at::Tensor& m) {
+  return m.device().is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 2;
+}
+
+// ------------------------------------------------------------------------------------------
 // plain_swd_forward: swd_forward for terms that are all plain weights, with the projections
 // formed here. Term t (of T) owns segments [t·L, (t+1)·L) of `offsets` (one per direction, each of
 // its n_t rows). Per term the kernel writes X = Θ_tᵀ W_tᵀ (L, n_t) into a thread-local buffer and
@@ -698,21 +720,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plain_swd_forward(
   const int64_t num_segments = offsets.numel() - 1;
   TORCH_CHECK(num_terms > 0 && static_cast<int64_t>(theta_t.size()) == num_terms,
               "w and theta_t must hold one matrix per term, got ", w.size(), " and ", theta_t.size());
-  TORCH_CHECK(num_segments % num_terms == 0, num_segments, " segments do not split into ", num_terms, " terms");
-  const int64_t L = num_segments / num_terms;
+  const int64_t L = directions_per_term(offsets, num_terms);
   const int64_t* o = offsets.data_ptr<int64_t>();
-  auto is_matrix = [](const at::Tensor& m) {
-    return m.device().is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 2;
-  };
   for (int64_t t = 0; t < num_terms; ++t) {
     const size_t i = static_cast<size_t>(t);
-    TORCH_CHECK(is_matrix(w[i]) && is_matrix(theta_t[i]), "w and theta_t of term ", t,
+    TORCH_CHECK(is_float_matrix(w[i]) && is_float_matrix(theta_t[i]), "w and theta_t of term ", t,
                 " must be float32 CPU matrices");
-    const int64_t n = w[i].size(0);
-    for (int64_t l = 0; l < L; ++l) {
-      TORCH_CHECK(o[t * L + l + 1] - o[t * L + l] == n, "term ", t, ": w has ", n, " rows, its segment ", l,
-                  " has ", o[t * L + l + 1] - o[t * L + l], " values");
-    }
+    const int64_t n = term_segment_length(o, t, L);
+    TORCH_CHECK(w[i].size(0) == n, "term ", t, ": w has ", w[i].size(0), " rows, its segments have ", n);
     TORCH_CHECK(theta_t[i].size(0) == L && theta_t[i].size(1) == w[i].size(1), "term ", t, ": theta_t ",
                 theta_t[i].sizes(), " is not (", L, ", ", w[i].size(1), ") for w ", w[i].sizes());
   }
@@ -791,22 +806,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
                   static_cast<int64_t>(theta.size()) == num_terms && static_cast<int64_t>(scaling.size()) == num_terms,
               "u, v, theta and scaling must hold one entry per term, got ", u.size(), ", ", v.size(), ", ",
               theta.size(), " and ", scaling.size());
-  TORCH_CHECK(num_segments % num_terms == 0, num_segments, " segments do not split into ", num_terms, " terms");
-  const int64_t L = num_segments / num_terms;
+  const int64_t L = directions_per_term(offsets, num_terms);
   const int64_t* o = offsets.data_ptr<int64_t>();
-  auto is_matrix = [](const at::Tensor& m) {
-    return m.device().is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 2;
-  };
   std::vector<int64_t> term_offsets(static_cast<size_t>(num_terms) + 1, 0);
   std::vector<at::Tensor> du(static_cast<size_t>(num_terms)), dv(static_cast<size_t>(num_terms));
   for (int64_t t = 0; t < num_terms; ++t) {
     const size_t i = static_cast<size_t>(t);
-    const int64_t n = o[t * L + 1] - o[t * L];
-    for (int64_t l = 1; l < L; ++l) {
-      TORCH_CHECK(o[t * L + l + 1] - o[t * L + l] == n, "term ", t, ": its ", L, " segments differ in length");
-    }
-    TORCH_CHECK(is_matrix(u[i]) && is_matrix(v[i]) && is_matrix(theta[i]), "u, v and theta of term ", t,
-                " must be float32 CPU matrices");
+    const int64_t n = term_segment_length(o, t, L);
+    TORCH_CHECK(is_float_matrix(u[i]) && is_float_matrix(v[i]) && is_float_matrix(theta[i]),
+                "u, v and theta of term ", t, " must be float32 CPU matrices");
     TORCH_CHECK(u[i].size(0) == n, "u[", t, "] has ", u[i].size(0), " rows, its segments have ", n);
     TORCH_CHECK(v[i].size(0) == u[i].size(1) && theta[i].size(0) == v[i].size(1) && theta[i].size(1) == L,
                 "term ", t, ": u ", u[i].sizes(), ", v ", v[i].sizes(), " and theta ", theta[i].sizes(),
